@@ -1,0 +1,93 @@
+"""The running relay: listeners, spool and delivery wired together, with signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from relay import config
+from relay.config import Settings
+from relay.delivery import Delivery, Upstreams
+from relay.inbound import InboundHandler, start_listener
+from relay.spool import Spool
+
+log = logging.getLogger("relay")
+
+# How long SIGTERM lets in-flight deliveries finish before they are cut off (and left
+# in the spool to be sent again after restart).
+STOP_DEADLINE = 10.0
+
+
+class Relay:
+    """Everything one `policy-relay serve` process runs."""
+
+    def __init__(self, settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
+        self.settings = settings
+        self._reload = reload
+        self.spool = Spool(settings.spool_path)
+        self.upstreams = Upstreams(settings)
+        self.delivery = Delivery(self.spool, settings, self.upstreams)
+        self.servers: list[asyncio.Server] = []
+        self._stop = asyncio.Event()
+
+    def current(self) -> Settings:
+        """The settings snapshot a new session starts with (swapped whole on reload)."""
+        return self.settings
+
+    async def start(self) -> None:
+        await self.spool.open()
+        queued = await self.spool.count()
+        for listener in self.settings.listeners:
+            handler = InboundHandler(
+                listener, self.current, self.spool, lambda _id: self.delivery.wake()
+            )
+            server = await start_listener(listener, handler, self.settings)
+            self.servers.append(server)
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                log.info("listening on %s:%d (listener %s)", host, port, listener.name)
+        log.info("spool %s holds %d messages", self.settings.spool_path, queued)
+
+    def reload(self) -> None:
+        """SIGHUP: load and validate everything anew; keep the old settings on any error."""
+        if self._reload is None:
+            return
+        try:
+            new = self._reload()
+        except config.ConfigError as exc:
+            for line in exc.messages:
+                log.error("reload failed: %s", line)
+            return
+        self.settings = new
+        log.info("reloaded configuration from %s", new.source)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self.start()
+        delivery = asyncio.create_task(self.delivery.run())
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("stopping")
+            for server in self.servers:
+                server.close()
+            await self.delivery.stop(STOP_DEADLINE)
+            delivery.cancel()
+            await asyncio.gather(delivery, return_exceptions=True)
+            await self.upstreams.close()
+            await self.spool.close()
+            log.info("stopped")
+
+
+def serve(settings: Settings, config_path: Path | None, overrides: config.Overrides) -> None:
+    relay = Relay(settings, reload=lambda: config.load(config_path, overrides))
+    asyncio.run(relay.run())

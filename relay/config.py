@@ -1,0 +1,245 @@
+"""The relay's settings: embedded defaults, config.toml, command-line overrides, all validated."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from relay.schema import Errors, IPNetwork, Table, parse_hostport
+
+DEFAULT_LISTEN = "127.0.0.1:2525"
+DEFAULT_UPSTREAM = "127.0.0.1:25"
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+class ConfigError(Exception):
+    """Raised with every error found, one per line, when settings cannot be loaded."""
+
+    def __init__(self, messages: list[str]) -> None:
+        super().__init__("\n".join(messages))
+        self.messages = messages
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSettings:
+    name: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    name: str
+    hosts: tuple[tuple[str, int], ...] = (parse_hostport(DEFAULT_UPSTREAM),)
+    pool_size: int = 4
+    max_messages_per_connection: int = 100
+    idle_timeout: float = 60.0
+    # A connection idle for longer than this is checked with NOOP before reuse.
+    check_after_idle: float = 5.0
+    connect_timeout: float = 30.0
+    command_timeout: float = 60.0
+    # RFC 5321 section 4.5.3.2.6: a client waits 10 minutes for the final-dot reply.
+    data_timeout: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    spool_dir: str = ""
+    delivery_workers: int = 20
+    minimal_backoff: float = 60.0
+    maximal_backoff: float = 3600.0
+    max_lifetime: float = 5 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    hostname: str = ""
+    relay_networks: tuple[IPNetwork, ...] = LOOPBACK
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 1000
+    policies_dir: str = ""
+    listeners: tuple[ListenerSettings, ...] = (
+        ListenerSettings("smtp", *parse_hostport(DEFAULT_LISTEN)),
+    )
+    upstreams: dict[str, UpstreamSettings] = field(
+        default_factory=lambda: {"default": UpstreamSettings("default")}
+    )
+    queue: QueueSettings = QueueSettings()
+    log_level: str = "info"
+    source: str = "<embedded defaults>"
+
+    @property
+    def spool_path(self) -> Path:
+        return resolve_spool_dir(self.queue.spool_dir)
+
+    @property
+    def smtp_hostname(self) -> str:
+        return self.hostname or socket.getfqdn()
+
+
+def resolve_spool_dir(configured: str) -> Path:
+    """The configured directory, else systemd's StateDirectory, else a per-user state dir."""
+    if configured:
+        return Path(configured)
+    state = os.environ.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0]) / "spool"
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "policy-relay" / "spool"
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """The `serve` flags that replace settings, so a quick start needs no file."""
+
+    listen: tuple[str, ...] = ()
+    upstream: str | None = None
+    spool_dir: str | None = None
+    policies_dir: str | None = None
+    hostname: str | None = None
+    allow: tuple[str, ...] = ()
+
+
+def load(path: str | Path | None, overrides: Overrides | None = None) -> Settings:
+    """Read settings from `path` (None: the embedded defaults), then apply `overrides`."""
+    errors = Errors()
+    data: dict[str, Any] = {}
+    source = "<embedded defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError([f"{source}: cannot read: {exc.strerror}"]) from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{source}: {exc}"]) from exc
+    settings = _read(Table(data, "", source, errors), source)
+    if overrides is not None:
+        settings = _apply(settings, overrides, errors)
+    if errors:
+        raise ConfigError(errors.messages)
+    return settings
+
+
+def _read(root: Table, source: str) -> Settings:
+    base = Settings()
+    server = root.table("server")
+    log = root.table("log")
+    settings = Settings(
+        hostname=server.string("hostname", base.hostname),
+        relay_networks=server.networks("relay_networks", base.relay_networks),
+        max_message_size=server.size("max_message_size", base.max_message_size, low=1024),
+        max_recipients=server.integer("max_recipients", base.max_recipients, 1, 100000),
+        policies_dir=server.string("policies_dir", base.policies_dir),
+        listeners=_read_listeners(root) or base.listeners,
+        upstreams=_read_upstreams(root) or base.upstreams,
+        queue=_read_queue(root.table("queue")),
+        log_level=log.string("level", base.log_level, ("debug", "info", "warning", "error")),
+        source=source,
+    )
+    server.finish()
+    log.finish()
+    root.finish()
+    return settings
+
+
+def _read_listeners(root: Table) -> tuple[ListenerSettings, ...]:
+    listeners = []
+    for name, table in root.tables("listener").items():
+        address = table.string("address", DEFAULT_LISTEN)
+        try:
+            host, port = parse_hostport(address)
+        except ValueError:
+            table.error("address", f'expected "ADDRESS:PORT", got {address!r}')
+            host, port = parse_hostport(DEFAULT_LISTEN)
+        listeners.append(ListenerSettings(name, host, port))
+        table.finish()
+    return tuple(listeners)
+
+
+def _read_upstreams(root: Table) -> dict[str, UpstreamSettings]:
+    groups = {}
+    for name, table in root.tables("upstream").items():
+        base = UpstreamSettings(name)
+        hosts = []
+        for item in table.strings("hosts", ()):
+            try:
+                hosts.append(parse_hostport(item, default_port=25))
+            except ValueError:
+                table.error("hosts", f'expected "HOST:PORT", got {item!r}')
+        if table.has("hosts") and not table.strings("hosts", ()):
+            table.error("hosts", "must name at least one host")
+        groups[name] = UpstreamSettings(
+            name=name,
+            hosts=tuple(hosts) or base.hosts,
+            pool_size=table.integer("pool_size", base.pool_size, 1, 1000),
+            max_messages_per_connection=table.integer(
+                "max_messages_per_connection", base.max_messages_per_connection, 1, 1_000_000
+            ),
+            idle_timeout=table.duration("idle_timeout", base.idle_timeout),
+            check_after_idle=table.duration("check_after_idle", base.check_after_idle),
+            connect_timeout=table.duration("connect_timeout", base.connect_timeout, low=0.1),
+            command_timeout=table.duration("command_timeout", base.command_timeout, low=0.1),
+            data_timeout=table.duration("data_timeout", base.data_timeout, low=0.1),
+        )
+        table.finish()
+    if groups and "default" not in groups:
+        root.errors.add(f"{root.source}: upstream: a group named \"default\" is required")
+    return groups
+
+
+def _read_queue(table: Table) -> QueueSettings:
+    base = QueueSettings()
+    queue = QueueSettings(
+        spool_dir=table.string("spool_dir", base.spool_dir),
+        delivery_workers=table.integer("delivery_workers", base.delivery_workers, 1, 10000),
+        minimal_backoff=table.duration("minimal_backoff", base.minimal_backoff, low=0.1),
+        maximal_backoff=table.duration("maximal_backoff", base.maximal_backoff, low=0.1),
+        max_lifetime=table.duration("max_lifetime", base.max_lifetime),
+    )
+    if queue.maximal_backoff < queue.minimal_backoff:
+        table.error("maximal_backoff", "must not be shorter than minimal_backoff")
+    table.finish()
+    return queue
+
+
+def _apply(settings: Settings, flags: Overrides, errors: Errors) -> Settings:
+    changes: dict[str, Any] = {}
+    if flags.listen:
+        listeners = []
+        for index, item in enumerate(flags.listen, start=1):
+            try:
+                host, port = parse_hostport(item)
+            except ValueError:
+                errors.add(f'--listen: expected "ADDRESS:PORT", got {item!r}')
+                continue
+            listeners.append(ListenerSettings("smtp" if index == 1 else f"smtp{index}", host, port))
+        changes["listeners"] = tuple(listeners)
+    if flags.upstream is not None:
+        try:
+            host, port = parse_hostport(flags.upstream, default_port=25)
+        except ValueError:
+            errors.add(f'--upstream: expected "HOST:PORT", got {flags.upstream!r}')
+        else:
+            default = replace(settings.upstreams["default"], hosts=((host, port),))
+            changes["upstreams"] = {**settings.upstreams, "default": default}
+    if flags.spool_dir is not None:
+        changes["queue"] = replace(settings.queue, spool_dir=flags.spool_dir)
+    if flags.policies_dir is not None:
+        changes["policies_dir"] = flags.policies_dir
+    if flags.hostname is not None:
+        changes["hostname"] = flags.hostname
+    if flags.allow:
+        networks = []
+        for item in flags.allow:
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                errors.add(f"--allow: expected an IP address or CIDR network, got {item!r}")
+        changes["relay_networks"] = tuple(networks)
+    return replace(settings, **changes)

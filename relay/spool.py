@@ -1,0 +1,373 @@
+"""The durable queue: every accepted message and its per-recipient state, on stable storage.
+
+Layout: one SQLite database (`spool.db`) in WAL mode with `synchronous=FULL`.
+
+Why SQLite rather than one file per message with rename and directory fsync:
+- A message and its envelope are one transaction: after a crash either both exist or
+  neither does, so a message whose DATA was interrupted never appears and there are no
+  leftovers to clean up (Postfix and OpenSMTPD need a startup sweep for that).
+- Per-recipient state changes (sent, deferred, failed) are small updates in place, not
+  rewrites of a file.
+- Group commit comes for free: messages that finish DATA at the same moment are written in
+  one transaction and share one flush of the write-ahead log, while each client still gets
+  its 250 only after the commit that contains its own message returned.
+With `synchronous=FULL` SQLite fsyncs the WAL at every commit; the directory is fsync'd
+once at open so the WAL file's own directory entry is durable too.
+
+All SQLite calls run in one dedicated thread (one connection), so the event loop never
+blocks on disk and the connection is never shared between threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+MessageState = Literal["queued", "hold", "failed"]
+RecipientState = Literal["pending", "sent", "failed"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS message (
+    id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    client_address TEXT NOT NULL,
+    helo TEXT NOT NULL,
+    listener TEXT NOT NULL,
+    sasl_username TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    size INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    route TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recipient (
+    message_id TEXT NOT NULL REFERENCES message(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    address TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reply TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (message_id, position)
+);
+CREATE INDEX IF NOT EXISTS message_due ON message (state, next_attempt);
+"""
+
+_MESSAGE_COLUMNS = (
+    "id, sender, client_address, helo, listener, sasl_username, received_at, size, "
+    "state, route, attempts, next_attempt, last_error"
+)
+
+_COLUMN_NAMES = tuple(name.strip() for name in _MESSAGE_COLUMNS.split(","))
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What the SMTP session learned about a message, as it is stored."""
+
+    sender: str  # "" is the null sender <>
+    recipients: tuple[str, ...]
+    client_address: str
+    helo: str
+    listener: str
+    sasl_username: str = ""
+    received_at: float = 0.0
+    route: str = "default"
+    hold: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    position: int
+    address: str
+    state: RecipientState
+    reply: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """A stored message's envelope and delivery state (its bytes are loaded separately)."""
+
+    id: str
+    sender: str
+    client_address: str
+    helo: str
+    listener: str
+    sasl_username: str
+    received_at: float
+    size: int
+    state: MessageState
+    route: str
+    attempts: int
+    next_attempt: float
+    last_error: str
+    recipients: tuple[Recipient, ...]
+
+    @property
+    def pending(self) -> tuple[Recipient, ...]:
+        return tuple(r for r in self.recipients if r.state == "pending")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one delivery attempt for one recipient."""
+
+    position: int
+    state: RecipientState  # "pending" means deferred: try again later
+    reply: str
+
+
+class SpoolError(Exception):
+    """The spool could not store or update a message (disk full, I/O error, corruption)."""
+
+
+def new_queue_id() -> str:
+    # Time-ordered (microseconds) plus randomness: unique across restarts and relays.
+    return f"{time.time_ns() // 1000:013X}{secrets.randbits(24):06X}"
+
+
+class Spool:
+    """The queue on disk. Open it with `await spool.open()` before use."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
+        self._db: sqlite3.Connection | None = None
+        self._pending: list[tuple[str, Envelope, bytes, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Spool {self.directory}>"
+
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, func, *args)
+        except sqlite3.Error as exc:
+            raise SpoolError(str(exc)) from exc
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        db = sqlite3.connect(
+            self.directory / "spool.db", isolation_level=None, check_same_thread=False
+        )
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.executescript(_SCHEMA)
+        self._db = db
+        _fsync_directory(self.directory)
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise SpoolError("spool is not open")
+        return self._db
+
+    # -- storing ----------------------------------------------------------------------
+
+    async def store(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
+        """Write a message durably; only when this returns may 250 be sent."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((queue_id, envelope, data, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        # Group commit: whatever arrived while the previous commit was running goes
+        # into the next transaction together.
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await self._run(self._insert, batch)
+            except Exception as exc:  # every waiter must hear about the failure
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(SpoolError(str(exc)))
+            else:
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    def _insert(self, batch: Sequence[tuple[str, Envelope, bytes, asyncio.Future[None]]]) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for queue_id, env, data, _ in batch:
+                db.execute(
+                    "INSERT INTO message (id, sender, client_address, helo, listener, "
+                    "sasl_username, received_at, size, state, route, next_attempt, data) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        queue_id, env.sender, env.client_address, env.helo, env.listener,
+                        env.sasl_username, env.received_at, len(data),
+                        "hold" if env.hold else "queued", env.route, env.received_at, data,
+                    ),
+                )
+                db.executemany(
+                    "INSERT INTO recipient (message_id, position, address, state) "
+                    "VALUES (?, ?, ?, 'pending')",
+                    [(queue_id, i, rcpt) for i, rcpt in enumerate(env.recipients)],
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def due(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[QueuedMessage]:
+        """Queued messages whose next attempt is due, oldest first."""
+        where = "state = 'queued' AND next_attempt <= ?"
+        return await self._run(self._select, where, (now,), limit, set(exclude))
+
+    async def next_due_time(self) -> float | None:
+        row = await self._run(
+            lambda: self.db.execute(
+                "SELECT MIN(next_attempt) FROM message WHERE state = 'queued'"
+            ).fetchone()
+        )
+        return None if row[0] is None else float(row[0])
+
+    async def get(self, queue_id: str) -> QueuedMessage | None:
+        found = await self._run(self._select, "id = ?", (queue_id,), 1, set())
+        return found[0] if found else None
+
+    async def messages(self, state: MessageState | None = None) -> list[QueuedMessage]:
+        if state is None:
+            return await self._run(self._select, "1", (), -1, set())
+        return await self._run(self._select, "state = ?", (state,), -1, set())
+
+    def _select(
+        self, where: str, args: tuple[Any, ...], limit: int, exclude: set[str]
+    ) -> list[QueuedMessage]:
+        db = self.db
+        rows = db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM message WHERE {where} "
+            "ORDER BY next_attempt, id LIMIT ?",
+            (*args, limit + len(exclude) if limit >= 0 else -1),
+        ).fetchall()
+        result = []
+        for row in rows:
+            if row[0] in exclude:
+                continue
+            recipients = tuple(
+                Recipient(pos, addr, state, reply)
+                for pos, addr, state, reply in db.execute(
+                    "SELECT position, address, state, reply FROM recipient "
+                    "WHERE message_id = ? ORDER BY position",
+                    (row[0],),
+                )
+            )
+            result.append(QueuedMessage(**dict(zip(_COLUMN_NAMES, row, strict=True)),
+                                        recipients=recipients))
+            if len(result) == limit:
+                break
+        return result
+
+    async def data(self, queue_id: str) -> bytes:
+        row = await self._run(
+            lambda: self.db.execute("SELECT data FROM message WHERE id = ?", (queue_id,)).fetchone()
+        )
+        if row is None:
+            raise SpoolError(f"no message {queue_id}")
+        return bytes(row[0])
+
+    async def count(self) -> int:
+        row = await self._run(lambda: self.db.execute("SELECT COUNT(*) FROM message").fetchone())
+        return int(row[0])
+
+    # -- updating ---------------------------------------------------------------------
+
+    async def record_attempt(
+        self, queue_id: str, outcomes: Sequence[Outcome], next_attempt: float, last_error: str
+    ) -> MessageState | None:
+        """Store one attempt's per-recipient outcomes.
+
+        Returns the message's new state, or None when nothing is left to do and the
+        message was removed (every recipient sent).
+        """
+        return await self._run(self._record, queue_id, outcomes, next_attempt, last_error)
+
+    def _record(
+        self, queue_id: str, outcomes: Sequence[Outcome], next_attempt: float, last_error: str
+    ) -> MessageState | None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "UPDATE recipient SET state = ?, reply = ? WHERE message_id = ? AND position = ?",
+                [(o.state, o.reply, queue_id, o.position) for o in outcomes],
+            )
+            states = {
+                s for (s,) in db.execute(
+                    "SELECT state FROM recipient WHERE message_id = ?", (queue_id,)
+                )
+            }
+            new_state: MessageState | None
+            if "pending" in states:
+                new_state = "queued"
+            elif "failed" in states:
+                new_state = "failed"
+            else:
+                new_state = None
+            if new_state is None:
+                db.execute("DELETE FROM message WHERE id = ?", (queue_id,))
+            else:
+                db.execute(
+                    "UPDATE message SET state = ?, attempts = attempts + 1, next_attempt = ?, "
+                    "last_error = ? WHERE id = ? AND state = 'queued'",
+                    (new_state, next_attempt, last_error, queue_id),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return new_state
+
+    async def set_state(self, queue_id: str, state: MessageState, next_attempt: float) -> bool:
+        def update() -> bool:
+            cur = self.db.execute(
+                "UPDATE message SET state = ?, next_attempt = ? WHERE id = ?",
+                (state, next_attempt, queue_id),
+            )
+            return cur.rowcount > 0
+
+        return await self._run(update)
+
+    async def delete(self, queue_id: str) -> bool:
+        def remove() -> bool:
+            return self.db.execute("DELETE FROM message WHERE id = ?", (queue_id,)).rowcount > 0
+
+        return await self._run(remove)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
