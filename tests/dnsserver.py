@@ -22,6 +22,9 @@ DNSMASQ = "/usr/sbin/dnsmasq"
 # Names under this zone are forwarded to a socket that never answers, so every lookup
 # there times out: the "DNS is down" case (RFC 7208 temperror, DKIM key temperror).
 TEMPFAIL_ZONE = "tempfail.test"
+# Names under this zone get REFUSED at once (a forward to "the usual servers", of which
+# there are none): the "server failure" case, without waiting for a timeout.
+REFUSED_ZONE = "refused.test"
 READY_TIMEOUT = 5.0
 START_TRIES = 3
 
@@ -47,10 +50,12 @@ def split_txt(value: str, size: int = 255) -> list[str]:
     return [value[i : i + size] for i in range(0, len(value), size)] or [""]
 
 
-def start_dnsmasq(records: Records) -> DnsServer:
+def start_dnsmasq(records: Records, *, local_ttl: int = 0) -> DnsServer:
     """Start dnsmasq answering the TXT ``records`` and wait until it answers.
 
-    Unknown ``.test`` names are NXDOMAIN; names under ``tempfail.test`` time out."""
+    Unknown ``.test`` names are NXDOMAIN; names under ``tempfail.test`` time out, names
+    under ``refused.test`` are refused. ``local_ttl`` is the TTL of the records served
+    (dnsmasq's default, 0, keeps them out of every cache)."""
     blackhole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     blackhole.bind(("127.0.0.1", 0))  # bound, never read: queries to it are simply lost
     last_error = ""
@@ -59,7 +64,7 @@ def start_dnsmasq(records: Records) -> DnsServer:
         # A file, not a pipe: nobody reads dnsmasq's log while it runs.
         log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop())
         proc = subprocess.Popen(
-            _command(port, records, blackhole.getsockname()[1]),
+            _command(port, records, blackhole.getsockname()[1], local_ttl),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -75,15 +80,15 @@ def start_dnsmasq(records: Records) -> DnsServer:
 
 
 @contextlib.contextmanager
-def dnsmasq(records: Records) -> Iterator[DnsServer]:
-    server = start_dnsmasq(records)
+def dnsmasq(records: Records, *, local_ttl: int = 0) -> Iterator[DnsServer]:
+    server = start_dnsmasq(records, local_ttl=local_ttl)
     try:
         yield server
     finally:
         server.stop()
 
 
-def _command(port: int, records: Records, dead_port: int) -> list[str]:
+def _command(port: int, records: Records, dead_port: int, local_ttl: int) -> list[str]:
     cmd = [
         DNSMASQ,
         "--keep-in-foreground",
@@ -99,6 +104,8 @@ def _command(port: int, records: Records, dead_port: int) -> list[str]:
         "--log-facility=-",
         "--local=/test/",
         f"--server=/{TEMPFAIL_ZONE}/127.0.0.1#{dead_port}",
+        f"--server=/{REFUSED_ZONE}/#",
+        f"--local-ttl={local_ttl}",
     ]
     pairs = records.items() if isinstance(records, Mapping) else records
     for name, value in pairs:

@@ -1,0 +1,175 @@
+"""SPF outcomes against a real dnsmasq holding the senders' policies."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from dnsserver import DnsServer, dnsmasq
+
+from relay.dns import DnsSettings, Resolver
+from relay.spf import SpfOutcome, check_spf, received_spf_header
+
+CLIENT = "127.0.0.1"
+INCLUDES = 11  # one more than RFC 7208 section 4.6.4's limit of 10 DNS-querying terms
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[DnsServer]:
+    records: dict[str, str] = {
+        "pass.test": "v=spf1 ip4:127.0.0.0/8 -all",
+        "fail.test": "v=spf1 ip4:192.0.2.1 -all",
+        "softfail.test": "v=spf1 ip4:192.0.2.1 ~all",
+        "neutral.test": "v=spf1 ?all",
+        "notspf.test": "google-site-verification=abc",
+        "ten.test": "v=spf1 "
+        + " ".join(f"include:n{i}.test" for i in range(9))
+        + " ip4:127.0.0.1 -all",
+        "many.test": "v=spf1 " + " ".join(f"include:n{i}.test" for i in range(INCLUDES)) + " -all",
+        "void.test": "v=spf1 a:v1.test a:v2.test a:v3.test -all",
+        "twovoid.test": "v=spf1 a:v1.test a:v2.test ip4:127.0.0.1 -all",
+        "slow.test": "v=spf1 include:x.tempfail.test -all",
+        "badsyntax.test": "v=spf1 ip4:127.0.0.1 moo -all",
+    }
+    for i in range(INCLUDES):
+        records[f"n{i}.test"] = "v=spf1 ?all"  # neutral: the include does not match
+    with dnsmasq(records) as srv:
+        yield srv
+
+
+def resolver_for(server: DnsServer, timeout: float = 0.5) -> Resolver:
+    return Resolver(DnsSettings(nameservers=server.nameservers, timeout=timeout, attempts=1))
+
+
+async def spf_for(server: DnsServer, sender: str, helo: str = "client.test") -> SpfOutcome:
+    return await check_spf(resolver_for(server), CLIENT, sender, helo, timeout=5.0)
+
+
+@pytest.mark.parametrize(
+    ("domain", "result"),
+    [
+        ("pass.test", "pass"),
+        ("fail.test", "fail"),
+        ("softfail.test", "softfail"),
+        ("neutral.test", "neutral"),
+        ("nothing.test", "none"),  # NXDOMAIN
+        ("notspf.test", "none"),  # TXT present, but no v=spf1
+        ("badsyntax.test", "permerror"),
+        ("ten.test", "pass"),  # exactly 10 lookups is still fine
+        ("twovoid.test", "pass"),  # exactly 2 void lookups is still fine
+    ],
+)
+async def test_spf_result_for_sender_domain(server: DnsServer, domain: str, result: str) -> None:
+    outcome = await spf_for(server, f"app@{domain}")
+    assert outcome.result == result
+    assert outcome.identity == "mailfrom"
+    assert outcome.envelope_from == f"app@{domain}"
+
+
+async def test_spf_permerror_past_ten_lookups(server: DnsServer) -> None:
+    outcome = await spf_for(server, "app@many.test")
+    assert outcome.result == "permerror"
+    assert "Too many DNS lookups" in outcome.explanation
+
+
+async def test_spf_permerror_past_two_void_lookups(server: DnsServer) -> None:
+    outcome = await spf_for(server, "app@void.test")
+    assert outcome.result == "permerror"
+    assert "Void lookup limit" in outcome.explanation
+
+
+async def test_spf_temperror_when_dns_times_out(server: DnsServer) -> None:
+    outcome = await spf_for(server, "app@x.tempfail.test")
+    assert outcome.result == "temperror"
+
+
+async def test_spf_temperror_when_include_times_out(server: DnsServer) -> None:
+    assert (await spf_for(server, "app@slow.test")).result == "temperror"
+
+
+async def test_spf_temperror_when_dns_refuses(server: DnsServer) -> None:
+    assert (await spf_for(server, "app@x.refused.test")).result == "temperror"
+
+
+async def test_spf_temperror_for_exceptions_pyspf_lets_escape(server: DnsServer) -> None:
+    # An invalid client address makes pyspf raise outside its own error handling.
+    outcome = await check_spf(
+        resolver_for(server), "not-an-ip", "app@pass.test", "h.test", timeout=5.0
+    )
+    assert outcome.result == "temperror"
+
+
+@pytest.mark.parametrize(("helo", "result"), [("pass.test", "pass"), ("fail.test", "fail")])
+async def test_null_sender_checks_helo_identity(server: DnsServer, helo: str, result: str) -> None:
+    outcome = await spf_for(server, "", helo=helo)
+    assert outcome.result == result
+    assert outcome.identity == "helo"
+    assert outcome.envelope_from == f"postmaster@{helo}"
+
+
+async def test_overall_timeout_gives_temperror_in_bound(server: DnsServer) -> None:
+    # Each lookup may take 2 s but the check as a whole only gets 0.3 s.
+    resolver = resolver_for(server, timeout=2.0)
+    outcome = await asyncio.wait_for(
+        check_spf(resolver, CLIENT, "app@x.tempfail.test", "h.test", timeout=0.3), 1.5
+    )
+    assert outcome.result == "temperror"
+
+
+async def test_spf_wait_does_not_block_event_loop(server: DnsServer) -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        for _ in range(1000):  # bounded; cancelled long before it ends
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    try:
+        outcome = await check_spf(
+            resolver_for(server, timeout=1.0), CLIENT, "app@x.tempfail.test", "h", timeout=5.0
+        )
+    finally:
+        task.cancel()
+    assert outcome.result == "temperror"
+    # About 100 ticks fit in the 1 s the lookup waits; a blocked loop would give 0 or 1.
+    assert ticks >= 20
+
+
+async def test_concurrent_checks_use_their_own_resolver(server: DnsServer) -> None:
+    with dnsmasq({"pass.test": "v=spf1 -all"}) as other:
+        results = await asyncio.gather(
+            *(
+                check_spf(resolver_for(srv), CLIENT, "a@pass.test", "h", timeout=5.0)
+                for srv in (server, other, server, other)
+            )
+        )
+    assert [o.result for o in results] == ["pass", "fail", "pass", "fail"]
+
+
+def test_received_spf_header_follows_rfc7208_section_9_1() -> None:
+    outcome = SpfOutcome("pass", "sender SPF authorized", "mailfrom", "app@pass.test")
+    header = received_spf_header(outcome, "127.0.0.1", "client.test", "relay.test")
+    assert header == (
+        "Received-SPF: pass (relay.test: domain of app@pass.test designates 127.0.0.1"
+        " as permitted sender)\r\n"
+        "\treceiver=relay.test;\r\n"
+        "\tclient-ip=127.0.0.1;\r\n"
+        '\tenvelope-from="app@pass.test";\r\n'
+        "\thelo=client.test;\r\n"
+        "\tidentity=mailfrom;\r\n"
+    )
+
+
+def test_received_spf_header_strips_control_characters_and_quotes() -> None:
+    outcome = SpfOutcome("permerror", "bad (record)\r\nX-Evil: 1", "helo", 'postmaster@e"vil')
+    header = received_spf_header(outcome, "127.0.0.1", "e\r\nvil; x=y", "relay.test")
+    lines = header.split("\r\n")
+    assert lines[-1] == ""
+    assert all(line.startswith(("Received-SPF:", "\t")) for line in lines[:-1])
+    assert "\\(record\\)" in lines[0]
+    assert '\thelo="evil; x=y";' in lines
+    assert '\tenvelope-from="postmaster@e\\"vil";' in lines
+    assert '\tproblem="bad (record)X-Evil: 1";' in lines
