@@ -66,6 +66,12 @@ def received_header(
     return f"{line}; {formatdate(when, localtime=True)}\r\n".encode("ascii")
 
 
+def envelope_sender(envelope: Envelope) -> str:
+    """The reverse-path, with the null sender as "" (aiosmtpd keeps it as "<>")."""
+    sender = envelope.mail_from or ""
+    return "" if sender == "<>" else sender
+
+
 def has_bare_line_ending(data: bytes) -> bool:
     """True if DATA holds a CR or LF outside a CRLF pair, or a NUL.
 
@@ -102,7 +108,8 @@ class InboundHandler:
             return self._refuse(
                 session, "MAIL", replies.BAD_SENDER_SYNTAX, f"from=<{sender}> {why}"
             )
-        envelope.mail_from = sender
+        # Keep aiosmtpd's "<>": it checks mail_from for truth before accepting RCPT.
+        envelope.mail_from = address
         envelope.mail_options.extend(options)
         return str(replies.SENDER_OK)
 
@@ -137,7 +144,7 @@ class InboundHandler:
         queue_id = new_queue_id()
         message = received_header(session, envelope, settings.smtp_hostname, queue_id, now) + data
         stored = StoredEnvelope(
-            sender=envelope.mail_from or "",
+            sender=envelope_sender(envelope),
             recipients=tuple(envelope.rcpt_tos),
             client_address=client_address(session),
             helo=session.host_name or "",

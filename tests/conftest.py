@@ -1,0 +1,257 @@
+"""Real parts for the tests: an upstream sink, the relay as a subprocess, small helpers."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; bounded in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# -- upstream sink -------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    data: bytes
+    at: float
+
+
+@dataclass
+class SinkHandler:
+    """An upstream smarthost whose replies the test scripts."""
+
+    messages: list[Received] = field(default_factory=list)
+    connections: int = 0
+    # Recipient address -> reply to RCPT (default 250).
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    # Replies to the final dot, used up one by one before answering 250.
+    data_replies: collections.deque[str] = field(default_factory=collections.deque)
+    data_attempts: int = 0
+    transports: list[Any] = field(default_factory=list)
+
+    async def handle_RCPT(self, server, session, envelope, address, options):  # type: ignore[no-untyped-def]
+        reply = self.rcpt_replies.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        self.data_attempts += 1
+        if self.data_replies:
+            return self.data_replies.popleft()
+        self.messages.append(
+            Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
+                     time.monotonic())
+        )
+        return "250 2.0.0 Ok: stored"
+
+
+class _CountingSMTP(SMTP):
+    def connection_made(self, transport):  # type: ignore[no-untyped-def]
+        if self._original_transport is None and self.transport is None:
+            self.event_handler.connections += 1
+            self.event_handler.transports.append(transport)
+        super().connection_made(transport)
+
+
+class Sink(Controller):
+    """aiosmtpd in a thread of the test process, playing the upstream smarthost."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.handler = SinkHandler()
+        super().__init__(self.handler, hostname="127.0.0.1", port=port or free_port(),
+                         ready_timeout=5)
+
+    def start(self) -> None:
+        super().start()
+        # Controller.start() connects once itself to see the server answer; not a client.
+        self.handler.connections = 0
+        self.handler.transports.clear()
+
+    def factory(self) -> SMTP:
+        return _CountingSMTP(self.handler, hostname="sink.test", decode_data=False)
+
+    def close_connections(self) -> None:
+        """Drop every client connection, as an upstream's idle timeout does."""
+        def close() -> None:
+            for transport in self.handler.transports:
+                transport.close()
+
+        self.loop.call_soon_threadsafe(close)
+
+    def wait_messages(self, count: int, timeout: float = 15.0) -> list[Received]:
+        wait_until(lambda: len(self.handler.messages) >= count, timeout,
+                   f"{count} message(s) at the sink")
+        return self.handler.messages
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    s = Sink()
+    s.start()
+    yield s
+    s.stop()
+
+
+# -- the relay as a real process ------------------------------------------------------
+
+
+def relay_config(
+    upstream_port: int, listen_port: int, spool: Path, extra: str = "", upstream_extra: str = ""
+) -> str:
+    return f"""
+[server]
+hostname = "relay.test"
+{extra}
+
+[listener.smtp]
+address = "127.0.0.1:{listen_port}"
+
+[upstream.default]
+hosts = ["127.0.0.1:{upstream_port}"]
+connect_timeout = "2s"
+command_timeout = "5s"
+data_timeout = "10s"
+{upstream_extra}
+
+[queue]
+spool_dir = "{spool}"
+minimal_backoff = "0.3s"
+maximal_backoff = "1s"
+"""
+
+
+class RelayProcess:
+    """`python -m relay serve` on a loopback port, with its log in a file."""
+
+    def __init__(self, directory: Path, config_text: str, port: int) -> None:
+        self.directory = directory
+        self.port = port
+        self.config = directory / "config.toml"
+        self.config.write_text(config_text)
+        self.log = directory / "relay.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def spool_db(self) -> Path:
+        return self.directory / "spool" / "spool.db"
+
+    def start(self) -> RelayProcess:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "relay", "serve", "--config", str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.directory,
+            )
+        wait_until(lambda: self.proc is not None and (self.proc.poll() is not None
+                                                      or port_open(self.port)),
+                   10, "the relay to listen")
+        assert self.proc.poll() is None, self.log.read_text()
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=15)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def queue_rows(self) -> list[tuple[str, str]]:
+        """(message id, state) of everything in the spool, read straight from disk."""
+        if not self.spool_db.exists():
+            return []
+        with sqlite3.connect(self.spool_db) as db:
+            return list(db.execute("SELECT id, state FROM message"))
+
+    def recipient_rows(self) -> list[tuple[str, str, str]]:
+        with sqlite3.connect(self.spool_db) as db:
+            return list(db.execute("SELECT address, state, reply FROM recipient"))
+
+
+@pytest.fixture
+def start_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+    started: list[RelayProcess] = []
+
+    def start(
+        upstream_port: int, extra: str = "", upstream_extra: str = "", port: int | None = None
+    ) -> RelayProcess:
+        port = port or free_port()
+        text = relay_config(upstream_port, port, tmp_path / "spool", extra, upstream_extra)
+        relay = RelayProcess(tmp_path, text, port)
+        started.append(relay)
+        return relay.start()
+
+    yield start
+    for relay in started:
+        relay.stop()
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True,
+                          text=True, timeout=60, cwd=cwd or ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def send_raw(port: int, chunks: list[bytes], read_timeout: float = 5.0) -> bytes:
+    """Speak SMTP byte by byte: send each chunk, return everything the server said."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
+        received = s.recv(4096)
+        for chunk in chunks:
+            s.sendall(chunk)
+            time.sleep(0.05)
+            with contextlib.suppress(TimeoutError):
+                received += s.recv(65536)
+        return received
+
