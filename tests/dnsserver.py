@@ -45,9 +45,9 @@ class DnsServer:
         return (("127.0.0.1", self.port),)
 
 
-def split_txt(value: str, size: int = 255) -> list[str]:
+def split_txt(value: str, size: int = 255) -> tuple[str, ...]:
     """Cut one long TXT value into character-strings of at most ``size`` octets."""
-    return [value[i : i + size] for i in range(0, len(value), size)] or [""]
+    return tuple(value[i : i + size] for i in range(0, len(value), size)) or ("",)
 
 
 def start_dnsmasq(records: Records, *, local_ttl: int = 0) -> DnsServer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from dnsserver import DnsServer, dnsmasq, split_txt
+from dnsserver import DnsServer, TxtValue, dnsmasq, split_txt
 
 from relay.dns import DnsSettings, DnsTempError, Resolver
 
@@ -14,9 +14,9 @@ LONG = "v=DKIM1; k=rsa; p=" + "A" * 600
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[DnsServer]:
-    records = {
+    records: dict[str, TxtValue] = {
         "short.test": "hello world",
-        "long.test": tuple(split_txt(LONG)),
+        "long.test": split_txt(LONG),
     }
     with dnsmasq(records) as srv:
         yield srv

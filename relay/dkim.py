@@ -1,0 +1,456 @@
+"""DKIM (RFC 6376) verification and signing."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import re
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import dkim
+import dkim.util
+import dns.exception
+import dns.name
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from dkim.canonicalization import CanonicalizationPolicy
+
+from relay.dns import DnsTempError, Resolver
+from relay.spf import SpfOutcome
+
+# RFC 8601 section 2.7.1 result values for the dkim method.
+DkimResult = Literal["pass", "fail", "neutral", "policy", "none", "temperror", "permerror"]
+Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
+
+# How the message-level result is chosen from several signatures: the best-ranked one.
+# RFC 6376 section 6.1 lets any one valid signature stand for the message, so "pass"
+# wins. Next comes "temperror": trying again later may still give a pass, so a rule
+# should be able to defer rather than reject. "policy" (cryptographically valid, but
+# unacceptable to us: l= or From not signed) is a definite non-pass that still proves
+# the signer touched the message; "neutral" is unused by the verifier itself but ranks
+# here. "permerror" (a signature we cannot evaluate: no key, bad key, broken tags) says
+# nothing about the message, so it ranks above "fail" (a signature that does not match
+# the message: it was changed after signing).
+_RANK: dict[str, int] = {
+    "pass": 0,
+    "temperror": 1,
+    "policy": 2,
+    "neutral": 3,
+    "permerror": 4,
+    "fail": 5,
+}
+_ALGORITHMS: frozenset[bytes] = frozenset({b"rsa-sha256", b"ed25519-sha256"})
+
+
+@dataclass(frozen=True, slots=True)
+class DkimSignatureResult:
+    """The verdict on one DKIM-Signature header field, in header order."""
+
+    domain: str
+    selector: str
+    result: DkimResult
+    reason: str = ""
+    algorithm: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DkimOutcome:
+    """What verification found: the message-level ``result`` (best signature, see
+    ``_RANK``; "none" when unsigned), the d= of a passing signature, and each signature."""
+
+    result: DkimResult
+    domain: str = ""
+    signatures: tuple[DkimSignatureResult, ...] = ()
+
+
+class _KeyUnavailable(Exception):
+    """Raised inside dkimpy's dnsfunc. Deliberately not a DKIMException: dkimpy turns
+    those (and its own DnsTimeoutError) into a plain False, which would make a DNS
+    outage look like a forged signature."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Signature:
+    index: int
+    domain: str
+    selector: str
+    algorithm: str
+    problem: str = ""  # set when the header itself is unusable (permerror)
+
+    @property
+    def key_name(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain}"  # RFC 6376 section 3.6.2.1
+
+
+# A fetched key record: its text, None when there is none, or why it could not be had.
+_KeyRecord = bytes | None | DnsTempError
+
+
+async def verify_dkim(
+    resolver: Resolver, message: bytes, *, timeout: float, executor: Executor | None = None
+) -> DkimOutcome:
+    """Verify every DKIM-Signature of ``message`` (raw bytes, CRLF line endings).
+
+    Keys are fetched on the event loop through ``resolver``; parsing, hashing and the
+    public-key arithmetic run in ``executor`` (default: asyncio's thread pool). Never
+    raises: running out of ``timeout`` or failing to fetch a key is ``temperror``.
+    """
+    loop = asyncio.get_running_loop()
+    signatures: list[_Signature] = []
+    try:
+        async with asyncio.timeout(timeout):
+            verifier, signatures = await loop.run_in_executor(executor, _parse, message)
+            if not signatures:
+                return DkimOutcome("none")
+            names = sorted({s.key_name for s in signatures if not s.problem})
+            records = await asyncio.gather(*(_fetch_key(resolver, n) for n in names))
+            keys = dict(zip(names, records, strict=True))
+            work = functools.partial(_verify_all, verifier, signatures, keys)
+            results = await loop.run_in_executor(executor, work)
+    except TimeoutError:
+        results = [
+            DkimSignatureResult(
+                s.domain, s.selector, "temperror", f"not verified within {timeout:g}s", s.algorithm
+            )
+            for s in signatures
+        ]
+        if not results:
+            return DkimOutcome("temperror")
+    return _outcome(results)
+
+
+def _outcome(results: Sequence[DkimSignatureResult]) -> DkimOutcome:
+    best = min(results, key=lambda r: _RANK[r.result])
+    domain = best.domain if best.result == "pass" else ""
+    return DkimOutcome(best.result, domain, tuple(results))
+
+
+async def _fetch_key(resolver: Resolver, name: str) -> _KeyRecord:
+    try:
+        records = await resolver.txt(name)
+    except DnsTempError as exc:
+        return exc
+    # RFC 6376 section 6.1.2: with several key records the verifier may pick one.
+    return records[0] if records else None
+
+
+def _parse(message: bytes) -> tuple[Any, list[_Signature]]:
+    """Parse the message once and describe each DKIM-Signature (worker thread)."""
+    verifier = dkim.DKIM(message)
+    count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
+    return verifier, [_describe(verifier, i) for i in range(count)]
+
+
+def _describe(verifier: Any, index: int) -> _Signature:
+    raw = [v for n, v in verifier.headers if n.lower() == b"dkim-signature"][index]
+    try:
+        tags = dkim.util.parse_tag_value(raw)
+    except Exception:
+        tags = {}
+    domain, selector, algorithm = (
+        _text(tags.get(b"d", b"")),
+        _text(tags.get(b"s", b"")),
+        _text(tags.get(b"a", b"")),
+    )
+    try:
+        # Tag syntax, required tags, t=/x= (RFC 6376 section 6.1.1): a bad header is
+        # PERMFAIL, i.e. permerror.
+        verifier.verify_headerprep(index)
+    except Exception as exc:
+        return _Signature(index, domain, selector, algorithm, f"bad signature header: {exc}")
+    if tags.get(b"a") not in _ALGORITHMS:
+        # RFC 8301 section 3.1: rsa-sha1 signatures must not be considered valid.
+        return _Signature(index, domain, selector, algorithm, f"unacceptable a={algorithm}")
+    try:
+        dns.name.from_text(f"{selector}._domainkey.{domain}")
+    except dns.exception.DNSException as exc:
+        return _Signature(index, domain, selector, algorithm, f"bad d= or s=: {exc}")
+    return _Signature(index, domain, selector, algorithm)
+
+
+def _verify_all(
+    verifier: Any, signatures: Sequence[_Signature], keys: dict[str, _KeyRecord]
+) -> list[DkimSignatureResult]:
+    return [_verify_one(verifier, s, keys.get(s.key_name)) for s in signatures]
+
+
+def _verify_one(verifier: Any, sig: _Signature, key: _KeyRecord) -> DkimSignatureResult:
+    def result(value: DkimResult, reason: str = "") -> DkimSignatureResult:
+        return DkimSignatureResult(sig.domain, sig.selector, value, reason, sig.algorithm)
+
+    if sig.problem:
+        return result("permerror", sig.problem)
+    if isinstance(key, DnsTempError):
+        return result("temperror", f"key lookup failed: {key}")
+    if key is None:
+        # RFC 6376 section 6.1.2 step 3: no key record is PERMFAIL (no key for signature).
+        return result("permerror", f"no key at {sig.key_name}")
+    try:
+        _pk, _size, ktag, _tlsrpt = dkim.evaluate_pk(sig.key_name.encode(), key)
+    except Exception as exc:
+        return result("permerror", f"bad key record: {exc}")
+    if not sig.algorithm.startswith(ktag.decode() + "-"):
+        # RFC 6376 section 6.1.2 step 6: a key of another type is unusable.
+        return result("permerror", f"k={ktag.decode()} key for a={sig.algorithm}")
+
+    def served(name: bytes, timeout: float = 0.0) -> bytes:
+        # The key was already fetched through our resolver; dkimpy only gets it served.
+        if _text(name).rstrip(".").lower() != sig.key_name.lower():
+            raise _KeyUnavailable(_text(name))
+        return key
+
+    try:
+        valid = verifier.verify(idx=sig.index, dnsfunc=served)
+    except _KeyUnavailable as exc:
+        return result("temperror", f"key not available: {exc}")
+    except dkim.ValidationError as exc:
+        # dkimpy reports a body hash mismatch this way: the body changed after signing.
+        return result("fail", str(exc))
+    except Exception as exc:
+        # KeyFormatError (key under 1024 bits, RFC 8301 section 3.2) and other format
+        # problems: the signature cannot be evaluated.
+        return result("permerror", str(exc))
+    if not valid:
+        return result("fail", "signature does not verify")
+    signed = [h.lower() for h in verifier.include_headers]
+    if b"from" not in signed:
+        # RFC 6376 section 6.1.1: h= must include From. The signature verifies, but it
+        # does not cover the author, so it is reported as "policy" (valid, unacceptable).
+        return result("policy", "h= does not include From")
+    fields = verifier.signature_fields
+    if b"l" in fields:
+        canon = CanonicalizationPolicy.from_c_value(fields.get(b"c", b"simple/simple"))
+        body_length = len(canon.canonicalize_body(verifier.body))
+        signed_length = int(fields[b"l"])
+        if signed_length < body_length:
+            # RFC 6376 section 8.2: content after l= is unsigned and may be anything.
+            # The signed part verifies, so "policy" (not "neutral"): valid, unacceptable.
+            return result("policy", f"l={signed_length} covers part of a {body_length}-octet body")
+    return result("pass")
+
+
+def _text(value: bytes) -> str:
+    return value.decode("ascii", errors="replace")
+
+
+# -- Authentication-Results ---------------------------------------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# RFC 8601 section 2.2: a pvalue is a token (RFC 2045), or [local-part "@"] domain.
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`{|}~]+")
+_ADDRESS = re.compile(
+    r"(?:[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*)?@[A-Za-z0-9.-]+"
+)
+
+
+def authentication_results_header(
+    authserv_id: str, spf: SpfOutcome | None, dkim_outcome: DkimOutcome | None
+) -> str:
+    """The RFC 8601 ``Authentication-Results:`` field for the checks that ran, one
+    resinfo per folded line, ending in CRLF. With no check at all it says ``none``."""
+    resinfos: list[str] = []
+    if spf is not None:
+        ptype = "smtp.helo" if spf.identity == "helo" else "smtp.mailfrom"
+        identity = spf.domain if spf.identity == "helo" else spf.envelope_from
+        resinfos.append(f"spf={spf.result}{_reason(spf)} {ptype}={_pvalue(identity)}")
+    if dkim_outcome is not None:
+        if not dkim_outcome.signatures:
+            resinfos.append(f"dkim={dkim_outcome.result}")
+        for sig in dkim_outcome.signatures:
+            props = f"header.d={_pvalue(sig.domain)} header.s={_pvalue(sig.selector)}"
+            if sig.algorithm:
+                props += f" header.a={_pvalue(sig.algorithm)}"
+            reason = f" reason={_quoted(sig.reason)}" if sig.reason else ""
+            resinfos.append(f"dkim={sig.result}{reason} {props}")
+    head = f"Authentication-Results: {_pvalue(authserv_id)}"
+    if not resinfos:
+        return f"{head}; none\r\n"
+    return ";\r\n\t".join([head, *resinfos]) + "\r\n"
+
+
+def _reason(spf: SpfOutcome) -> str:
+    if spf.result in ("temperror", "permerror") and spf.explanation:
+        return f" reason={_quoted(spf.explanation)}"
+    return ""
+
+
+def _pvalue(text: str) -> str:
+    text = _CONTROL.sub("", text)
+    if _TOKEN.fullmatch(text) or _ADDRESS.fullmatch(text):
+        return text
+    return _quoted(text)
+
+
+def _quoted(text: str) -> str:
+    text = _CONTROL.sub("", text)
+    return '"' + re.sub(r'(["\\])', r"\\\1", text) + '"'
+
+
+# -- Signing ------------------------------------------------------------------------------
+
+# Signed when present (and, for absent ones, guarding against their later addition,
+# RFC 6376 section 5.4.2). From is always signed and is oversigned by sign().
+DEFAULT_SIGNED_HEADERS: tuple[str, ...] = (
+    "from",
+    "to",
+    "cc",
+    "subject",
+    "date",
+    "message-id",
+    "reply-to",
+    "in-reply-to",
+    "references",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+)
+# RFC 6376 section 5.4.1: fields that are routinely added or changed in transit.
+_NEVER_SIGNED = frozenset(
+    {"return-path", "received", "comments", "keywords", "bcc", "resent-bcc", "dkim-signature"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """A private key (PEM, PKCS#8 or PKCS#1) and where its public half is published."""
+
+    domain: str
+    selector: str
+    algorithm: Algorithm
+    private_key: bytes = field(repr=False)
+
+
+def sign(message: bytes, keys: Sequence[SigningKey], headers: Sequence[str]) -> bytes:
+    """DKIM-Signature header fields (folded, CRLF-terminated) to prepend to ``message``,
+    one per key, e.g. RSA and Ed25519 side by side (RFC 8463 section 4).
+
+    CPU-bound: call it off the event loop. The message bytes are not changed.
+    """
+    include = [h.strip().lower() for h in headers if h.strip()]
+    unsignable = sorted(set(include) & _NEVER_SIGNED)
+    if unsignable:
+        raise ValueError(f"header fields that must not be signed: {', '.join(unsignable)}")
+    include = [h for h in include if h != "from"]
+    # From first, and once more than it occurs: RFC 6376 section 8.15, an added second
+    # From then breaks the signature.
+    froms = sum(1 for name, _ in dkim.rfc822_parse(message)[0] if name.lower() == b"from")
+    include = ["from"] * (max(froms, 1) + 1) + include
+    out = []
+    for key in keys:
+        signer = dkim.DKIM(message, signature_algorithm=key.algorithm.encode(), linesep=b"\r\n")
+        out.append(
+            signer.sign(
+                key.selector.encode(),
+                key.domain.encode(),
+                _dkimpy_private_key(key),
+                # relaxed/relaxed survives the whitespace changes of ordinary relays;
+                # no l= (RFC 6376 section 8.2: it lets anyone append content).
+                canonicalize=(b"relaxed", b"relaxed"),
+                include_headers=[h.encode() for h in include],
+                length=False,
+            )
+        )
+    return b"".join(out)
+
+
+def _dkimpy_private_key(key: SigningKey) -> bytes:
+    """dkimpy wants PKCS#1 PEM for RSA and the base64 32-octet seed for Ed25519."""
+    private = serialization.load_pem_private_key(key.private_key, password=None)
+    if key.algorithm == "rsa-sha256" and isinstance(private, rsa.RSAPrivateKey):
+        return private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    if key.algorithm == "ed25519-sha256" and isinstance(private, ed25519.Ed25519PrivateKey):
+        seed = private.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        return base64.b64encode(seed)
+    raise ValueError(f"{key.domain}/{key.selector}: key does not match {key.algorithm}")
+
+
+def load_key(path: Path | str, domain: str, selector: str) -> SigningKey:
+    """Read a PEM private key file; the algorithm follows from the key type.
+
+    Raises ValueError naming the file when the key is unreadable, encrypted, of another
+    type, or an RSA key under 1024 bits (RFC 8301 section 3.2).
+    """
+    try:
+        pem = Path(path).read_bytes()
+        private = serialization.load_pem_private_key(pem, password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: cannot load DKIM private key: {exc}") from exc
+    algorithm: Algorithm
+    if isinstance(private, rsa.RSAPrivateKey):
+        if private.key_size < 1024:
+            raise ValueError(f"{path}: RSA key of {private.key_size} bits, 1024 at least")
+        algorithm = "rsa-sha256"
+    elif isinstance(private, ed25519.Ed25519PrivateKey):
+        algorithm = "ed25519-sha256"
+    else:
+        raise ValueError(f"{path}: DKIM keys are RSA or Ed25519, not {type(private).__name__}")
+    return SigningKey(domain, selector, algorithm, pem)
+
+
+def generate_key(kind: Literal["rsa", "ed25519"] = "rsa", bits: int = 2048) -> tuple[bytes, str]:
+    """A new private key (PKCS#8 PEM) and the TXT value to publish at
+    ``<selector>._domainkey.<domain>`` (RFC 6376 section 3.6.1, RFC 8463 section 4.2)."""
+    private: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    if kind == "rsa":
+        private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    else:
+        private = ed25519.Ed25519PrivateKey.generate()
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return pem, _txt_value(private)
+
+
+def _txt_value(private: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> str:
+    if isinstance(private, rsa.RSAPrivateKey):
+        # p= is the DER SubjectPublicKeyInfo, base64 (RFC 6376 section 3.6.1).
+        der = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+    # RFC 8463 section 4.2: p= is the raw 32-octet public key, base64.
+    raw = private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
+
+
+async def check_published_key(resolver: Resolver, key: SigningKey) -> tuple[bool, str]:
+    """Whether DNS publishes the public half of ``key`` at its selector."""
+    name = f"{key.selector}._domainkey.{key.domain}"
+    private = serialization.load_pem_private_key(key.private_key, password=None)
+    if not isinstance(private, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+        return False, f"{name}: unsupported private key type"
+    expected = dkim.util.parse_tag_value(_txt_value(private).encode())
+    try:
+        records = await resolver.txt(name)
+    except DnsTempError as exc:
+        return False, f"{name}: DNS lookup failed: {exc}"
+    if not records:
+        return False, f"{name}: no TXT record published"
+    for record in records:
+        try:
+            tags = dkim.util.parse_tag_value(record)
+        except Exception:
+            continue
+        published = re.sub(rb"\s+", b"", tags.get(b"p", b""))
+        if tags.get(b"k", b"rsa") == expected[b"k"] and published == expected[b"p"]:
+            return True, f"{name}: public key matches"
+        if not published and b"p" in tags:
+            return False, f"{name}: key revoked (empty p=)"
+    return False, f"{name}: published key does not match the private key"
