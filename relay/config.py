@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from relay.schema import Errors, IPNetwork, Table, parse_hostport
+from relay.smarthosts import UpstreamSettings, read_upstreams
 
 DEFAULT_LISTEN = "127.0.0.1:2525"
-DEFAULT_UPSTREAM = "127.0.0.1:25"
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
@@ -30,21 +30,6 @@ class ListenerSettings:
     name: str
     host: str
     port: int
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamSettings:
-    name: str
-    hosts: tuple[tuple[str, int], ...] = (parse_hostport(DEFAULT_UPSTREAM),)
-    pool_size: int = 4
-    max_messages_per_connection: int = 100
-    idle_timeout: float = 60.0
-    # A connection idle for longer than this is checked with NOOP before reuse.
-    check_after_idle: float = 5.0
-    connect_timeout: float = 30.0
-    command_timeout: float = 60.0
-    # RFC 5321 section 4.5.3.2.6: a client waits 10 minutes for the final-dot reply.
-    data_timeout: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +122,7 @@ def _read(root: Table, source: str) -> Settings:
         max_recipients=server.integer("max_recipients", base.max_recipients, 1, 100000),
         policies_dir=server.string("policies_dir", base.policies_dir),
         listeners=_read_listeners(root) or base.listeners,
-        upstreams=_read_upstreams(root) or base.upstreams,
+        upstreams=read_upstreams(root) or base.upstreams,
         queue=_read_queue(root.table("queue")),
         log_level=log.string("level", base.log_level, ("debug", "info", "warning", "error")),
         source=source,
@@ -160,37 +145,6 @@ def _read_listeners(root: Table) -> tuple[ListenerSettings, ...]:
         listeners.append(ListenerSettings(name, host, port))
         table.finish()
     return tuple(listeners)
-
-
-def _read_upstreams(root: Table) -> dict[str, UpstreamSettings]:
-    groups = {}
-    for name, table in root.tables("upstream").items():
-        base = UpstreamSettings(name)
-        hosts = []
-        for item in table.strings("hosts", ()):
-            try:
-                hosts.append(parse_hostport(item, default_port=25))
-            except ValueError:
-                table.error("hosts", f'expected "HOST:PORT", got {item!r}')
-        if table.has("hosts") and not table.strings("hosts", ()):
-            table.error("hosts", "must name at least one host")
-        groups[name] = UpstreamSettings(
-            name=name,
-            hosts=tuple(hosts) or base.hosts,
-            pool_size=table.integer("pool_size", base.pool_size, 1, 1000),
-            max_messages_per_connection=table.integer(
-                "max_messages_per_connection", base.max_messages_per_connection, 1, 1_000_000
-            ),
-            idle_timeout=table.duration("idle_timeout", base.idle_timeout),
-            check_after_idle=table.duration("check_after_idle", base.check_after_idle),
-            connect_timeout=table.duration("connect_timeout", base.connect_timeout, low=0.1),
-            command_timeout=table.duration("command_timeout", base.command_timeout, low=0.1),
-            data_timeout=table.duration("data_timeout", base.data_timeout, low=0.1),
-        )
-        table.finish()
-    if groups and "default" not in groups:
-        root.errors.add(f"{root.source}: upstream: a group named \"default\" is required")
-    return groups
 
 
 def _read_queue(table: Table) -> QueueSettings:

@@ -10,8 +10,9 @@ from collections.abc import Callable, Sequence
 
 import aiosmtplib
 
-from relay.config import Settings, UpstreamSettings
+from relay.config import Settings
 from relay.outbound import HostPool, RecipientResult, StaleConnection, transmit
+from relay.smarthosts import UpstreamSettings
 from relay.spool import Outcome, QueuedMessage, Spool
 
 log = logging.getLogger("relay.delivery")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
-from relay.config import UpstreamSettings
+from relay.smarthosts import UpstreamSettings
 
 log = logging.getLogger("relay.outbound")
 
