@@ -32,19 +32,23 @@ Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
 # wins. Next comes "temperror": trying again later may still give a pass, so a rule
 # should be able to defer rather than reject. "policy" (cryptographically valid, but
 # unacceptable to us: l= or From not signed) is a definite non-pass that still proves
-# the signer touched the message; "neutral" is unused by the verifier itself but ranks
-# here. "permerror" (a signature we cannot evaluate: no key, bad key, broken tags) says
+# the signer touched the message; "neutral" marks signatures left unprocessed.
+# "permerror" (a signature we cannot evaluate: no key, bad key, broken tags) says
 # nothing about the message, so it ranks above "fail" (a signature that does not match
 # the message: it was changed after signing).
 _RANK: dict[str, int] = {
     "pass": 0,
     "temperror": 1,
     "policy": 2,
-    "neutral": 3,
+    "neutral": 3,  # only for signatures past MAX_SIGNATURES, which were not processed
     "permerror": 4,
     "fail": 5,
 }
 _ALGORITHMS: frozenset[bytes] = frozenset({b"rsa-sha256", b"ed25519-sha256"})
+# RFC 6376 section 6.1: verifiers may limit how many signatures they try, so a message
+# carrying hundreds of them cannot make us do hundreds of key lookups.
+MAX_SIGNATURES = 10
+_SKIPPED = f"not evaluated: more than {MAX_SIGNATURES} signatures"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,7 @@ class DkimOutcome:
     result: DkimResult
     domain: str = ""
     signatures: tuple[DkimSignatureResult, ...] = ()
+    reason: str = ""  # why, when the message as a whole could not be examined
 
 
 class _KeyUnavailable(Exception):
@@ -113,14 +118,20 @@ async def verify_dkim(
             work = functools.partial(_verify_all, verifier, signatures, keys)
             results = await loop.run_in_executor(executor, work)
     except TimeoutError:
+        why = f"not verified within {timeout:g}s"
+        if not signatures:
+            return DkimOutcome("temperror", reason=why)
         results = [
-            DkimSignatureResult(
-                s.domain, s.selector, "temperror", f"not verified within {timeout:g}s", s.algorithm
-            )
+            DkimSignatureResult(s.domain, s.selector, "temperror", why, s.algorithm)
             for s in signatures
         ]
-        if not results:
-            return DkimOutcome("temperror")
+    except dkim.DKIMException as exc:
+        # The header section cannot be parsed (RFC 5322 syntax), so no signature in it
+        # can be evaluated.
+        return DkimOutcome("permerror", reason=f"unparsable message: {exc}")
+    except Exception as exc:
+        # A failure of ours says nothing about the message: temporary, never "fail".
+        return DkimOutcome("temperror", reason=f"{type(exc).__name__}: {exc}")
     return _outcome(results)
 
 
@@ -157,6 +168,8 @@ def _describe(verifier: Any, index: int) -> _Signature:
         _text(tags.get(b"s", b"")),
         _text(tags.get(b"a", b"")),
     )
+    if index >= MAX_SIGNATURES:
+        return _Signature(index, domain, selector, algorithm, _SKIPPED)
     try:
         # Tag syntax, required tags, t=/x= (RFC 6376 section 6.1.1): a bad header is
         # PERMFAIL, i.e. permerror.
@@ -183,6 +196,9 @@ def _verify_one(verifier: Any, sig: _Signature, key: _KeyRecord) -> DkimSignatur
     def result(value: DkimResult, reason: str = "") -> DkimSignatureResult:
         return DkimSignatureResult(sig.domain, sig.selector, value, reason, sig.algorithm)
 
+    if sig.problem == _SKIPPED:
+        # RFC 8601 section 2.7.1: "neutral", the signature could not be processed.
+        return result("neutral", sig.problem)
     if sig.problem:
         return result("permerror", sig.problem)
     if isinstance(key, DnsTempError):
@@ -260,7 +276,8 @@ def authentication_results_header(
         resinfos.append(f"spf={spf.result}{_reason(spf)} {ptype}={_pvalue(identity)}")
     if dkim_outcome is not None:
         if not dkim_outcome.signatures:
-            resinfos.append(f"dkim={dkim_outcome.result}")
+            reason = f" reason={_quoted(dkim_outcome.reason)}" if dkim_outcome.reason else ""
+            resinfos.append(f"dkim={dkim_outcome.result}{reason}")
         for sig in dkim_outcome.signatures:
             props = f"header.d={_pvalue(sig.domain)} header.s={_pvalue(sig.selector)}"
             if sig.algorithm:

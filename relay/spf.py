@@ -106,6 +106,10 @@ async def check_spf(
     null_sender = sender in ("", "<>")
     identity: SpfIdentity = "helo" if null_sender else "mailfrom"
     checked = f"postmaster@{helo}" if null_sender else sender
+    if not _is_domain_name(checked.rpartition("@")[2]):
+        # RFC 7208 section 4.3: a malformed or single-label domain (an address literal
+        # too) gives "none" without any lookup.
+        return SpfOutcome("none", "no valid domain to check", identity, checked)
     loop = asyncio.get_running_loop()
     work = functools.partial(
         _evaluate, _pyspf_lookup(resolver), ip, "" if null_sender else sender, helo, timeout
@@ -123,6 +127,16 @@ async def check_spf(
         return SpfOutcome("temperror", _clean(f"unexpected result {result!r}"), identity, checked)
     spf_result: SpfResult = result  # type: ignore[assignment]
     return SpfOutcome(spf_result, _clean(explanation), identity, checked)
+
+
+def _is_domain_name(domain: str) -> bool:
+    labels = domain.rstrip(".").split(".")
+    return (
+        len(labels) >= 2
+        and len(domain) <= 253
+        and all(0 < len(label) <= 63 for label in labels)
+        and not _NOT_IN_NAME.search(domain)
+    )
 
 
 def _evaluate(
@@ -143,6 +157,7 @@ def _evaluate(
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NOT_IN_NAME = re.compile(r"[\x00-\x20\x7f\[\]@()<>,;:\\\"]")
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 
 _COMMENTS: dict[str, str] = {

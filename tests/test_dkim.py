@@ -18,6 +18,7 @@ from dnsserver import DnsServer, TxtValue, dnsmasq, split_txt
 
 from relay.dkim import (
     DEFAULT_SIGNED_HEADERS,
+    MAX_SIGNATURES,
     DkimOutcome,
     DkimSignatureResult,
     SigningKey,
@@ -233,6 +234,14 @@ async def test_temperror_outranks_fail_and_pass_outranks_all(server: DnsServer, 
     assert [s.result for s in outcome.signatures] == ["permerror", "pass"]
 
 
+async def test_signatures_past_the_limit_are_not_evaluated(server: DnsServer, keys: Keys) -> None:
+    header = sign(MESSAGE, [keys.unpublished], DEFAULT_SIGNED_HEADERS)
+    message = header * MAX_SIGNATURES + sign(MESSAGE, [keys.ed25519], ["from"]) + MESSAGE
+    outcome = await verify(server, message)
+    assert outcome.result == "neutral"
+    assert [s.result for s in outcome.signatures] == ["permerror"] * MAX_SIGNATURES + ["neutral"]
+
+
 async def test_key_wait_does_not_block_event_loop(server: DnsServer, keys: Keys) -> None:
     ticks = 0
 
@@ -302,6 +311,14 @@ async def test_malformed_signature_header_is_permerror(server: DnsServer) -> Non
     outcome = await verify(server, message)
     assert outcome.result == "permerror"
     assert outcome.signatures[0].domain == DOMAIN
+
+
+async def test_unparsable_header_section_is_permerror(server: DnsServer) -> None:
+    outcome = await verify(server, b"no colon here\r\n" + MESSAGE)
+    assert outcome.result == "permerror"
+    assert "unparsable" in outcome.reason
+    header = authentication_results_header("relay.test", None, outcome)
+    assert header.startswith('Authentication-Results: relay.test;\r\n\tdkim=permerror reason="')
 
 
 async def test_rsa_sha1_is_permerror(server: DnsServer, keys: Keys) -> None:

@@ -67,6 +67,14 @@ async def test_spf_result_for_sender_domain(server: DnsServer, domain: str, resu
     assert outcome.envelope_from == f"app@{domain}"
 
 
+@pytest.mark.parametrize(
+    "sender", ["app@[127.0.0.1]", "app@localhost", "app@" + "a" * 64 + ".test", "app@bad..test"]
+)
+async def test_spf_none_for_sender_without_checkable_domain(server: DnsServer, sender: str) -> None:
+    outcome = await spf_for(server, sender)
+    assert (outcome.result, outcome.explanation) == ("none", "no valid domain to check")
+
+
 async def test_spf_permerror_past_ten_lookups(server: DnsServer) -> None:
     outcome = await spf_for(server, "app@many.test")
     assert outcome.result == "permerror"
