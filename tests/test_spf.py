@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import spf
 from dnsserver import DnsServer, dnsmasq
 
 from relay.dns import DnsSettings, Resolver
@@ -181,3 +183,25 @@ def test_received_spf_header_strips_control_characters_and_quotes() -> None:
     assert '\thelo="evil; x=y";' in lines
     assert '\tenvelope-from="postmaster@e\\"vil";' in lines
     assert '\tproblem="bad (record)X-Evil: 1";' in lines
+
+
+async def test_bounded_executor_serves_each_check_its_resolver(server: DnsServer) -> None:
+    with (
+        ThreadPoolExecutor(max_workers=1) as pool,
+        dnsmasq({"pass.test": "v=spf1 -all"}) as other,
+    ):
+        results = [
+            await check_spf(
+                resolver_for(srv), CLIENT, "a@pass.test", "h", timeout=5.0, executor=pool
+            )
+            for srv in (server, other, server)
+        ]
+    assert [o.result for o in results] == ["pass", "fail", "pass"]
+
+
+def test_pyspf_outside_a_check_never_uses_the_system_resolver() -> None:
+    # relay.spf replaced pyspf's global lookup; unbound, it refuses instead of falling
+    # back to /etc/resolv.conf with search domains.
+    result, _code, explanation = spf.query(i=CLIENT, s="a@pass.test", h="h.test").check()
+    assert result == "temperror"
+    assert "no resolver bound" in explanation
