@@ -1,0 +1,497 @@
+"""Evaluation of a Policy at one SMTP stage: which rule decides, and what the client hears.
+
+How a stage is evaluated
+------------------------
+The rules form ONE ordered list. At every stage (connect, helo, mail, rcpt, data) the
+engine walks that list from the top. For each rule:
+
+* every field known by now (see FIELDS in rules.py): the rule is tested; the first
+  matching *terminal* rule (accept, reject, tempfail/defer, hold, discard) decides. Matching
+  non-terminal rules on the way contribute headers (tag), an upstream group (route: the
+  first matching route rule wins) and "would ..." records (log), and the walk goes on.
+* some field not known yet (the rule is *pending*): its known conditions are tested first;
+  if one already fails (or a known `unless` condition already matches) the rule can never
+  match in this transaction and is passed over. Otherwise:
+    - a pending rule that would *take* the message (accept, hold, discard) stops the walk:
+      the result is "continue" (undecided so far), because refusing now could refuse mail
+      that the full walk would take;
+    - a pending reject/tempfail, tag, route or log rule is passed over for now: it is tested
+      in the walk at DATA, which may still refuse the message. Refusing early because a
+      rule *below* a pending refusal matched is safe: the message is refused either way
+      (the reply then comes from the rule that decided at this stage).
+* the walk reaching the end: at connect/helo/mail the result is "continue"; at rcpt and
+  data the policy's final_action applies (shipped: reject with
+  "554 5.7.1 <{recipient}>: Relay access denied"). That is what keeps the relay closed by
+  default: a client that matches no accepting rule is refused at its first RCPT.
+
+The engine keeps no state between stages: each call walks again with the facts known by
+then, so a rule that decided at MAIL (say "accept" for an app-server network) is found
+again, and decides again, at every later stage. Consequences:
+
+* rcpt: the walk runs once per recipient with `facts.recipient` set; `recipient_count`
+  counts the recipients accepted so far (`facts.recipients`) plus this one.
+* data: the final walk, with everything known, decides for the whole message and carries
+  the complete add_headers and route. A recipient condition (recipient,
+  recipient_domain) matches at DATA when ANY accepted recipient matches;
+  `recipient_count` is the number of accepted recipients. `{recipient}` in a reply at
+  DATA is the first recipient.
+* delay_reject (Policy.delay_reject, default true): evaluate returns the real decision at
+  every stage; a caller that sees reject/tempfail at connect/helo/mail answers that command
+  normally and lets the walk at RCPT, which finds the same rule again, give the refusal,
+  so the log line names the recipient (Postfix smtpd_delay_reject).
+* size: a size rule is known at MAIL only if the client declared SIZE=; otherwise it is
+  pending until DATA, where the real size counts.
+
+Checks (SPF, DKIM, limits) are awaited only when a rule needing them is reached and its
+cheap conditions already match. The caller's Checks object caches each per transaction
+(the data walk asks again). A limit is asked again at every later stage too: answer from
+the per-transaction cache, and do not charge the bucket twice.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+from relay.policy.match import (
+    AddressMatcher,
+    ChoiceMatcher,
+    DomainMatcher,
+    IPAddress,
+    NetworkMatcher,
+    NumberMatcher,
+    TextMatcher,
+)
+from relay.policy.rules import DATA, RCPT, STAGES, Condition, Policy, Rule, Stage
+from relay.replies import Reply
+
+_STAGE_INDEX = {name: index for index, name in enumerate(STAGES)}
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What is known about the session and transaction when a stage is evaluated.
+
+    sender: None = not known yet, "" = the null sender. recipient: the recipient being
+    decided at rcpt. recipients: at rcpt those accepted before this one; at data all
+    accepted ones. size: the SIZE= declared at MAIL (None if not declared), the real size at
+    data. headers: (name, decoded value) pairs at data, in message order.
+    """
+
+    client_address: str
+    listener: str = ""
+    helo_name: str = ""
+    sasl_username: str = ""
+    sender: str | None = None
+    recipient: str | None = None
+    recipients: tuple[str, ...] = ()
+    size: int | None = None
+    headers: tuple[tuple[str, str], ...] | None = None
+    tls: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one walk.
+
+    action: accept, reject, tempfail, hold, discard, or continue (nothing terminal decided at
+    this stage). reply: what the client should hear for reject/tempfail; for accept/hold/
+    discard only a rule's custom 2xx `message` (meant for the end-of-DATA reply), else None.
+    rule: the deciding rule's name, "final_action", or "" for continue.
+    """
+
+    action: str
+    reply: Reply | None
+    rule: str
+    add_headers: tuple[tuple[str, str], ...] = ()
+    route: str | None = None
+    would: tuple[tuple[str, str], ...] = ()
+    trace: tuple[str, ...] = ()
+
+    @property
+    def refused(self) -> bool:
+        return self.action in ("reject", "tempfail")
+
+
+class Checks(Protocol):
+    """The lazy checks a walk may need; the caller runs each at most once per transaction."""
+
+    async def spf(self) -> str: ...
+
+    async def dkim(self) -> tuple[str, str]: ...
+
+    async def over_limit(self, name: str) -> tuple[bool, float]: ...
+
+
+class StaticChecks:
+    """Fixed check results, for dry runs and tests. `calls` records what was asked."""
+
+    __slots__ = ("_dkim", "_over_limits", "_retry_after", "_spf", "calls")
+
+    def __init__(
+        self,
+        spf: str = "none",
+        dkim: tuple[str, str] = ("none", ""),
+        over_limits: frozenset[str] = frozenset(),
+        retry_after: float = 60.0,
+    ) -> None:
+        self._spf = spf
+        self._dkim = dkim
+        self._over_limits = over_limits
+        self._retry_after = retry_after
+        self.calls: list[str] = []
+
+    async def spf(self) -> str:
+        self.calls.append("spf")
+        return self._spf
+
+    async def dkim(self) -> tuple[str, str]:
+        self.calls.append("dkim")
+        return self._dkim
+
+    async def over_limit(self, name: str) -> tuple[bool, float]:
+        self.calls.append(f"over_limit:{name}")
+        over = name in self._over_limits
+        return over, self._retry_after if over else 0.0
+
+
+class _Context:
+    """One walk's view of the facts, with the values derived from them computed once."""
+
+    __slots__ = (
+        "_dkim",
+        "_headers",
+        "_ip",
+        "_limits",
+        "_spf",
+        "checks",
+        "facts",
+        "recipients",
+        "stage",
+    )
+
+    def __init__(self, facts: Facts, stage: int, checks: Checks) -> None:
+        self.facts = facts
+        self.stage = stage
+        self.checks = checks
+        if stage == RCPT:
+            self.recipients: tuple[str, ...] = (
+                (facts.recipient,) if facts.recipient is not None else ()
+            )
+        else:
+            self.recipients = facts.recipients if stage > RCPT else ()
+        self._ip: IPAddress | bool | None = False  # False = not parsed yet
+        self._spf: str | None = None
+        self._dkim: tuple[str, str] | None = None
+        self._limits: dict[str, tuple[bool, float]] | None = None
+        self._headers: dict[str, list[str]] | None = None
+
+    @property
+    def ip(self) -> IPAddress | None:
+        if self._ip is False:
+            try:
+                ip = ipaddress.ip_address(self.facts.client_address.strip())
+            except ValueError:
+                ip = None  # "unix:" or garbage: matches no network
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped  # ::ffff:192.0.2.1 is 192.0.2.1
+            self._ip = ip
+        return self._ip if not isinstance(self._ip, bool) else None
+
+    @property
+    def sender(self) -> str:
+        return self.facts.sender or ""
+
+    @property
+    def recipient_count(self) -> int:
+        return len(self.facts.recipients) + (1 if self.stage == RCPT else 0)
+
+    @property
+    def size(self) -> int:
+        return self.facts.size or 0
+
+    def headers(self, name: str) -> list[str]:
+        if self._headers is None:
+            table: dict[str, list[str]] = {}
+            for header, value in self.facts.headers or ():
+                table.setdefault(header.lower(), []).append(value)
+            self._headers = table
+        return self._headers.get(name, [])
+
+    def known(self, cond: Condition) -> bool:
+        if cond.stage > self.stage:
+            return False
+        # A size before DATA is only known when the client declared SIZE= at MAIL FROM.
+        return cond.field != "size" or self.stage >= DATA or self.facts.size is not None
+
+    async def spf(self) -> str:
+        if self._spf is None:
+            self._spf = (await self.checks.spf()).lower()
+        return self._spf
+
+    async def dkim(self) -> tuple[str, str]:
+        if self._dkim is None:
+            result, domain = await self.checks.dkim()
+            self._dkim = (result.lower(), domain.lower())
+        return self._dkim
+
+    async def over_limit(self, name: str) -> tuple[bool, float]:
+        if self._limits is None:
+            self._limits = {}
+        if name not in self._limits:
+            self._limits[name] = await self.checks.over_limit(name)
+        return self._limits[name]
+
+
+def _sender_domain(sender: str) -> str:
+    return sender.rpartition("@")[2] if "@" in sender else ""
+
+
+def _test(cond: Condition, ctx: _Context) -> bool:
+    """A cheap (synchronous) condition."""
+    field, m = cond.field, cond.matcher
+    if isinstance(m, NetworkMatcher):
+        return m.matches(ctx.ip)
+    if isinstance(m, AddressMatcher):
+        if field == "sender":
+            return m.matches(ctx.sender)
+        return any(m.matches(r) for r in ctx.recipients)
+    if isinstance(m, DomainMatcher):
+        if field == "sender_domain":
+            return m.matches(_sender_domain(ctx.sender))
+        return any(m.matches(_sender_domain(r)) for r in ctx.recipients)
+    if isinstance(m, TextMatcher):
+        if field == "header":
+            return any(m.matches(v) for v in ctx.headers(cond.arg))
+        if field == "helo_name":
+            return m.matches(ctx.facts.helo_name)
+        if field == "listener":
+            return m.matches(ctx.facts.listener)
+        return m.matches(ctx.facts.sasl_username)
+    if isinstance(m, NumberMatcher):
+        return m.matches(ctx.size if field == "size" else ctx.recipient_count)
+    if isinstance(m, ChoiceMatcher):  # tls; spf and dkim are lazy
+        return m.matches(ctx.facts.tls)
+    raise AssertionError(f"no test for {field}")
+
+
+async def _test_lazy(cond: Condition, ctx: _Context) -> bool:
+    if cond.field == "over_limit":
+        return (await ctx.over_limit(cond.arg))[0]
+    m = cond.matcher
+    if cond.field == "spf":
+        assert isinstance(m, ChoiceMatcher)
+        return m.matches(await ctx.spf())
+    result, domain = await ctx.dkim()
+    if cond.field == "dkim":
+        assert isinstance(m, ChoiceMatcher)
+        return m.matches(result)
+    assert isinstance(m, DomainMatcher)
+    return bool(domain) and m.matches(domain)
+
+
+async def _judge(rule: Rule, ctx: _Context, known_only: bool) -> Condition | None:
+    """The condition that stops `rule` from matching, or None.
+
+    With known_only, conditions on fields not known yet are left out (they might match).
+    A returned `unless` condition is one that matched.
+    """
+    for cond in rule.match:
+        if known_only and not ctx.known(cond):
+            continue
+        if not (await _test_lazy(cond, ctx) if cond.lazy else _test(cond, ctx)):
+            return cond
+    for cond in rule.unless:
+        if known_only and not ctx.known(cond):
+            continue
+        if await _test_lazy(cond, ctx) if cond.lazy else _test(cond, ctx):
+            return cond
+    return None
+
+
+def _pending(rule: Rule, ctx: _Context) -> Condition | None:
+    """The first condition of `rule` not known at this stage, or None."""
+    if rule.stage <= ctx.stage and (
+        not rule.sized or ctx.stage >= DATA or ctx.facts.size is not None
+    ):
+        return None
+    for cond in (*rule.match, *rule.unless):
+        if not ctx.known(cond):
+            return cond
+    return None
+
+
+def _clean(value: str) -> str:
+    # Interpolated values come from the client; a CR or LF must not split a reply or header.
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else "?" for c in value)
+
+
+async def _values(fields: frozenset[str], ctx: _Context, rule: Rule | None) -> dict[str, str]:
+    facts = ctx.facts
+    values: dict[str, str] = {}
+    first = ctx.recipients[0] if ctx.recipients else ""
+    for field in fields:
+        if field == "spf":
+            value = await ctx.spf()
+        elif field in ("dkim", "dkim_domain"):
+            result, domain = await ctx.dkim()
+            value = result if field == "dkim" else domain
+        elif field == "retry_after":
+            limit = rule.over_limit if rule is not None else None
+            seconds = (await ctx.over_limit(limit))[1] if limit else 0.0
+            value = str(math.ceil(seconds)) if math.isfinite(seconds) else "later"
+        elif field == "rule":
+            value = rule.name if rule is not None else "final_action"
+        elif field == "sender":
+            value = ctx.sender
+        elif field == "sender_domain":
+            value = _sender_domain(ctx.sender)
+        elif field == "recipient":
+            value = first
+        elif field == "recipient_domain":
+            value = _sender_domain(first)
+        elif field == "recipient_count":
+            value = str(ctx.recipient_count)
+        elif field == "size":
+            value = str(ctx.size)
+        elif field == "tls":
+            value = "yes" if facts.tls else "no"
+        else:
+            value = str(getattr(facts, field))
+        values[field] = _clean(value)
+    return values
+
+
+def _subject(cond: Condition, ctx: _Context) -> str:
+    """The value a condition was tested against, for traces (checks are cached by now)."""
+    field = cond.field
+    if field in ("recipient", "recipient_domain"):
+        values = [r if field == "recipient" else _sender_domain(r) for r in ctx.recipients]
+        return values[0] if len(values) == 1 else "any of " + ", ".join(values)
+    if field == "header":
+        found = ctx.headers(cond.arg)
+        return " | ".join(found) if found else "(no such header)"
+    if field == "sender":
+        return ctx.sender or "<>"
+    if field == "sender_domain":
+        return _sender_domain(ctx.sender) or '""'
+    if field == "recipient_count":
+        return str(ctx.recipient_count)
+    if field == "size":
+        return str(ctx.size)
+    if field == "tls":
+        return "true" if ctx.facts.tls else "false"
+    if field == "spf":
+        return ctx._spf or ""
+    if field in ("dkim", "dkim_domain"):
+        result, domain = ctx._dkim or ("", "")
+        return result if field == "dkim" else domain or '""'
+    if field == "over_limit":
+        over = (ctx._limits or {}).get(cond.arg, (False, 0.0))[0]
+        return "over" if over else "not over"
+    return str(getattr(ctx.facts, field)) or '""'
+
+
+def _why(cond: Condition, ctx: _Context) -> str:
+    if cond.field == "over_limit":
+        return f"over_limit {cond.spec}: not over"
+    if cond.key.startswith("unless."):
+        return f"{cond.key}: {_subject(cond, ctx)} matches {cond.spec}"
+    return f"{cond.key}: {_subject(cond, ctx)} does not match {cond.spec}"
+
+
+async def evaluate(
+    policy: Policy, stage: Stage, facts: Facts, checks: Checks, *, trace: bool = False
+) -> Decision:
+    """Walk `policy` at `stage` (see the module docstring). With trace, say why per rule."""
+    ctx = _Context(facts, _STAGE_INDEX[stage], checks)
+    lines: list[str] | None = [] if trace else None
+    headers: list[tuple[str, str]] | None = None
+    would: list[tuple[str, str]] | None = None
+    route: str | None = None
+
+    def decision(action: str, reply: Reply | None, rule: str) -> Decision:
+        return Decision(
+            action,
+            reply,
+            rule,
+            tuple(headers) if headers else (),
+            route,
+            tuple(would) if would else (),
+            tuple(lines) if lines else (),
+        )
+
+    for rule in policy.rules:
+        label = f'rule "{rule.name}" [{rule.action}]' if lines is not None else ""
+        waiting = _pending(rule, ctx)
+        if waiting is not None:
+            if not rule.accepting:
+                if lines is not None:
+                    lines.append(f"{label}: not yet known: {waiting.key} (tested at data)")
+                continue
+            blocker = await _judge(rule, ctx, known_only=True)
+            if blocker is not None:
+                if lines is not None:
+                    lines.append(f"{label}: cannot match: {_why(blocker, ctx)}")
+                continue
+            if lines is not None:
+                lines.append(
+                    f"{label}: might still match, needs {waiting.key}: "
+                    f"decision waits for {STAGES[waiting.stage]}"
+                )
+            return decision("continue", None, "")
+
+        blocker = await _judge(rule, ctx, known_only=False)
+        if blocker is not None:
+            if lines is not None:
+                lines.append(f"{label}: no match: {_why(blocker, ctx)}")
+            continue
+
+        if rule.terminal:
+            reply = None
+            if rule.reply is not None:
+                values = await _values(rule.reply.text.fields, ctx, rule)
+                reply = rule.reply.render(values)
+            if lines is not None:
+                lines.append(f"{label}: matched" + (f": {reply}" if reply else ""))
+            return decision(rule.action, reply, rule.name)
+
+        if rule.action == "tag":
+            headers = headers if headers is not None else []
+            for name, template in rule.add_headers:
+                headers.append((name, template.render(await _values(template.fields, ctx, rule))))
+            if lines is not None:
+                added = ", ".join(f"{n}: {v}" for n, v in headers[-len(rule.add_headers) :])
+                lines.append(f"{label}: matched, adds {added}")
+        elif rule.action == "route":
+            if lines is not None:
+                note = "" if route is None else f" (ignored: route {route!r} already chosen)"
+                lines.append(f"{label}: matched, route {rule.route}{note}")
+            route = route if route is not None else rule.route
+        else:  # log: the rollout mode, record what the rule would have done and go on
+            text = f"would {rule.log_action}"
+            if rule.reply is not None:
+                text += f": {rule.reply.render(await _values(rule.reply.text.fields, ctx, rule))}"
+            would = would if would is not None else []
+            would.append((rule.name, text))
+            if lines is not None:
+                lines.append(f"{label}: matched, {text} (log only)")
+
+    if ctx.stage < RCPT:
+        if lines is not None:
+            lines.append("no terminal rule matched: continue")
+        return decision("continue", None, "")
+    reply = None
+    if policy.final_reply is not None:
+        values = await _values(policy.final_reply.text.fields, ctx, None)
+        reply = policy.final_reply.render(values)
+    if lines is not None:
+        lines.append(
+            f"no terminal rule matched: final_action {policy.final_action}"
+            + (f": {reply}" if reply else "")
+        )
+    return decision(policy.final_action, reply, "final_action")
