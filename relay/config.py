@@ -10,10 +10,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from relay.listeners import DEFAULT_LISTEN, ListenerSettings, read_listeners
 from relay.schema import Errors, IPNetwork, Table, parse_hostport
 from relay.smarthosts import UpstreamSettings, read_upstreams
 
-DEFAULT_LISTEN = "127.0.0.1:2525"
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
@@ -23,13 +23,6 @@ class ConfigError(Exception):
     def __init__(self, messages: list[str]) -> None:
         super().__init__("\n".join(messages))
         self.messages = messages
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerSettings:
-    name: str
-    host: str
-    port: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +114,7 @@ def _read(root: Table, source: str) -> Settings:
         max_message_size=server.size("max_message_size", base.max_message_size, low=1024),
         max_recipients=server.integer("max_recipients", base.max_recipients, 1, 100000),
         policies_dir=server.string("policies_dir", base.policies_dir),
-        listeners=_read_listeners(root) or base.listeners,
+        listeners=read_listeners(root) or base.listeners,
         upstreams=read_upstreams(root) or base.upstreams,
         queue=_read_queue(root.table("queue")),
         log_level=log.string("level", base.log_level, ("debug", "info", "warning", "error")),
@@ -131,20 +124,6 @@ def _read(root: Table, source: str) -> Settings:
     log.finish()
     root.finish()
     return settings
-
-
-def _read_listeners(root: Table) -> tuple[ListenerSettings, ...]:
-    listeners = []
-    for name, table in root.tables("listener").items():
-        address = table.string("address", DEFAULT_LISTEN)
-        try:
-            host, port = parse_hostport(address)
-        except ValueError:
-            table.error("address", f'expected "ADDRESS:PORT", got {address!r}')
-            host, port = parse_hostport(DEFAULT_LISTEN)
-        listeners.append(ListenerSettings(name, host, port))
-        table.finish()
-    return tuple(listeners)
 
 
 def _read_queue(table: Table) -> QueueSettings:

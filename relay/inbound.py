@@ -14,7 +14,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay import replies
 from relay.address import problem
-from relay.config import ListenerSettings, Settings
+from relay.config import Settings
+from relay.listeners import ListenerSettings
 from relay.replies import Reply
 from relay.spool import Envelope as StoredEnvelope
 from relay.spool import Spool, new_queue_id
