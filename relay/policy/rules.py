@@ -221,7 +221,12 @@ class _Loader:
                 self.warnings.append(f"{source}: limit.{name}: not used by any rule")
         self.warn_unreachable(rules)
         if self.errors:
-            raise ConfigError(self.errors.messages)
+            # In file order (limits, lists and defaults are checked after all files are read).
+            order = {source: index for index, source in enumerate(files)}
+            messages = self.errors.messages
+            raise ConfigError(
+                sorted(messages, key=lambda m: order.get(m.split(": ", 1)[0], len(order)))
+            )
         return Policy(
             rules=tuple(rules),
             lists={
@@ -526,7 +531,10 @@ class _Loader:
             if isinstance(item, str) and item.startswith("@") and field != "header":
                 name = item[1:]
                 if name not in self.lists:
-                    t.error(key, f'unknown list "{item}"')
+                    hint = ""
+                    if "." in name and field in ("sender", "recipient"):
+                        hint = f' (for every address in a domain write "*{item}")'
+                    t.error(key, f'unknown list "{item}"{hint}')
                     ok = False
                     continue
                 self.used_lists.add(name)
