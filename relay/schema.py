@@ -178,6 +178,18 @@ class Table:
             raw = {}
         return Table(raw, self.key(name), self.source, self.errors)
 
+    def table_list(self, name: str) -> list[Table]:
+        """The entries of an array of tables ([[dkim.key]] ...), each named `name[i]`."""
+        self._seen.add(name)
+        raw = self.data.get(name, [])
+        if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+            self.error(name, f"expected [[{self.key(name)}]] tables, got {raw!r}")
+            return []
+        return [
+            Table(item, f"{self.key(name)}[{index}]", self.source, self.errors)
+            for index, item in enumerate(raw)
+        ]
+
     def tables(self, name: str) -> dict[str, Table]:
         """The named sub-tables of `name` ([upstream.default], [upstream.bulk], ...)."""
         outer = self.table(name)
