@@ -1,0 +1,271 @@
+"""`policy-relay test`: the stage-by-stage report, its exit status, and case files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from relay.policy import StaticChecks, load_policy
+from relay.policy.dryrun import headers_of, run_cases, run_dry
+
+SHIPPED = Path(__file__).parent.parent / "policies"
+
+POLICY = """
+[[rule]]
+name = "blocked"
+match.client_address = "203.0.113.66"
+action = "reject"
+message = "554 5.7.1 <{recipient}>: Access denied"
+
+[[rule]]
+name = "big"
+match.size = ">1K"
+action = "tempfail"
+message = "452 4.3.1 Too big for now"
+
+[[rule]]
+name = "tag"
+match.dkim = "none"
+action = "tag"
+add_headers = { "X-DKIM" = "{dkim}" }
+
+[[rule]]
+name = "spf-fail"
+match.spf = "fail"
+action = "reject"
+message = "550 5.7.23 SPF check failed for {sender_domain}"
+
+[[rule]]
+name = "invoices"
+match.header."Subject" = "*Rechnung*"
+action = "hold"
+
+[[rule]]
+name = "sink"
+match.recipient_domain = "example.invalid"
+action = "discard"
+
+[[rule]]
+name = "apps"
+match.client_address = "192.0.2.0/24"
+action = "accept"
+"""
+
+
+def policy_dir(tmp_path: Path, delay_reject: bool = True) -> Path:
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    defaults = "" if delay_reject else "[defaults]\ndelay_reject = false\n"
+    (directory / "10-test.toml").write_text(defaults + POLICY)
+    return directory
+
+
+def test_stranger_gets_relay_access_denied_at_rcpt_and_exit_5() -> None:
+    text, status = run_dry(
+        load_policy(SHIPPED),
+        client_address="203.0.113.9",
+        helo="app1",
+        sender="a@example.com",
+        recipients=["b@example.net"],
+    )
+    assert status == 5
+    loopback = (
+        '  rule "loopback" [accept]: no match: '
+        'match.client_address: 203.0.113.9 does not match "@loopback"'
+    )
+    apps = 'match.client_address: 203.0.113.9 does not match "@app_servers"'
+    denied = "554 5.7.1 <b@example.net>: Relay access denied"
+    assert text.splitlines() == [
+        "connect client_address=203.0.113.9",
+        loopback,
+        f'  rule "app-servers" [accept]: cannot match: {apps}',
+        "  no terminal rule matched: continue",
+        "  -> continue: 220 ready",
+        "helo app1",
+        loopback,
+        f'  rule "app-servers" [accept]: cannot match: {apps}',
+        "  no terminal rule matched: continue",
+        "  -> continue: 250 Ok",
+        "mail from=<a@example.com>",
+        loopback,
+        f'  rule "app-servers" [accept]: no match: {apps}',
+        "  no terminal rule matched: continue",
+        "  -> continue: 250 2.1.0 Ok",
+        "rcpt to=<b@example.net>",
+        loopback,
+        f'  rule "app-servers" [accept]: no match: {apps}',
+        f"  no terminal rule matched: final_action reject: {denied}",
+        f"  -> reject (rule final_action): {denied}",
+        "no recipient accepted: no DATA",
+        f"result: reject (rule final_action): client sees {denied}",
+    ]
+
+
+def test_loopback_relays_with_exit_0() -> None:
+    text, status = run_dry(
+        load_policy(SHIPPED), client_address="::1", sender="<>", recipients=["b@example.net"]
+    )
+    assert status == 0
+    assert text.endswith("result: accept (rule loopback): client sees 250 2.0.0 Ok: queued\n")
+
+
+def test_declared_size_tempfails_with_exit_4(tmp_path: Path) -> None:
+    text, status = run_dry(
+        load_policy(policy_dir(tmp_path)),
+        client_address="192.0.2.1",
+        sender="a@example.com",
+        recipients=["b@example.net"],
+        message=b"Subject: x\r\n\r\n" + b"x" * 2000,
+    )
+    assert status == 4
+    assert "mail from=<a@example.com> SIZE=2014\n" in text
+    assert "  -> tempfail (rule big), delayed to RCPT\n" in text
+    assert text.endswith("result: tempfail (rule big): client sees 452 4.3.1 Too big for now\n")
+
+
+def test_without_delay_reject_a_connect_reject_ends_the_session(tmp_path: Path) -> None:
+    text, status = run_dry(
+        load_policy(policy_dir(tmp_path, delay_reject=False)),
+        client_address="203.0.113.66",
+        sender="a@example.com",
+        recipients=["b@example.net"],
+    )
+    assert status == 5
+    assert "helo" not in text
+    assert text.endswith(
+        "  -> reject (rule blocked): 554 5.7.1 <>: Access denied\n"
+        "result: reject (rule blocked): client sees 554 5.7.1 <>: Access denied\n"
+    )
+
+
+def test_message_headers_are_decoded_for_matching_and_hold_exits_0(tmp_path: Path) -> None:
+    message = b"Subject: =?utf-8?q?Ihre_Rechnung?=\r\nFrom: a@example.com\r\n\r\nbody\r\n"
+    assert headers_of(message) == (("Subject", "Ihre Rechnung"), ("From", "a@example.com"))
+    text, status = run_dry(
+        load_policy(policy_dir(tmp_path)),
+        client_address="192.0.2.1",
+        sender="a@example.com",
+        recipients=["b@example.net"],
+        message=message,
+    )
+    assert status == 0
+    assert '  rule "invoices" [hold]: matched\n' in text
+    assert "  adds header X-DKIM: none\n" in text
+    assert text.endswith("result: hold (rule invoices): client sees 250 2.0.0 Ok: queued\n")
+
+
+def test_checks_given_on_the_command_line_decide(tmp_path: Path) -> None:
+    text, status = run_dry(
+        load_policy(policy_dir(tmp_path)),
+        client_address="192.0.2.1",
+        sender="a@example.com",
+        recipients=["b@example.net", "c@example.org"],
+        checks=StaticChecks(spf="fail"),
+    )
+    assert status == 5
+    assert "  -> reject (rule spf-fail), delayed to RCPT\n" in text
+    reply = "550 5.7.23 SPF check failed for example.com"
+    assert text.count(f"  -> reject (rule spf-fail): {reply}\n") == 2  # once per recipient
+
+
+def test_partly_refused_recipients_still_deliver_to_the_rest(tmp_path: Path) -> None:
+    (tmp_path / "10.toml").write_text(
+        '[[rule]]\nname = "ok"\nmatch.recipient_domain = "example.net"\naction = "accept"\n'
+    )
+    text, status = run_dry(
+        load_policy(tmp_path),
+        client_address="192.0.2.1",
+        sender="a@example.com",
+        recipients=["x@example.org", "b@example.net"],
+    )
+    assert status == 0
+    assert (
+        "  -> reject (rule final_action): 554 5.7.1 <x@example.org>: Relay access denied\n" in text
+    )
+    assert "data size=0 headers=0\n" in text
+
+
+CASES = """
+[[case]]
+name = "app server relays"
+client_address = "192.0.2.5"
+from = "app@example.com"
+to = ["user@example.net"]
+expect = "accept"
+expect_rule = "apps"
+
+[[case]]
+name = "newsletter is discarded"
+client_address = "192.0.2.5"
+from = "app@example.com"
+to = ["user@example.invalid"]
+expect = "discard"
+
+[[case]]
+name = "spf fail"
+client_address = "192.0.2.5"
+from = "app@example.com"
+to = ["user@example.net"]
+spf = "fail"
+expect = "reject"
+expect_code = 550
+
+[[case]]
+name = "invoice"
+client_address = "192.0.2.5"
+from = "app@example.com"
+to = ["user@example.net"]
+message = "invoice.eml"
+expect = "hold"
+"""
+
+
+def test_cases_file_all_pass(tmp_path: Path) -> None:
+    (tmp_path / "cases.toml").write_text(CASES)
+    (tmp_path / "invoice.eml").write_bytes(b"Subject: Rechnung 7\r\n\r\nx\r\n")
+    text, status = run_cases(load_policy(policy_dir(tmp_path)), tmp_path / "cases.toml")
+    assert (text, status) == (
+        "ok   app server relays: accept (rule apps): 250\n"
+        "ok   newsletter is discarded: discard (rule sink): 250\n"
+        "ok   spf fail: reject (rule spf-fail): 550 5.7.23 SPF check failed for example.com\n"
+        "ok   invoice: hold (rule invoices): 250\n"
+        "4 cases, 4 passed, 0 failed\n",
+        0,
+    )
+
+
+def test_cases_file_reports_failures_with_the_trace(tmp_path: Path) -> None:
+    (tmp_path / "cases.toml").write_text(
+        '[[case]]\nname = "stranger"\nclient_address = "203.0.113.1"\nfrom = "a@b.example"\n'
+        'to = ["c@d.example"]\nexpect = "accept"\n'
+        '[[case]]\nname = "code"\nclient_address = "203.0.113.1"\nfrom = "<>"\n'
+        'to = ["c@d.example"]\nexpect = "reject"\nexpect_code = 550\n'
+    )
+    text, status = run_cases(load_policy(SHIPPED), tmp_path / "cases.toml")
+    assert status == 1
+    lines = text.splitlines()
+    assert lines[0] == (
+        "FAIL stranger: expected accept, got reject; "
+        "reject (rule final_action): 554 5.7.1 <c@d.example>: Relay access denied"
+    )
+    assert lines[1] == "     connect client_address=203.0.113.1"
+    assert "FAIL code: expected code 550, got 554; reject (rule final_action): " in text
+    assert lines[-1] == "2 cases, 0 passed, 2 failed"
+
+
+def test_cases_file_errors_are_all_reported(tmp_path: Path) -> None:
+    cases = tmp_path / "cases.toml"
+    cases.write_text(
+        '[[case]]\nname = "a"\nclient_address = "192.0.2.1"\nto = "x@y.example"\n'
+        'expect = "bounce"\nspf = "maybe"\nmessage = "missing.eml"\n'
+    )
+    text, status = run_cases(load_policy(SHIPPED), cases)
+    assert status == 1
+    assert text == (
+        f'{cases}: case "a": from: required\n'
+        f'{cases}: case "a": message: cannot read "{tmp_path}/missing.eml": '
+        "No such file or directory\n"
+        f'{cases}: case "a": spf: expected one of pass, fail, softfail, neutral, none, '
+        "temperror, permerror, got 'maybe'\n"
+        f'{cases}: case "a": expect: expected one of accept, reject, tempfail, hold, discard, '
+        "got 'bounce'\n"
+    )
