@@ -75,9 +75,10 @@ def read_check_settings(root: Table) -> CheckSettings:
     dkim.finish()
 
     limits = root.table("ratelimit")
+    results = root.table("authentication_results")
     settings = CheckSettings(
         dns=dns,
-        authserv_id=root.table("authentication_results").string("authserv_id", ""),
+        authserv_id=results.string("authserv_id", ""),
         spf_mode=mode,  # type: ignore[arg-type]
         spf_egress_addresses=egress,
         spf_timeout=spf_timeout,
@@ -92,7 +93,7 @@ def read_check_settings(root: Table) -> CheckSettings:
         ),
     )
     limits.finish()
-    root.table("authentication_results").finish()
+    results.finish()
     return settings
 
 

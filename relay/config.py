@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from relay.checks import CheckSettings, read_check_settings
 from relay.listeners import DEFAULT_LISTEN, ListenerSettings, read_listeners
 from relay.schema import Errors, IPNetwork, Table, parse_hostport
 from relay.smarthosts import UpstreamSettings, read_upstreams
@@ -52,6 +53,7 @@ class Settings:
         default_factory=lambda: {"default": UpstreamSettings("default")}
     )
     queue: QueueSettings = QueueSettings()
+    checks: CheckSettings = field(default_factory=CheckSettings)
     log_level: str = "info"
     source: str = "<embedded defaults>"
 
@@ -121,6 +123,7 @@ def _read(root: Table, source: str) -> Settings:
         listeners=read_listeners(root) or base.listeners,
         upstreams=read_upstreams(root) or base.upstreams,
         queue=_read_queue(root.table("queue")),
+        checks=read_check_settings(root),
         log_level=log.string("level", base.log_level, ("debug", "info", "warning", "error")),
         source=source,
     )
