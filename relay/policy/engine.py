@@ -50,7 +50,6 @@ the per-transaction cache, and do not charge the bucket twice.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -59,10 +58,10 @@ from relay.policy.match import (
     AddressMatcher,
     ChoiceMatcher,
     DomainMatcher,
-    IPAddress,
     NetworkMatcher,
     NumberMatcher,
     TextMatcher,
+    parse_ip,
 )
 from relay.policy.rules import DATA, RCPT, STAGES, Condition, Policy, Rule, Stage
 from relay.replies import Reply
@@ -182,22 +181,16 @@ class _Context:
             )
         else:
             self.recipients = facts.recipients if stage > RCPT else ()
-        self._ip: IPAddress | bool | None = False  # False = not parsed yet
+        self._ip: tuple[int, int] | bool | None = False  # False = not parsed yet
         self._spf: str | None = None
         self._dkim: tuple[str, str] | None = None
         self._limits: dict[str, tuple[bool, float]] | None = None
         self._headers: dict[str, list[str]] | None = None
 
     @property
-    def ip(self) -> IPAddress | None:
+    def ip(self) -> tuple[int, int] | None:
         if self._ip is False:
-            try:
-                ip = ipaddress.ip_address(self.facts.client_address.strip())
-            except ValueError:
-                ip = None  # "unix:" or garbage: matches no network
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped  # ::ffff:192.0.2.1 is 192.0.2.1
-            self._ip = ip
+            self._ip = parse_ip(self.facts.client_address.strip())  # "unix:" -> None
         return self._ip if not isinstance(self._ip, bool) else None
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 
 from relay.schema import parse_size
@@ -16,7 +17,22 @@ DKIM_RESULTS = ("pass", "fail", "none", "policy", "neutral", "temperror", "perme
 _GLOB_CHARS = frozenset("*?[")
 _COMPARISON = re.compile(r"^\s*(>=|<=|>|<|=)?\s*(\S+)\s*$")
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+def parse_ip(text: str) -> tuple[int, int] | None:
+    """(4 or 6, address as an integer), or None for anything that is not an IP address.
+
+    inet_pton is several times cheaper than ipaddress.ip_address, and this runs per RCPT.
+    An IPv4-mapped IPv6 address (::ffff:192.0.2.1) is the IPv4 client it stands for.
+    """
+    try:
+        if ":" not in text:
+            return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+        value = int.from_bytes(socket.inet_pton(socket.AF_INET6, text.partition("%")[0]), "big")
+    except (OSError, ValueError):
+        return None
+    if value >> 32 == 0xFFFF:
+        return 4, value & 0xFFFFFFFF
+    return 6, value
 
 
 def _pattern(value: str) -> re.Pattern[str]:
@@ -117,11 +133,12 @@ class NetworkMatcher:
     v6: tuple[tuple[int, frozenset[int]], ...]
     everything: bool  # both 0.0.0.0/0 and ::/0 are listed: matches any client
 
-    def matches(self, address: IPAddress | None) -> bool:
+    def matches(self, address: tuple[int, int] | None) -> bool:
+        """`address` as returned by parse_ip."""
         if address is None:
             return False
-        value = int(address)
-        for shift, networks in self.v4 if address.version == 4 else self.v6:
+        version, value = address
+        for shift, networks in self.v4 if version == 4 else self.v6:
             if value >> shift in networks:
                 return True
         return False

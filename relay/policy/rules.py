@@ -528,7 +528,7 @@ class _Loader:
         build = match.builder(field)
         ok = True
         for item in values:
-            if isinstance(item, str) and item.startswith("@") and field != "header":
+            if isinstance(item, str) and item.startswith("@"):
                 name = item[1:]
                 if name not in self.lists:
                     hint = ""
