@@ -1,0 +1,393 @@
+"""Prometheus metrics and the health endpoints.
+
+API (callers never touch prometheus objects):
+
+    metrics = Metrics()                       # owns its own CollectorRegistry
+    metrics.connection_opened(listener) / connection_closed(listener)
+    metrics.message_received(listener)
+    metrics.decision(stage, rule, action)     # every policy decision, `log` rules too
+    metrics.rejected(stage, code)             # every 4xx/5xx reply sent to a client
+    metrics.ratelimit_exceeded(limit)
+    metrics.ratelimit_fallback()              # Redis unreachable, local decision used
+    metrics.spf_result(result) / dkim_result(result)
+    metrics.delivered(upstream, status, seconds)   # status: sent | deferred | bounced | ...
+    metrics.connect_failed(upstream)
+    metrics.upstream_up(upstream, up)
+    metrics.pool(upstream, idle, busy)
+    metrics.reload_succeeded() / reload_failed()
+    await metrics.refresh(spool, groups)      # queue gauges from the spool; pool gauges from
+                                              # {group name: [HostPool, ...]} (idle/busy)
+    metrics.exposition() -> bytes             # the text format
+
+    server = await start_http(metrics, host, port, ready, refresh)
+    ready = readiness({"listeners": lambda: ..., "spool": lambda: ..., "policy": lambda: ...})
+
+Label values are names from the configuration (listener, rule, upstream group, limit)
+or small fixed vocabularies; anything that looks like an IP or email address is replaced
+by "other" so a mistake in a caller cannot explode the series count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Protocol
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+log = logging.getLogger("relay.metrics")
+
+# Queue views, as Postfix names them: active = never tried, deferred = tried and due
+# again later, hold = kept until released, failed = kept for the operator to look at.
+QUEUE_STATES = ("active", "deferred", "hold", "failed")
+
+# 1 ms to 2 days, as postfix_exporter's delivery delay buckets: a relay's deliveries
+# range from a pooled send on loopback to a message stuck behind an upstream outage.
+DELIVERY_BUCKETS = (
+    0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0,
+    4 * 3600.0, 86400.0, 2 * 86400.0,
+)
+
+MAX_REQUEST = 8192  # request line + headers; a scraper sends a few hundred bytes
+READ_TIMEOUT = 5.0
+
+
+class _Pool(Protocol):
+    @property
+    def idle(self) -> int: ...
+
+    @property
+    def busy(self) -> int: ...
+
+
+class _Message(Protocol):
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def attempts(self) -> int: ...
+
+    @property
+    def received_at(self) -> float: ...
+
+
+class _Spool(Protocol):
+    async def messages(self) -> Sequence[_Message]: ...
+
+
+def queue_name(state: str, attempts: int) -> str:
+    """The Postfix-style queue a stored message is in (see QUEUE_STATES)."""
+    if state == "queued":
+        return "deferred" if attempts > 0 else "active"
+    return state
+
+
+def _label(value: object) -> str:
+    text = str(value)
+    if "@" in text:
+        return "other"
+    # A bare address, host:port or [v6]:port.
+    for candidate in (text, text.rsplit(":", 1)[0], text.partition("]")[0].lstrip("[")):
+        try:
+            ipaddress.ip_address(candidate)
+        except ValueError:
+            continue
+        return "other"
+    return text[:64]
+
+
+class Metrics:
+    """Every relay_* metric, in a registry of its own (tests make several)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._connections = Counter(
+            "relay_smtpd_connections", "SMTP connections accepted.", ["listener"], registry=r
+        )
+        self._active = Gauge(
+            "relay_smtpd_active_connections", "SMTP connections open now.", ["listener"],
+            registry=r,
+        )
+        self._received = Counter(
+            "relay_messages_received", "Messages accepted and spooled.", ["listener"],
+            registry=r,
+        )
+        self._decisions = Counter(
+            "relay_policy_decisions", "Policy rule decisions.", ["stage", "rule", "action"],
+            registry=r,
+        )
+        self._rejects = Counter(
+            "relay_smtpd_rejects", "4xx/5xx replies to SMTP clients.", ["stage", "code"],
+            registry=r,
+        )
+        self._ratelimit = Counter(
+            "relay_ratelimit_exceeded", "Rate-limit buckets found over their limit.", ["limit"],
+            registry=r,
+        )
+        self._fallbacks = Counter(
+            "relay_ratelimit_backend_fallbacks",
+            "Rate-limit decisions made without the shared backend (Redis unreachable).",
+            registry=r,
+        )
+        self._spf = Counter("relay_spf_results", "SPF check results.", ["result"], registry=r)
+        self._dkim = Counter("relay_dkim_results", "DKIM verification results.", ["result"],
+                             registry=r)
+        self._deliveries = Counter(
+            "relay_deliveries", "Delivery attempts by outcome.", ["upstream", "status"],
+            registry=r,
+        )
+        self._duration = Histogram(
+            "relay_delivery_duration_seconds", "Time one delivery attempt took.", ["upstream"],
+            buckets=DELIVERY_BUCKETS, registry=r,
+        )
+        self._connect_failures = Counter(
+            "relay_upstream_connect_failures", "Failed connections to upstream hosts.",
+            ["upstream"], registry=r,
+        )
+        self._queue = Gauge(
+            "relay_queue_messages", "Messages in the spool.", ["state"], registry=r
+        )
+        self._oldest = Gauge(
+            "relay_queue_oldest_message_age_seconds", "Age of the oldest message in the spool.",
+            ["state"], registry=r,
+        )
+        self._pool = Gauge(
+            "relay_upstream_pool_connections", "Pooled upstream connections.",
+            ["upstream", "state"], registry=r,
+        )
+        self._up = Gauge(
+            "relay_upstream_up", "1 if the last connection attempt to the group succeeded.",
+            ["upstream"], registry=r,
+        )
+        self._reload_ok = Gauge(
+            "relay_config_last_reload_successful", "1 if the last reload succeeded.",
+            registry=r,
+        )
+        self._reload_time = Gauge(
+            "relay_config_last_reload_success_timestamp_seconds",
+            "Time of the last successful (re)load.", registry=r,
+        )
+        self._reload_failures = Counter(
+            "relay_config_reload_failures", "Reloads refused because of errors.", registry=r
+        )
+        # Starting counts as a successful load: `check` ran the same loader first.
+        self.reload_succeeded()
+        for state in QUEUE_STATES:
+            self._queue.labels(state).set(0)
+            self._oldest.labels(state).set(0)
+
+    def __repr__(self) -> str:
+        return f"<Metrics {len(list(self.registry.collect()))} families>"
+
+    # -- inbound ----------------------------------------------------------------------
+
+    def connection_opened(self, listener: str) -> None:
+        self._connections.labels(_label(listener)).inc()
+        self._active.labels(_label(listener)).inc()
+
+    def connection_closed(self, listener: str) -> None:
+        self._active.labels(_label(listener)).dec()
+
+    def message_received(self, listener: str) -> None:
+        self._received.labels(_label(listener)).inc()
+
+    def decision(self, stage: str, rule: str, action: str) -> None:
+        self._decisions.labels(_label(stage), _label(rule), _label(action)).inc()
+
+    def rejected(self, stage: str, code: int) -> None:
+        self._rejects.labels(_label(stage), str(int(code))).inc()
+
+    def ratelimit_exceeded(self, limit: str) -> None:
+        self._ratelimit.labels(_label(limit)).inc()
+
+    def ratelimit_fallback(self) -> None:
+        self._fallbacks.inc()
+
+    def spf_result(self, result: str) -> None:
+        self._spf.labels(_label(result)).inc()
+
+    def dkim_result(self, result: str) -> None:
+        self._dkim.labels(_label(result)).inc()
+
+    # -- outbound ---------------------------------------------------------------------
+
+    def delivered(self, upstream: str, status: str, seconds: float) -> None:
+        """One delivery attempt of one message finished with `status`."""
+        self._deliveries.labels(_label(upstream), _label(status)).inc()
+        self._duration.labels(_label(upstream)).observe(max(0.0, seconds))
+
+    def connect_failed(self, upstream: str) -> None:
+        self._connect_failures.labels(_label(upstream)).inc()
+
+    def upstream_up(self, upstream: str, up: bool) -> None:
+        self._up.labels(_label(upstream)).set(1 if up else 0)
+
+    def pool(self, upstream: str, idle: int, busy: int) -> None:
+        self._pool.labels(_label(upstream), "idle").set(idle)
+        self._pool.labels(_label(upstream), "busy").set(busy)
+
+    # -- configuration ----------------------------------------------------------------
+
+    def reload_succeeded(self) -> None:
+        self._reload_ok.set(1)
+        self._reload_time.set(self.clock())
+
+    def reload_failed(self) -> None:
+        self._reload_ok.set(0)
+        self._reload_failures.inc()
+
+    # -- gauges read from elsewhere ---------------------------------------------------
+
+    def queue(self, messages: Sequence[_Message]) -> None:
+        """Set the queue gauges from the spool's messages."""
+        now = self.clock()
+        counts = dict.fromkeys(QUEUE_STATES, 0)
+        oldest = dict.fromkeys(QUEUE_STATES, now)
+        for m in messages:
+            name = queue_name(m.state, m.attempts)
+            counts[name] = counts.get(name, 0) + 1
+            oldest[name] = min(oldest.get(name, now), m.received_at)
+        for name, count in counts.items():
+            self._queue.labels(name).set(count)
+            self._oldest.labels(name).set(max(0.0, now - oldest[name]))
+
+    def pools(self, groups: Mapping[str, Iterable[_Pool]]) -> None:
+        """Set the pool gauges from each group's host pools (anything with idle/busy),
+        summed per group: host addresses never become labels."""
+        for name, pools in groups.items():
+            idle = busy = 0
+            for p in pools:
+                idle, busy = idle + p.idle, busy + p.busy
+            self.pool(name, idle, busy)
+
+    async def refresh(
+        self, spool: _Spool, groups: Mapping[str, Iterable[_Pool]] | None = None
+    ) -> None:
+        """Read the spool (and pools) into the gauges; call before each scrape."""
+        self.queue(await spool.messages())
+        if groups is not None:
+            self.pools(groups)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# -- health and metrics over HTTP -----------------------------------------------------
+
+Readiness = Callable[[], tuple[bool, str]]
+
+
+def readiness(checks: Mapping[str, Callable[[], bool]]) -> Readiness:
+    """Combine named checks into one readiness callable: ready when all pass.
+
+    The detail lists every check (`spool: ok`, `policy: failing`) so a 503 says why.
+    """
+
+    def ready() -> tuple[bool, str]:
+        lines, ok = [], True
+        for name, check in checks.items():
+            try:
+                passed = bool(check())
+            except Exception as exc:  # a broken check means not ready, not a crash
+                passed = False
+                log.warning("readiness check %s raised %r", name, exc)
+            ok = ok and passed
+            lines.append(f"{name}: {'ok' if passed else 'failing'}")
+        return ok, "\n".join(lines)
+
+    return ready
+
+
+_REASONS = {
+    200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+    408: "Request Timeout", 431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
+
+async def start_http(
+    metrics: Metrics,
+    host: str,
+    port: int,
+    ready: Readiness,
+    refresh: Callable[[], Awaitable[None]] | None = None,
+) -> asyncio.Server:
+    """Serve /metrics, /healthz and /readyz on host:port (port 0 picks one)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            status, ctype, body, head_only = await _answer(reader, metrics, ready, refresh)
+            header = (
+                f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+                f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode()
+            writer.write(header if head_only else header + body)
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    # The stream limit bounds how much of a request is ever buffered.
+    return await asyncio.start_server(handle, host, port, limit=MAX_REQUEST)
+
+
+async def _answer(
+    reader: asyncio.StreamReader,
+    metrics: Metrics,
+    ready: Readiness,
+    refresh: Callable[[], Awaitable[None]] | None,
+) -> tuple[int, str, bytes, bool]:
+    text = "text/plain; charset=utf-8"
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+    except asyncio.LimitOverrunError:
+        return 431, text, b"request too large\n", False
+    except TimeoutError:
+        return 408, text, b"request timeout\n", False
+    except asyncio.IncompleteReadError as exc:
+        if len(exc.partial) >= MAX_REQUEST:
+            return 431, text, b"request too large\n", False
+        raise
+    parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return 400, text, b"bad request\n", False
+    method, target = parts[0], parts[1].split("?", 1)[0]
+    if method not in ("GET", "HEAD"):
+        return 405, text, b"method not allowed\n", False
+    head_only = method == "HEAD"
+    if target == "/metrics":
+        if refresh is not None:
+            try:
+                await refresh()
+            except Exception:
+                # Serve the last values rather than fail the whole scrape.
+                log.exception("metrics refresh failed")
+        return 200, CONTENT_TYPE_LATEST, metrics.exposition(), head_only
+    if target == "/healthz":
+        # Served by the event loop itself: answering at all is the proof it runs.
+        return 200, text, b"ok\n", head_only
+    if target == "/readyz":
+        try:
+            ok, detail = ready()
+        except Exception as exc:
+            ok, detail = False, f"readiness check raised {type(exc).__name__}"
+        body = ((("ready" if ok else "not ready") + "\n" + detail).rstrip() + "\n").encode()
+        return (200 if ok else 503), text, body, head_only
+    return 404, text, b"not found\n", head_only
