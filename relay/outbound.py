@@ -5,24 +5,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiosmtplib
 
-from relay.smarthosts import UpstreamSettings
+from relay.smarthosts import Smarthost, UpstreamSettings
 
 log = logging.getLogger("relay.outbound")
+
+# What can go wrong while talking to an upstream, short of a reply: the pool throws the
+# connection away and the caller tries the next host (ssl.SSLError is an OSError).
+CONNECTION_ERRORS = (TimeoutError, aiosmtplib.SMTPException, OSError)
 
 
 @dataclass(frozen=True, slots=True)
 class RecipientResult:
-    """What the upstream said about one recipient (code 0: no reply, connection trouble)."""
+    """What the upstream said about one recipient (code 0: no reply, connection trouble).
+
+    `again` marks a recipient the upstream did not take in this transaction only
+    because it had too many (452 after others were accepted): send it in a new one.
+    """
 
     code: int
     reply: str
+    again: bool = False
 
     @property
     def accepted(self) -> bool:
@@ -56,7 +69,7 @@ class Connection:
 
 
 class HostPool:
-    """A bounded set of persistent connections to one upstream host.
+    """A bounded set of persistent connections to one upstream host, and its health.
 
     Deciding which connection to use is plain synchronous bookkeeping; the I/O
     (connect, NOOP, QUIT) happens apart. A connection is reused for many messages,
@@ -64,28 +77,37 @@ class HostPool:
     checked with NOOP before reuse once it idled past `check_after_idle`, and thrown
     away after any error inside a transaction: it is never reused half-way through
     MAIL/RCPT/DATA.
+
+    Health is a circuit breaker: after `down_after_failures` failures in a row the host
+    is down for `down_pause`; then one delivery probes it, and a success brings it back.
     """
 
     def __init__(
         self,
-        host: str,
-        port: int,
+        member: Smarthost,
         settings: UpstreamSettings,
         local_hostname: str,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.host = host
-        self.port = port
+        self.member = member
+        self.host = member.host
+        self.port = member.port
         self.settings = settings
         self.local_hostname = local_hostname
         self.clock = clock
         self._idle: deque[Connection] = deque()
         self._busy = 0
         self._slots = asyncio.Semaphore(settings.pool_size)
+        self._tls: ssl.SSLContext | None = None
         self.connections_opened = 0
+        self.failures = 0
+        self.down_until = -math.inf
+        # Smooth weighted round-robin counter (nginx), kept by the group.
+        self.current_weight = 0
 
     def __repr__(self) -> str:
-        return f"<HostPool {self.host}:{self.port} idle={len(self._idle)} busy={self._busy}>"
+        down = " down" if self.is_down(self.clock()) else ""
+        return f"<HostPool {self.member} idle={len(self._idle)} busy={self._busy}{down}>"
 
     @property
     def idle(self) -> int:
@@ -94,6 +116,36 @@ class HostPool:
     @property
     def busy(self) -> int:
         return self._busy
+
+    # -- health -------------------------------------------------------------------------
+
+    def is_down(self, now: float) -> bool:
+        return self.failures >= self.settings.down_after_failures and now < self.down_until
+
+    def admits(self, now: float) -> bool:
+        """May a delivery use this host now? Once the pause is over, the first caller
+        gets it as the probe, and the host counts as down again until that one reports."""
+        if self.failures < self.settings.down_after_failures:
+            return True
+        if now < self.down_until:
+            return False
+        self.down_until = now + self.settings.down_pause
+        return True
+
+    def failed(self, reason: str) -> None:
+        self.failures += 1
+        if self.failures >= self.settings.down_after_failures:
+            self.down_until = self.clock() + self.settings.down_pause
+            if self.failures == self.settings.down_after_failures:
+                log.warning("upstream %s marked down for %gs after %d failures: %s",
+                            self.member, self.settings.down_pause, self.failures, reason)
+
+    def succeeded(self) -> None:
+        if self.failures >= self.settings.down_after_failures:
+            log.warning("upstream %s is back up", self.member)
+        self.failures = 0
+
+    # -- connections --------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def borrow(self) -> AsyncIterator[Connection]:
@@ -124,10 +176,10 @@ class HostPool:
                 return conn
             try:
                 await conn.client.noop(timeout=self.settings.command_timeout)
-            except (TimeoutError, aiosmtplib.SMTPException, OSError):
+            except CONNECTION_ERRORS:
                 # Upstreams close idle connections; that costs a reconnect, not a message.
                 log.debug("%r: idle connection went stale, reconnecting", self)
-                await conn.close()
+                await asyncio.shield(conn.close())
                 continue
             return conn
 
@@ -143,16 +195,57 @@ class HostPool:
         return None, False
 
     async def _connect(self) -> Connection:
-        client = aiosmtplib.SMTP(
-            hostname=self.host,
-            port=self.port,
-            local_hostname=self.local_hostname,
-            timeout=self.settings.command_timeout,
-            start_tls=False,
-        )
-        await client.connect(timeout=self.settings.connect_timeout)
+        s = self.settings
+        if s.tls != "none" and self._tls is None:
+            self._tls = await asyncio.to_thread(tls_context, s)
+        server_name = s.tls_server_name or self.host
+        if s.tls == "implicit":
+            # aiosmtplib verifies an implicit-TLS certificate against the name it
+            # dials; to check `tls_server_name` instead, hand it a connected socket.
+            sock = await asyncio.wait_for(_open_socket(self.host, self.port), s.connect_timeout)
+            client = aiosmtplib.SMTP(
+                hostname=server_name, sock=sock, use_tls=True, tls_context=self._tls,
+                local_hostname=self.local_hostname, timeout=s.command_timeout,
+            )
+        else:
+            client = aiosmtplib.SMTP(
+                hostname=self.host, port=self.port, local_hostname=self.local_hostname,
+                timeout=s.command_timeout, start_tls=False,
+            )
+        try:
+            await client.connect(timeout=s.connect_timeout)
+            if s.tls == "starttls":
+                # RFC 3207 section 4: when TLS is required and STARTTLS is missing or
+                # the certificate does not verify, the message must not go in plaintext;
+                # aiosmtplib raises and the delivery is deferred (reliability.md A7).
+                await client.starttls(
+                    server_hostname=server_name, tls_context=self._tls,
+                    timeout=s.command_timeout,
+                )
+            if s.auth_username:
+                await self._authenticate(client)
+        except BaseException:
+            client.close()
+            if s.tls == "implicit":
+                sock.close()
+            raise
         self.connections_opened += 1
         return Connection(client, self.clock())
+
+    async def _authenticate(self, client: aiosmtplib.SMTP) -> None:
+        s = self.settings
+        timeout = s.command_timeout
+        if s.auth_mechanism == "xoauth2":
+            # OAuth access tokens expire within hours: an outside agent refreshes the
+            # file, so it is read for every new connection.
+            token = (await asyncio.to_thread(Path(s.password_file).read_text)).strip()
+            await client.auth_xoauth2(s.auth_username, token, timeout=timeout)
+        elif s.auth_mechanism == "plain":
+            await client.auth_plain(s.auth_username, s.password, timeout=timeout)
+        elif s.auth_mechanism == "login":
+            await client.auth_login(s.auth_username, s.password, timeout=timeout)
+        else:
+            await client.login(s.auth_username, s.password, timeout=timeout)
 
     async def prune(self) -> None:
         """Close connections idle longer than `idle_timeout`."""
@@ -160,11 +253,87 @@ class HostPool:
         stale = [c for c in self._idle if now - c.last_used > self.settings.idle_timeout]
         for conn in stale:
             self._idle.remove(conn)
-        await asyncio.gather(*(c.close() for c in stale))
+        await asyncio.shield(asyncio.gather(*(c.close() for c in stale)))
 
     async def close(self) -> None:
         idle, self._idle = list(self._idle), deque()
         await asyncio.shield(asyncio.gather(*(c.close() for c in idle)))
+
+
+def tls_context(settings: UpstreamSettings) -> ssl.SSLContext:
+    """The client TLS context of a group: verifying by default, TLS 1.2 at least."""
+    context = ssl.create_default_context(cafile=settings.tls_ca_file or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not settings.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if settings.tls_client_cert:
+        context.load_cert_chain(settings.tls_client_cert, settings.tls_client_key or None)
+    return context
+
+
+async def _open_socket(host: str, port: int) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    error: OSError = OSError(f"cannot resolve {host}")
+    for family, kind, proto, _, address in await loop.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM
+    ):
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error
+
+
+class HostGroup:
+    """The pools of one upstream group and the order in which to try its hosts."""
+
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        local_hostname: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.pools = [HostPool(m, settings, local_hostname, clock) for m in settings.members]
+
+    def __repr__(self) -> str:
+        return f"<HostGroup {self.settings.name} {' '.join(map(repr, self.pools))}>"
+
+    def candidates(self) -> list[HostPool]:
+        """Every host, best first: by priority level; within a level, the first pick
+        rotates in proportion to weight (nginx's smooth weighted round-robin) among the
+        hosts that are not down, and the others follow as failover."""
+        now = self.clock()
+        order: list[HostPool] = []
+        for level in sorted({p.member.priority for p in self.pools}):
+            members = [p for p in self.pools if p.member.priority == level]
+            usable = [p for p in members if not p.is_down(now)] or members
+            total = sum(p.member.weight for p in usable)
+            for pool in usable:
+                pool.current_weight += pool.member.weight
+            first = max(usable, key=lambda p: p.current_weight)
+            first.current_weight -= total
+            rest = sorted((p for p in members if p is not first),
+                          key=lambda p: (p.is_down(now), -p.member.weight))
+            order += [first, *rest]
+        return order
+
+    async def prune(self) -> None:
+        for pool in self.pools:
+            await pool.prune()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(pool.close() for pool in self.pools))
 
 
 async def transmit(
@@ -178,6 +347,7 @@ async def transmit(
 
     Replies (2xx/4xx/5xx) become results. Anything else (timeouts, a dropped
     connection, a protocol error) raises, and the pool then discards the connection.
+    `sender` is "" for the null reverse-path (aiosmtplib refuses "<>").
     """
     client = conn.client
     timeout = settings.command_timeout
@@ -196,15 +366,21 @@ async def transmit(
         return [RecipientResult(exc.code, f"{exc.code} {exc.message}")] * len(recipients)
 
     results: list[RecipientResult | None] = []
-    for rcpt in recipients:
+    for index, rcpt in enumerate(recipients):
         try:
             await client.rcpt(rcpt, timeout=timeout)
         except aiosmtplib.SMTPRecipientRefused as exc:
-            results.append(RecipientResult(exc.code, f"{exc.code} {exc.message}"))
+            reply = f"{exc.code} {exc.message}"
+            if exc.code == 452 and None in results:
+                # RFC 5321 section 4.5.3.1.10: "too many recipients" is no failure; the
+                # client sends the rest in a new transaction after this one.
+                results += [RecipientResult(452, reply, again=True)] * (len(recipients) - index)
+                break
+            results.append(RecipientResult(exc.code, reply))
         else:
             results.append(None)  # accepted for now; the final-dot reply decides
 
-    if all(r is not None for r in results):
+    if None not in results:
         await _reset(conn, timeout)
         return [r for r in results if r is not None]
 
