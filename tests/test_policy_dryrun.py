@@ -8,6 +8,8 @@ from relay.policy import StaticChecks, load_policy
 from relay.policy.dryrun import headers_of, run_cases, run_dry
 
 SHIPPED = Path(__file__).parent.parent / "policies"
+# What config.toml contributes by default: [server] relay_networks.
+CONFIG_LISTS = {"relay_networks": ("127.0.0.0/8", "::1/128")}
 
 POLICY = """
 [[rule]]
@@ -61,37 +63,44 @@ def policy_dir(tmp_path: Path, delay_reject: bool = True) -> Path:
 
 def test_stranger_gets_relay_access_denied_at_rcpt_and_exit_5() -> None:
     text, status = run_dry(
-        load_policy(SHIPPED),
+        load_policy(SHIPPED, builtin_lists=CONFIG_LISTS),
         client_address="203.0.113.9",
         helo="app1",
         sender="a@example.com",
         recipients=["b@example.net"],
     )
     assert status == 5
-    loopback = (
-        '  rule "loopback" [accept]: no match: '
-        'match.client_address: 203.0.113.9 does not match "@loopback"'
+    networks = (
+        '  rule "relay-networks" [accept]: no match: '
+        'match.client_address: 203.0.113.9 does not match "@relay_networks"'
+    )
+    waits = (
+        '  rule "authenticated" [accept]: might still match, needs match.sasl_username: '
+        "decision waits for mail"
+    )
+    unauthenticated = (
+        '  rule "authenticated" [accept]: no match: match.sasl_username: "" does not match "*"'
     )
     apps = 'match.client_address: 203.0.113.9 does not match "@app_servers"'
     denied = "554 5.7.1 <b@example.net>: Relay access denied"
     assert text.splitlines() == [
         "connect client_address=203.0.113.9",
-        loopback,
-        f'  rule "app-servers" [accept]: cannot match: {apps}',
-        "  no terminal rule matched: continue",
+        networks,
+        waits,
         "  -> continue: 220 ready",
         "helo app1",
-        loopback,
-        f'  rule "app-servers" [accept]: cannot match: {apps}',
-        "  no terminal rule matched: continue",
+        networks,
+        waits,
         "  -> continue: 250 Ok",
         "mail from=<a@example.com>",
-        loopback,
+        networks,
+        unauthenticated,
         f'  rule "app-servers" [accept]: no match: {apps}',
         "  no terminal rule matched: continue",
         "  -> continue: 250 2.1.0 Ok",
         "rcpt to=<b@example.net>",
-        loopback,
+        networks,
+        unauthenticated,
         f'  rule "app-servers" [accept]: no match: {apps}',
         f"  no terminal rule matched: final_action reject: {denied}",
         f"  -> reject (rule final_action): {denied}",
@@ -100,12 +109,15 @@ def test_stranger_gets_relay_access_denied_at_rcpt_and_exit_5() -> None:
     ]
 
 
-def test_loopback_relays_with_exit_0() -> None:
+def test_relay_networks_relay_with_exit_0() -> None:
     text, status = run_dry(
-        load_policy(SHIPPED), client_address="::1", sender="<>", recipients=["b@example.net"]
+        load_policy(SHIPPED, builtin_lists=CONFIG_LISTS),
+        client_address="::1",
+        sender="<>",
+        recipients=["b@example.net"],
     )
     assert status == 0
-    assert text.endswith("result: accept (rule loopback): client sees 250 2.0.0 Ok: queued\n")
+    assert text.endswith("result: accept (rule relay-networks): client sees 250 2.0.0 Ok: queued\n")
 
 
 def test_declared_size_tempfails_with_exit_4(tmp_path: Path) -> None:
@@ -240,7 +252,9 @@ def test_cases_file_reports_failures_with_the_trace(tmp_path: Path) -> None:
         '[[case]]\nname = "code"\nclient_address = "203.0.113.1"\nfrom = "<>"\n'
         'to = ["c@d.example"]\nexpect = "reject"\nexpect_code = 550\n'
     )
-    text, status = run_cases(load_policy(SHIPPED), tmp_path / "cases.toml")
+    text, status = run_cases(
+        load_policy(SHIPPED, builtin_lists=CONFIG_LISTS), tmp_path / "cases.toml"
+    )
     assert status == 1
     lines = text.splitlines()
     assert lines[0] == (
@@ -258,7 +272,7 @@ def test_cases_file_errors_are_all_reported(tmp_path: Path) -> None:
         '[[case]]\nname = "a"\nclient_address = "192.0.2.1"\nto = "x@y.example"\n'
         'expect = "bounce"\nspf = "maybe"\nmessage = "missing.eml"\n'
     )
-    text, status = run_cases(load_policy(SHIPPED), cases)
+    text, status = run_cases(load_policy(SHIPPED, builtin_lists=CONFIG_LISTS), cases)
     assert status == 1
     assert text == (
         f'{cases}: case "a": from: required\n'

@@ -344,7 +344,7 @@ async def test_interpolated_client_text_cannot_break_the_reply_line(tmp_path: Pa
 async def test_shipped_policy_is_closed_by_default_at_rcpt(
     client: str, sender: str, action: str, reply: str | None
 ) -> None:
-    policy = load_policy(SHIPPED)
+    policy = load_policy(SHIPPED, builtin_lists={"relay_networks": ("127.0.0.0/8", "::1/128")})
     facts = Facts(client, sender=sender, recipient="b@example.net")
     decision = await evaluate(policy, "rcpt", facts, StaticChecks())
     assert decision.action == action
@@ -352,7 +352,7 @@ async def test_shipped_policy_is_closed_by_default_at_rcpt(
 
 
 async def test_before_rcpt_no_final_action_applies() -> None:
-    policy = load_policy(SHIPPED)
+    policy = load_policy(SHIPPED, builtin_lists={"relay_networks": ("127.0.0.0/8", "::1/128")})
     for stage, facts in (
         ("connect", Facts("203.0.113.5")),
         ("helo", Facts("203.0.113.5", helo_name="x")),

@@ -50,9 +50,12 @@ def test_errors_from_several_files_are_reported_at_once() -> None:
 
 
 def test_shipped_policies_load_cleanly() -> None:
-    policy = load_policy(SHIPPED, upstream_groups={"default"})
+    policy = load_policy(
+        SHIPPED, upstream_groups={"default"},
+        builtin_lists={"relay_networks": ("127.0.0.0/8", "::1/128")},
+    )
     assert policy.warnings == ()
-    assert [r.name for r in policy.rules] == ["loopback", "app-servers"]
+    assert [r.name for r in policy.rules] == ["relay-networks", "authenticated", "app-servers"]
     assert policy.final_action == "reject"
     assert policy.delay_reject is True
     assert policy.lists["app_servers"] == ("192.0.2.0/24", "2001:db8:20::/48")

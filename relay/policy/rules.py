@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import string
 import tomllib
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -160,13 +160,22 @@ class _Entry:
     origin: str  # where it was written, for messages: "policies/lists/x.txt:3"
 
 
-def load_policy(directory: Path, upstream_groups: Collection[str] = ()) -> Policy:
+def load_policy(
+    directory: Path,
+    upstream_groups: Collection[str] = (),
+    builtin_lists: Mapping[str, Sequence[str]] | None = None,
+) -> Policy:
     """Read every `*.toml` in `directory` in file-name order into one Policy.
 
+    `builtin_lists` are lists defined by config.toml rather than by a policy file (the
+    relay_networks of `[server]` and `--allow`); rules may use them as `@name`.
     Raises ConfigError with every error found, each prefixed with the file (named relative
     to the directory's parent, e.g. "policies/10-relay.toml"), the rule and the key.
     """
     loader = _Loader(directory, frozenset(upstream_groups))
+    for name, values in (builtin_lists or {}).items():
+        loader.lists[name] = (tuple(_Entry(v, "config.toml") for v in values), "config.toml")
+        loader.used_lists.add(name)  # never warn that config's own list is unused
     return loader.load()
 
 
