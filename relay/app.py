@@ -6,12 +6,12 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
-from pathlib import Path
 
 from relay import config
 from relay.config import Settings
 from relay.delivery import Delivery, Upstreams
 from relay.inbound import InboundHandler, start_listener
+from relay.runtime import Runtime
 from relay.spool import Spool
 
 log = logging.getLogger("relay")
@@ -24,8 +24,9 @@ STOP_DEADLINE = 10.0
 class Relay:
     """Everything one `policy-relay serve` process runs."""
 
-    def __init__(self, settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
-        self.settings = settings
+    def __init__(self, loaded: Runtime, reload: Callable[[], Runtime] | None = None) -> None:
+        self.runtime = loaded
+        settings = loaded.settings
         self._reload = reload
         self.spool = Spool(settings.spool_path)
         self.upstreams = Upstreams(settings)
@@ -33,9 +34,13 @@ class Relay:
         self.servers: list[asyncio.Server] = []
         self._stop = asyncio.Event()
 
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
     def current(self) -> Settings:
         """The settings snapshot a new session starts with (swapped whole on reload)."""
-        return self.settings
+        return self.runtime.settings
 
     async def start(self) -> None:
         await self.spool.open()
@@ -61,8 +66,9 @@ class Relay:
             for line in exc.messages:
                 log.error("reload failed: %s", line)
             return
-        self.settings = new
-        log.info("reloaded configuration from %s", new.source)
+        self.runtime = new
+        log.info("reloaded configuration from %s and policies from %s (%d rules)",
+                 new.settings.source, new.policies_dir, len(new.policy.rules))
 
     def stop(self) -> None:
         self._stop.set()
@@ -88,6 +94,5 @@ class Relay:
             log.info("stopped")
 
 
-def serve(settings: Settings, config_path: Path | None, overrides: config.Overrides) -> None:
-    relay = Relay(settings, reload=lambda: config.load(config_path, overrides))
-    asyncio.run(relay.run())
+def serve(loaded: Runtime, reload: Callable[[], Runtime]) -> None:
+    asyncio.run(Relay(loaded, reload).run())

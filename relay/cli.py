@@ -1,4 +1,4 @@
-"""The `policy-relay` command: serve, check, and the operator's tools."""
+"""The `policy-relay` command: serve, check, test, and the operator's tools."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from relay import __version__, config
+from relay import __version__, config, runtime
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus
+EX_USAGE = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,35 +23,61 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the relay")
-    _config_flag(serve)
+    _config_flags(serve)
     serve.add_argument("--listen", action="append", default=[], metavar="ADDR:PORT",
                        help="listen here instead of the configured listeners (repeatable)")
     serve.add_argument("--upstream", metavar="HOST:PORT",
                        help="deliver through this smarthost (the default upstream group)")
     serve.add_argument("--spool-dir", metavar="DIR", help="keep the queue here")
-    serve.add_argument("--policies", metavar="DIR", help="read policies/*.toml from here")
     serve.add_argument("--hostname", metavar="NAME", help="name in the banner and Received:")
     serve.add_argument("--allow", action="append", default=[], metavar="CIDR",
-                       help="client network allowed to relay (repeatable)")
+                       help="client network allowed to relay, @relay_networks (repeatable)")
+    serve.set_defaults(run=_serve)
 
-    check = commands.add_parser("check", help="validate the configuration and exit")
-    _config_flag(check)
+    check = commands.add_parser("check", help="validate config and policies, then exit")
+    _config_flags(check)
+    check.set_defaults(run=_check)
+
+    test = commands.add_parser(
+        "test", help="show what the policy decides for an envelope; nothing is sent",
+        description="Walk an envelope through connect, helo, mail, rcpt and data like "
+        "exim -bh. Exit status: 0 accepted, 4 tempfail, 5 reject.",
+    )
+    _config_flags(test)
+    test.add_argument("--client-address", metavar="IP", default="127.0.0.1")
+    test.add_argument("--helo", default="", metavar="NAME")
+    test.add_argument("--auth-user", default="", metavar="USER", help="as if logged in")
+    test.add_argument("--from", dest="sender", default=None, metavar="ADDRESS",
+                      help='envelope sender; "<>" for the null sender')
+    test.add_argument("--to", dest="recipients", action="append", default=[],
+                      metavar="ADDRESS", help="recipient (repeatable)")
+    test.add_argument("--message", type=Path, metavar="FILE", help="message for DATA rules")
+    test.add_argument("--listener", default="smtp", metavar="NAME")
+    test.add_argument("--tls", action="store_true", help="as if the session used TLS")
+    test.add_argument("--spf", default="none", metavar="RESULT", help="SPF result to assume")
+    test.add_argument("--dkim", default="none", metavar="RESULT", help="DKIM result to assume")
+    test.add_argument("--over-limit", action="append", default=[], metavar="LIMIT",
+                      help="treat this limit as exceeded (repeatable)")
+    test.add_argument("--cases", type=Path, metavar="FILE",
+                      help="run the [[case]] tables of this TOML file instead")
+    test.set_defaults(run=_test)
     return parser
 
 
-def _config_flag(parser: argparse.ArgumentParser) -> None:
+def _config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", type=Path,
                         help="config file (default: the embedded defaults)")
+    parser.add_argument("--policies", metavar="DIR", help="read policies/*.toml from here")
 
 
 def _overrides(args: argparse.Namespace) -> config.Overrides:
     return config.Overrides(
-        listen=tuple(args.listen),
-        upstream=args.upstream,
-        spool_dir=args.spool_dir,
+        listen=tuple(getattr(args, "listen", ())),
+        upstream=getattr(args, "upstream", None),
+        spool_dir=getattr(args, "spool_dir", None),
         policies_dir=args.policies,
-        hostname=args.hostname,
-        allow=tuple(args.allow),
+        hostname=getattr(args, "hostname", None),
+        allow=tuple(getattr(args, "allow", ())),
     )
 
 
@@ -64,20 +91,65 @@ def setup_logging(level: str) -> None:
     logging.getLogger("mail.log").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    overrides = _overrides(args) if args.command == "serve" else config.Overrides()
+def _load(args: argparse.Namespace) -> runtime.Runtime | None:
     try:
-        settings = config.load(args.config, overrides)
+        loaded = runtime.load(args.config, _overrides(args))
     except config.ConfigError as exc:
         for line in exc.messages:
             print(line, file=sys.stderr)
+        return None
+    for warning in loaded.policy.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return loaded
+
+
+def _serve(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    if loaded is None:
         return EX_CONFIG
-    if args.command == "check":
-        print(f"{settings.source}: ok")
-        return 0
-    setup_logging(settings.log_level)
+    setup_logging(loaded.settings.log_level)
     from relay.app import serve
 
-    serve(settings, args.config, overrides)
+    serve(loaded, lambda: runtime.load(args.config, _overrides(args)))
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    if loaded is None:
+        return EX_CONFIG
+    print(f"{loaded.settings.source}: ok")
+    print(f"{loaded.policies_dir}: ok ({len(loaded.policy.rules)} rules)")
+    return 0
+
+
+def _test(args: argparse.Namespace) -> int:
+    from relay.policy import StaticChecks
+    from relay.policy.dryrun import run_cases, run_dry
+
+    loaded = _load(args)
+    if loaded is None:
+        return EX_CONFIG
+    if args.cases is not None:
+        text, status = run_cases(loaded.policy, args.cases)
+    else:
+        if args.sender is None or not args.recipients:
+            print("policy-relay test: --from and at least one --to are required "
+                  "(or --cases FILE)", file=sys.stderr)
+            return EX_USAGE
+        message = args.message.read_bytes() if args.message else None
+        checks = StaticChecks(spf=args.spf, dkim=(args.dkim, ""),
+                              over_limits=frozenset(args.over_limit))
+        text, status = run_dry(
+            loaded.policy, client_address=args.client_address, sender=args.sender,
+            recipients=args.recipients, helo=args.helo, listener=args.listener,
+            auth_user=args.auth_user, tls=args.tls, message=message, checks=checks,
+        )
+    print(text, end="")
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    return run(args)
