@@ -9,7 +9,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from relay import __version__, config, runtime
+from relay import __version__, config, dkimcli, runtime
+from relay.dkimcli import add_dkim_parser
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus
 EX_USAGE = 64
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--cases", type=Path, metavar="FILE",
                       help="run the [[case]] tables of this TOML file instead")
     test.set_defaults(run=_test)
+
+    add_dkim_parser(commands)
+    commands.choices["dkim"].set_defaults(run=_dkim)
     return parser
 
 
@@ -147,6 +151,14 @@ def _test(args: argparse.Namespace) -> int:
         )
     print(text, end="")
     return status
+
+
+def _dkim(args: argparse.Namespace) -> int:
+    if args.dkim_command == "keygen":
+        return dkimcli.keygen(args)
+    args.policies = None
+    loaded = _load(args)
+    return EX_CONFIG if loaded is None else dkimcli.check(loaded)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
