@@ -73,10 +73,10 @@ async def setup(short_dir: Path) -> AsyncIterator[Setup]:
     await spool.record_attempt("FAILED1", [Outcome(0, "failed", "550 5.1.1 no such user")],
                                NOW + 60, "550 5.1.1 no such user")
     path = short_dir / "run" / "control.sock"
-    result = Setup(spool, None, path)  # type: ignore[arg-type]
-    result.server = ControlServer(spool, lambda: result.wakes.append(time.time()), path,
-                                  clock=lambda: NOW)
-    await result.server.start()
+    wakes: list[float] = []
+    server = ControlServer(spool, lambda: wakes.append(time.time()), path, clock=lambda: NOW)
+    result = Setup(spool, server, path, wakes)
+    await server.start()
     try:
         yield result
     finally:
@@ -224,7 +224,8 @@ async def test_flush_by_id_skips_held_messages(
     status, out, err = await cli(setup.path, capsys, "flush", "DEFER1", "DEFER2")
     assert (status, out) == (0, "Flushed: 1 message\n")
     assert "DEFER2: not flushed (message is hold)" in err
-    assert (await setup.spool.get("DEFER2")).next_attempt == NOW + 900  # type: ignore[union-attr]
+    held = await setup.spool.get("DEFER2")
+    assert held is not None and held.next_attempt == NOW + 900
 
 
 # -- delete ----------------------------------------------------------------------------

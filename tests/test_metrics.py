@@ -166,7 +166,11 @@ async def endpoint() -> AsyncIterator[tuple[int, Metrics, dict[str, bool], list[
         refreshed.append(1)
         metrics.upstream_up("default", True)
 
-    ready = readiness({name: (lambda n=name: state[n]) for name in state})
+    ready = readiness({
+        "listeners": lambda: state["listeners"],
+        "spool": lambda: state["spool"],
+        "policy": lambda: state["policy"],
+    })
     server = await start_http(metrics, "127.0.0.1", 0, ready, refresh)
     port = server.sockets[0].getsockname()[1]
     try:
