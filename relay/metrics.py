@@ -10,9 +10,10 @@ API (callers never touch prometheus objects):
     metrics.ratelimit_exceeded(limit)
     metrics.ratelimit_fallback()              # Redis unreachable, local decision used
     metrics.spf_result(result) / dkim_result(result)
-    metrics.delivered(upstream, status, seconds)   # status: sent | deferred | bounced | ...
-    metrics.connect_failed(upstream)
-    metrics.upstream_up(upstream, up)
+    metrics.delivered(upstream, status, seconds)   # once per message attempt; status is
+                                              # sent | deferred | bounced | expired
+    metrics.connect_failed(upstream)          # upstream = group name, never host:port
+    metrics.upstream_up(upstream, up)         # after each connect attempt in the group
     metrics.pool(upstream, idle, busy)
     metrics.reload_succeeded() / reload_failed()
     await metrics.refresh(spool, groups)      # queue gauges from the spool; pool gauges from
@@ -190,7 +191,7 @@ class Metrics:
             self._oldest.labels(state).set(0)
 
     def __repr__(self) -> str:
-        return f"<Metrics {len(list(self.registry.collect()))} families>"
+        return f"<Metrics registry={id(self.registry):#x}>"
 
     # -- inbound ----------------------------------------------------------------------
 
@@ -225,7 +226,7 @@ class Metrics:
     # -- outbound ---------------------------------------------------------------------
 
     def delivered(self, upstream: str, status: str, seconds: float) -> None:
-        """One delivery attempt of one message finished with `status`."""
+        """One delivery attempt of one message finished with `status`, taking `seconds`."""
         self._deliveries.labels(_label(upstream), _label(status)).inc()
         self._duration.labels(_label(upstream)).observe(max(0.0, seconds))
 
