@@ -277,7 +277,8 @@ async def queue_summary(args: argparse.Namespace, path: Path) -> int:
 
 def format_summary(s: dict[str, Any]) -> str:
     counts = ", ".join(f"{name} {s['counts'][name]}" for name in QUEUE_STATES)
-    lines = [f"{s['total']} messages, {s['size'] // 1024} Kbytes ({counts})", ""]
+    noun = "message" if s["total"] == 1 else "messages"
+    lines = [f"{s['total']} {noun}, {s['size'] // 1024} Kbytes ({counts})", ""]
     rows = {"TOTAL": [sum(col) for col in zip(*s["routes"].values(), strict=True)]
             if s["routes"] else [0] * len(s["buckets"])}
     rows.update(s["routes"])
