@@ -9,6 +9,8 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+import aiosmtplib
+
 from relay import bounce
 from relay.config import QueueSettings, Settings
 from relay.outbound import (
@@ -164,6 +166,8 @@ class Delivery:
     def _start(self, message: QueuedMessage, mono: float) -> float:
         """Start delivering `message` if its group admits it; else park it and return
         how long until its group may admit one."""
+        if self._stopping:  # stop() came while the spool was being read
+            return IDLE_POLL
         try:
             name = route(message, self.settings.upstreams)
         except UnknownRoute as exc:
@@ -326,11 +330,13 @@ class Delivery:
         relays: dict[int, str] = {}
         todo = list(range(len(recipients)))
         failure = RecipientResult(0, f"4.4.1 all hosts of upstream group {name!r} are down")
+        last_relay = "none"
         for pool in group.candidates():
             if not todo:
                 break
             if not pool.admits(self.monotonic()):
                 continue
+            last_relay = str(pool.member)
             got, failure = await self._try_host(message, pool, recipients, todo, data)
             for i, result in got.items():
                 results[i] = result
@@ -338,7 +344,7 @@ class Delivery:
             todo = [i for i in todo if i not in got or not _final(got[i])]
         for i in todo:
             results.setdefault(i, failure)
-            relays.setdefault(i, "none")
+            relays.setdefault(i, last_relay)
         return ([results[i] for i in range(len(recipients))],
                 [relays[i] for i in range(len(recipients))])
 
@@ -393,5 +399,8 @@ def _final(result: RecipientResult) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        text = f"{exc.code} {exc.message}"
+    else:
+        text = str(exc) or type(exc).__name__
     return " ".join(text.split())[:300]

@@ -235,6 +235,9 @@ class HostPool:
     async def _authenticate(self, client: aiosmtplib.SMTP) -> None:
         s = self.settings
         timeout = s.command_timeout
+        # RFC 4954 section 4: AUTH follows EHLO (again after STARTTLS, RFC 3207 4.2).
+        if client.is_ehlo_or_helo_needed:
+            await client.ehlo(timeout=timeout)
         if s.auth_mechanism == "xoauth2":
             # OAuth access tokens expire within hours: an outside agent refreshes the
             # file, so it is read for every new connection.
