@@ -11,6 +11,7 @@ from pathlib import Path
 
 from relay import __version__, config, dkimcli, runtime
 from relay.dkimcli import add_dkim_parser
+from relay.queuecli import add_queue_parser, run_queue
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus
 EX_USAGE = 64
@@ -33,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--hostname", metavar="NAME", help="name in the banner and Received:")
     serve.add_argument("--allow", action="append", default=[], metavar="CIDR",
                        help="client network allowed to relay, @relay_networks (repeatable)")
+    serve.add_argument("--metrics", metavar="ADDR:PORT",
+                       help='serve /metrics, /healthz, /readyz here ("" = off)')
+    serve.add_argument("--control-socket", metavar="PATH",
+                       help="the socket `policy-relay queue` talks to")
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="validate config and policies, then exit")
@@ -65,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dkim_parser(commands)
     commands.choices["dkim"].set_defaults(run=_dkim)
+    add_queue_parser(commands).set_defaults(run=_queue)
     return parser
 
 
@@ -82,6 +88,8 @@ def _overrides(args: argparse.Namespace) -> config.Overrides:
         policies_dir=args.policies,
         hostname=getattr(args, "hostname", None),
         allow=tuple(getattr(args, "allow", ())),
+        metrics=getattr(args, "metrics", None),
+        control_socket=getattr(args, "control_socket", None),
     )
 
 
@@ -151,6 +159,18 @@ def _test(args: argparse.Namespace) -> int:
         )
     print(text, end="")
     return status
+
+
+def _queue(args: argparse.Namespace) -> int:
+    if args.control_socket is None:
+        try:
+            settings = config.load(args.config)
+        except config.ConfigError as exc:
+            for line in exc.messages:
+                print(line, file=sys.stderr)
+            return EX_CONFIG
+        args.control_socket = settings.ops.control_socket_path
+    return run_queue(args)
 
 
 def _dkim(args: argparse.Namespace) -> int:

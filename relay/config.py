@@ -40,11 +40,35 @@ class QueueSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class OpsSettings:
+    """[metrics] and [control]: how operators and monitoring reach a running relay."""
+
+    metrics_listen: str = "127.0.0.1:9725"  # "" = no metrics endpoint
+    control_socket: str = ""
+    control_group: str = ""
+
+    @property
+    def control_socket_path(self) -> Path:
+        return resolve_control_socket(self.control_socket)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     hostname: str = ""
     relay_networks: tuple[IPNetwork, ...] = LOOPBACK
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 1000
+    # Inbound limits (relay/inbound.py, relay/connlimits.py).
+    max_line_length: int = 998
+    max_header_size: int = 100 * 1024
+    max_hops: int = 50
+    max_connections: int = 100
+    max_connections_per_client: int = 20
+    idle_timeout: float = 300.0
+    session_timeout: float = 1800.0
+    max_errors: int = 20
+    max_auth_failures: int = 5
+    min_free_space: int = 100 * 1024 * 1024
     policies_dir: str = ""
     listeners: tuple[ListenerSettings, ...] = (
         ListenerSettings("smtp", *parse_hostport(DEFAULT_LISTEN)),
@@ -54,6 +78,7 @@ class Settings:
     )
     queue: QueueSettings = QueueSettings()
     checks: CheckSettings = field(default_factory=CheckSettings)
+    ops: OpsSettings = OpsSettings()
     log_level: str = "info"
     source: str = "<embedded defaults>"
 
@@ -77,6 +102,21 @@ def resolve_spool_dir(configured: str) -> Path:
     return Path(base) / "policy-relay" / "spool"
 
 
+def resolve_control_socket(configured: str) -> Path:
+    """The configured path, else systemd's RuntimeDirectory (also where root's shell
+    finds it), else a per-user runtime directory: the server and the queue CLI, run the
+    same way, agree on it without configuration."""
+    if configured:
+        return Path(configured)
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    if runtime:
+        return Path(runtime.split(":")[0]) / "control.sock"
+    if os.geteuid() == 0:
+        return Path("/run/policy-relay/control.sock")
+    base = os.environ.get("XDG_RUNTIME_DIR") or str(Path.home() / ".local" / "state")
+    return Path(base) / "policy-relay" / "control.sock"
+
+
 @dataclass(frozen=True, slots=True)
 class Overrides:
     """The `serve` flags that replace settings, so a quick start needs no file."""
@@ -87,6 +127,8 @@ class Overrides:
     policies_dir: str | None = None
     hostname: str | None = None
     allow: tuple[str, ...] = ()
+    metrics: str | None = None
+    control_socket: str | None = None
 
 
 def load(path: str | Path | None, overrides: Overrides | None = None) -> Settings:
@@ -119,11 +161,24 @@ def _read(root: Table, source: str) -> Settings:
         relay_networks=server.networks("relay_networks", base.relay_networks),
         max_message_size=server.size("max_message_size", base.max_message_size, low=1024),
         max_recipients=server.integer("max_recipients", base.max_recipients, 1, 100000),
+        max_line_length=server.integer("max_line_length", base.max_line_length, 998, 1000000),
+        max_header_size=server.size("max_header_size", base.max_header_size, low=1024),
+        max_hops=server.integer("max_hops", base.max_hops, 1, 1000),
+        max_connections=server.integer("max_connections", base.max_connections, 1, 100000),
+        max_connections_per_client=server.integer(
+            "max_connections_per_client", base.max_connections_per_client, 1, 100000
+        ),
+        idle_timeout=server.duration("idle_timeout", base.idle_timeout, low=1.0),
+        session_timeout=server.duration("session_timeout", base.session_timeout, low=1.0),
+        max_errors=server.integer("max_errors", base.max_errors, 1, 10000),
+        max_auth_failures=server.integer("max_auth_failures", base.max_auth_failures, 1, 10000),
+        min_free_space=server.size("min_free_space", base.min_free_space),
         policies_dir=server.string("policies_dir", base.policies_dir),
         listeners=read_listeners(root) or base.listeners,
         upstreams=read_upstreams(root) or base.upstreams,
         queue=_read_queue(root.table("queue")),
         checks=read_check_settings(root),
+        ops=_read_ops(root),
         log_level=log.string("level", base.log_level, ("debug", "info", "warning", "error")),
         source=source,
     )
@@ -131,6 +186,26 @@ def _read(root: Table, source: str) -> Settings:
     log.finish()
     root.finish()
     return settings
+
+
+def _read_ops(root: Table) -> OpsSettings:
+    base = OpsSettings()
+    metrics, control = root.table("metrics"), root.table("control")
+    listen = metrics.string("listen", base.metrics_listen)
+    if listen:
+        try:
+            parse_hostport(listen)
+        except ValueError:
+            metrics.error("listen", f'expected "ADDRESS:PORT" or "", got {listen!r}')
+            listen = base.metrics_listen
+    ops = OpsSettings(
+        metrics_listen=listen,
+        control_socket=control.string("socket", base.control_socket),
+        control_group=control.string("group", base.control_group),
+    )
+    metrics.finish()
+    control.finish()
+    return ops
 
 
 def _read_queue(table: Table) -> QueueSettings:
@@ -186,6 +261,13 @@ def _apply(settings: Settings, flags: Overrides, errors: Errors) -> Settings:
         changes["policies_dir"] = flags.policies_dir
     if flags.hostname is not None:
         changes["hostname"] = flags.hostname
+    if flags.metrics is not None or flags.control_socket is not None:
+        changes["ops"] = replace(
+            settings.ops,
+            metrics_listen=settings.ops.metrics_listen if flags.metrics is None else flags.metrics,
+            control_socket=settings.ops.control_socket
+            if flags.control_socket is None else flags.control_socket,
+        )
     if flags.allow:
         networks = []
         for item in flags.allow:

@@ -50,7 +50,6 @@ from relay.spool import MessageState, QueuedMessage, Spool
 
 log = logging.getLogger("relay.control")
 
-DEFAULT_SOCKET = Path("/run/policy-relay/control.sock")
 MAX_REQUEST = 1 << 20  # a delete of many thousand ids still fits
 MAX_RESPONSE = 1 << 28  # `list` of a large queue is one line
 IDLE_TIMEOUT = 60.0

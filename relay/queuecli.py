@@ -59,9 +59,11 @@ def add_queue_parser(
         "queue", help="list and manage the queue of a running relay",
         description="Talk to the running relay over its control socket.",
     )
-    queue.add_argument("--control-socket", metavar="PATH", type=Path,
-                       default=control.DEFAULT_SOCKET,
-                       help=f"the relay's control socket (default {control.DEFAULT_SOCKET})")
+    queue.add_argument("--control-socket", metavar="PATH", type=Path, default=None,
+                       help="the relay's control socket (default: [control] socket of the "
+                       "config, see config.toml)")
+    queue.add_argument("--config", metavar="FILE", type=Path,
+                       help="config file naming the control socket")
     commands = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
 
     listing = commands.add_parser("list", help="list queued messages (like mailq)")
