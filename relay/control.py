@@ -315,9 +315,11 @@ class ControlServer:
             if message.state not in allowed:
                 skipped.append({"id": queue_id, "state": message.state})
                 continue
-            # Between get() and set_state() delivery may finish the message; set_state
-            # then finds nothing (delivered) and the id is reported missing.
-            if await self.spool.set_state(queue_id, new_state, next_attempt(message)):
+            # Between get() and set_state() delivery may finish or fail the message;
+            # set_state then changes nothing and the id is reported missing.
+            if await self.spool.set_state(
+                queue_id, new_state, next_attempt(message), expect=allowed
+            ):
                 log.info("%s: %s (control)", queue_id, verb)
                 done.append(queue_id)
             else:

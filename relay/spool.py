@@ -348,11 +348,26 @@ class Spool:
             raise
         return new_state
 
-    async def set_state(self, queue_id: str, state: MessageState, next_attempt: float) -> bool:
+    async def set_state(
+        self,
+        queue_id: str,
+        state: MessageState,
+        next_attempt: float,
+        expect: Iterable[MessageState] = ("queued", "hold", "failed"),
+    ) -> bool:
+        """Move a message to `state` if it is still in one of the `expect`ed states.
+
+        The condition is part of the UPDATE, so an operator's hold or flush cannot undo
+        a delivery result stored between reading the message and changing it.
+        """
+        allowed = tuple(expect)
+
         def update() -> bool:
+            marks = ", ".join("?" * len(allowed))
             cur = self.db.execute(
-                "UPDATE message SET state = ?, next_attempt = ? WHERE id = ?",
-                (state, next_attempt, queue_id),
+                f"UPDATE message SET state = ?, next_attempt = ? WHERE id = ? "
+                f"AND state IN ({marks})",
+                (state, next_attempt, queue_id, *allowed),
             )
             return cur.rowcount > 0
 
