@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from relay import __version__, config, dkimcli, runtime
+from relay.configdump import dump
 from relay.dkimcli import add_dkim_parser
 from relay.queuecli import add_queue_parser, run_queue
 
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_dkim_parser(commands)
     commands.choices["dkim"].set_defaults(run=_dkim)
     add_queue_parser(commands).set_defaults(run=_queue)
+
+    dump = commands.add_parser("config", help="show the effective configuration")
+    dump_commands = dump.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    dump_parser = dump_commands.add_parser("dump", help="print every setting, secrets redacted")
+    _config_flags(dump_parser)
+    dump_parser.add_argument("--json", action="store_true", help="as one JSON object")
+    dump_parser.set_defaults(run=_config_dump)
     return parser
 
 
@@ -159,6 +167,14 @@ def _test(args: argparse.Namespace) -> int:
         )
     print(text, end="")
     return status
+
+
+def _config_dump(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    if loaded is None:
+        return EX_CONFIG
+    print(dump(loaded.settings, args.json), end="")
+    return 0
 
 
 def _queue(args: argparse.Namespace) -> int:

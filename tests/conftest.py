@@ -140,7 +140,12 @@ def sink() -> Iterator[Sink]:
 
 
 def relay_config(
-    upstream_port: int, listen_port: int, spool: Path, extra: str = "", upstream_extra: str = ""
+    upstream_port: int,
+    listen_port: int,
+    spool: Path,
+    extra: str = "",
+    upstream_extra: str = "",
+    metrics: str = "",
 ) -> str:
     return f"""
 [server]
@@ -161,19 +166,32 @@ data_timeout = "10s"
 spool_dir = "{spool}"
 minimal_backoff = "0.3s"
 maximal_backoff = "1s"
+
+[metrics]
+listen = "{metrics}"
+
+[control]
+socket = "{spool.parent / 'control.sock'}"
 """
 
 
 class RelayProcess:
     """`python -m relay serve` on a loopback port, with its log in a file."""
 
-    def __init__(self, directory: Path, config_text: str, port: int) -> None:
+    def __init__(
+        self, directory: Path, config_text: str, port: int, env: dict[str, str] | None = None
+    ) -> None:
+        self.env = {**os.environ, **(env or {})}
         self.directory = directory
         self.port = port
         self.config = directory / "config.toml"
         self.config.write_text(config_text)
         self.log = directory / "relay.log"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def control_socket(self) -> Path:
+        return self.directory / "control.sock"
 
     @property
     def spool_db(self) -> Path:
@@ -183,7 +201,7 @@ class RelayProcess:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "relay", "serve", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.directory,
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.directory, env=self.env,
             )
         wait_until(lambda: self.proc is not None and (self.proc.poll() is not None
                                                       or port_open(self.port)),
@@ -225,11 +243,19 @@ def start_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     started: list[RelayProcess] = []
 
     def start(
-        upstream_port: int, extra: str = "", upstream_extra: str = "", port: int | None = None
+        upstream_port: int,
+        extra: str = "",
+        upstream_extra: str = "",
+        port: int | None = None,
+        sections: str = "",
+        env: dict[str, str] | None = None,
+        metrics: str = "",
     ) -> RelayProcess:
         port = port or free_port()
-        text = relay_config(upstream_port, port, tmp_path / "spool", extra, upstream_extra)
-        relay = RelayProcess(tmp_path, text, port)
+        text = relay_config(
+            upstream_port, port, tmp_path / "spool", extra, upstream_extra, metrics
+        )
+        relay = RelayProcess(tmp_path, text + sections, port, env)
         started.append(relay)
         return relay.start()
 
