@@ -9,10 +9,12 @@ from collections.abc import Callable
 
 from relay import config
 from relay.config import Settings
+from relay.connlimits import ConnectionLimits
 from relay.delivery import Delivery, Upstreams
 from relay.inbound import InboundHandler, start_listener
 from relay.runtime import Runtime
 from relay.spool import Spool
+from relay.tlsconfig import ListenerTLS
 
 log = logging.getLogger("relay")
 
@@ -43,13 +45,21 @@ class Relay:
         return self.runtime.settings
 
     async def start(self) -> None:
+        # One set of connection counters for all listeners: the caps are per process.
+        self.limits = ConnectionLimits()
+        self.tls: dict[str, ListenerTLS] = {}
         await self.spool.open()
         queued = await self.spool.count()
         for listener in self.settings.listeners:
             handler = InboundHandler(
                 listener, self.current, self.spool, lambda _id: self.delivery.wake()
             )
-            server = await start_listener(listener, handler, self.settings)
+            if listener.tls != "none":
+                self.tls[listener.name] = ListenerTLS(listener.tls_cert, listener.tls_key)
+            tls = self.tls.get(listener.name)
+            server = await start_listener(
+                listener, handler, self.limits, tls.context if tls else None
+            )
             self.servers.append(server)
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
@@ -77,7 +87,14 @@ class Relay:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+        def hangup() -> None:
+            self.reload()
+            # Certificates renewed in place (certbot and the like) take effect now.
+            for tls in self.tls.values():
+                tls.reload()
+
+        loop.add_signal_handler(signal.SIGHUP, hangup)
         await self.start()
         delivery = asyncio.create_task(self.delivery.run())
         try:
@@ -86,6 +103,11 @@ class Relay:
             log.info("stopping")
             for server in self.servers:
                 server.close()
+            # F20: clients between commands get 421 4.3.2 now, busy ones after their
+            # current command; whoever is still there at the deadline gets it anyway.
+            left = await self.limits.drain(STOP_DEADLINE)
+            if left:
+                log.info("closed %d SMTP sessions still busy at the deadline", left)
             await self.delivery.stop(STOP_DEADLINE)
             delivery.cancel()
             await asyncio.gather(delivery, return_exceptions=True)

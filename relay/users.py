@@ -1,0 +1,117 @@
+"""The users file for SMTP AUTH: one "name:$scrypt$..." line per user, salted scrypt hashes."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import tempfile
+from pathlib import Path
+
+# scrypt cost: N = 2**15, r = 8, p = 1 needs 32 MiB and some 50-100 ms per check
+# (RFC 7914 section 2; the interactive-login figures of the scrypt paper).
+LOG_N = 15
+BLOCK_SIZE = 8
+PARALLELISM = 1
+_SALT_BYTES = 16
+_KEY_BYTES = 32
+_HASH = re.compile(
+    r"^\$scrypt\$ln=(\d{1,2}),r=(\d{1,2}),p=(\d{1,2})\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)$"
+)
+_USER = re.compile(r"^[^\x00-\x20\x7f:]{1,255}$")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
+def _scrypt(password: bytes, salt: bytes, log_n: int, r: int, p: int) -> bytes:
+    n = 1 << log_n
+    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, dklen=_KEY_BYTES,
+                          maxmem=2 * 128 * r * n * p + 1024 * 1024)
+
+
+def hash_password(password: str, log_n: int = LOG_N, r: int = BLOCK_SIZE,
+                  p: int = PARALLELISM) -> str:
+    """The users-file form of `password`: "$scrypt$ln=15,r=8,p=1$<salt>$<key>"."""
+    salt = secrets.token_bytes(_SALT_BYTES)
+    key = _scrypt(password.encode("utf-8"), salt, log_n, r, p)
+    return f"$scrypt$ln={log_n},r={r},p={p}${_b64(salt)}${_b64(key)}"
+
+
+def matches(encoded: str, password: bytes) -> bool:
+    m = _HASH.match(encoded)
+    if m is None:
+        return False
+    log_n, r, p = (int(x) for x in m.group(1, 2, 3))
+    if not (1 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16):
+        return False
+    key = _scrypt(password, _unb64(m.group(4)), log_n, r, p)
+    return hmac.compare_digest(key, _unb64(m.group(5)))
+
+
+@functools.cache
+def _dummy() -> str:
+    # Checked against when the user does not exist, so that the answer takes as long.
+    return hash_password(secrets.token_hex(8))
+
+
+def valid_username(name: str) -> bool:
+    return bool(_USER.match(name))
+
+
+def read_users(path: str | Path) -> dict[str, str]:
+    """name -> encoded hash; blank lines and "#" comments are skipped. Raises OSError."""
+    users = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, encoded = line.partition(":")
+            users[name] = encoded
+    return users
+
+
+def check(path: str | Path, login: bytes, password: bytes) -> bool:
+    """True if `login` is in the users file with this password. Slow on purpose: run it
+    off the event loop. Raises OSError when the file cannot be read."""
+    users = read_users(path)
+    try:
+        name = login.decode("utf-8")
+    except UnicodeDecodeError:
+        name = ""
+    encoded = users.get(name) if valid_username(name) else None
+    ok = matches(encoded or _dummy(), password)
+    return ok and encoded is not None
+
+
+def set_password(path: str | Path, name: str, password: str) -> None:
+    """Add or replace one user's entry; the file is replaced atomically, mode 0600."""
+    if not valid_username(name):
+        raise ValueError(f"invalid user name {name!r}: no spaces, colons or control characters")
+    target = Path(path)
+    lines = []
+    if target.exists():
+        lines = [
+            line for line in target.read_text(encoding="utf-8").splitlines()
+            if line.strip().partition(":")[0] != name or line.strip().startswith("#")
+        ]
+    lines.append(f"{name}:{hash_password(password)}")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write("\n".join(lines) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
