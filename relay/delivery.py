@@ -201,7 +201,7 @@ class Delivery:
 
     async def _quarantine(self, queue_id: str) -> None:
         with contextlib.suppress(Exception):
-            await self.spool.set_state(queue_id, "hold", self.clock())
+            await self.spool.set_state(queue_id, "hold", self.clock(), expect=("queued",))
             log.error("%s: put on hold after %d crashed deliveries", queue_id, MAX_CRASHES)
             self._crashes.pop(queue_id, None)
 
@@ -288,7 +288,7 @@ class Delivery:
         last_error = next((o.reply for o in outcomes if o.state != "sent"), "")
         new_state = await self.spool.record_attempt(message.id, outcomes, retry_at, last_error)
         if new_state == "failed" and queue.on_permanent_failure == "hold":
-            await self.spool.set_state(message.id, "hold", now)
+            await self.spool.set_state(message.id, "hold", now, expect=("failed",))
             log.info("%s: held after permanent failure", message.id)
 
     async def _bounce(
@@ -335,6 +335,10 @@ class Delivery:
             if not todo:
                 break
             if not pool.admits(self.monotonic()):
+                if last_relay == "none":
+                    # Say why the host is down, not just that it is.
+                    last_relay = str(pool.member)
+                    failure = RecipientResult(0, f"{pool.last_failure} (host marked down)")
                 continue
             last_relay = str(pool.member)
             got, failure = await self._try_host(message, pool, recipients, todo, data)

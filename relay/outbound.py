@@ -101,6 +101,7 @@ class HostPool:
         self._tls: ssl.SSLContext | None = None
         self.connections_opened = 0
         self.failures = 0
+        self.last_failure = ""
         self.down_until = -math.inf
         # Smooth weighted round-robin counter (nginx), kept by the group.
         self.current_weight = 0
@@ -134,6 +135,7 @@ class HostPool:
 
     def failed(self, reason: str) -> None:
         self.failures += 1
+        self.last_failure = reason
         if self.failures >= self.settings.down_after_failures:
             self.down_until = self.clock() + self.settings.down_pause
             if self.failures == self.settings.down_after_failures:
