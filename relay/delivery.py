@@ -13,6 +13,7 @@ import aiosmtplib
 
 from relay import bounce
 from relay.config import QueueSettings, Settings
+from relay.metrics import Metrics
 from relay.outbound import (
     CONNECTION_ERRORS,
     HostGroup,
@@ -101,7 +102,9 @@ class Delivery:
         upstreams: Upstreams,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.spool = spool
         self.settings = settings
         self.upstreams = upstreams
@@ -287,6 +290,9 @@ class Delivery:
         retry_at = min(now + retry_delay(attempts, queue), message.received_at + queue.max_lifetime)
         last_error = next((o.reply for o in outcomes if o.state != "sent"), "")
         new_state = await self.spool.record_attempt(message.id, outcomes, retry_at, last_error)
+        states = {o.state for o in outcomes}
+        status = "deferred" if "pending" in states else "bounced" if "failed" in states else "sent"
+        self.metrics.delivered(message.route or "default", status, now - message.received_at)
         if new_state == "failed" and queue.on_permanent_failure == "hold":
             await self.spool.set_state(message.id, "hold", now, expect=("failed",))
             log.info("%s: held after permanent failure", message.id)
@@ -382,6 +388,7 @@ class Delivery:
                 failure = RecipientResult(0, f"4.4.1 connection to {pool.member} failed: "
                                              f"{_describe(exc)}")
                 pool.failed(failure.reply)
+                self.metrics.connect_failed(pool.settings.name)
                 return got, failure
             except Exception as exc:
                 # A bug or a library surprise must defer the message, not lose it.
