@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands.choices["dkim"].set_defaults(run=_dkim)
     add_queue_parser(commands).set_defaults(run=_queue)
 
+    passwd = commands.add_parser(
+        "passwd", help="set a user's AUTH password in the users file",
+        description="Reads the password twice from a terminal, or one line from stdin.",
+    )
+    passwd.add_argument("--config", metavar="FILE", type=Path,
+                        help="find the users file as the listeners' users_file")
+    passwd.add_argument("--file", metavar="PATH", help="the users file to write")
+    passwd.add_argument("user")
+    passwd.set_defaults(run=_passwd)
+
     dump = commands.add_parser("config", help="show the effective configuration")
     dump_commands = dump.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
     dump_parser = dump_commands.add_parser("dump", help="print every setting, secrets redacted")
@@ -175,6 +185,12 @@ def _config_dump(args: argparse.Namespace) -> int:
         return EX_CONFIG
     print(dump(loaded.settings, args.json), end="")
     return 0
+
+
+def _passwd(args: argparse.Namespace) -> int:
+    from relay.users import passwd_command
+
+    return passwd_command(args.config, args.file, args.user)
 
 
 def _queue(args: argparse.Namespace) -> int:

@@ -118,6 +118,7 @@ class _LineReader(asyncio.StreamReader):
 
     protocol: RelaySMTP
     waiting_for_command = False
+    overrun = False
 
     async def readuntil(self, separator: Any = b"\n") -> bytes:
         if separator != b"\n":  # DATA, read line by line up to CRLF
@@ -128,9 +129,16 @@ class _LineReader(asyncio.StreamReader):
         self.waiting_for_command = True
         try:
             line = await super().readuntil(separator)
+        except asyncio.LimitOverrunError:
+            # aiosmtpd skips the over-long line and reads on to its end; that tail (maybe
+            # just the LF of the CRLF) is no command of its own.
+            self.overrun = True
+            raise
         finally:
             self.waiting_for_command = False
-        if why := command_line_problem(line):
+        if self.overrun:
+            self.overrun = False
+        elif why := command_line_problem(line):
             raise BadCommandLine(why)
         return line
 
@@ -274,7 +282,13 @@ class RelaySMTP(SMTP):
             # Admission waits for the PROXY header: the limits count the real client.
         elif not self._admit():
             return
-        await super()._handle_client()
+        try:
+            await super()._handle_client()
+        except asyncio.CancelledError:
+            # EOF while aiosmtpd waits for the PROXY header cancels it without closing
+            # the (half-open) connection; it would linger until the timeout.
+            self.close_with(None)
+            raise
 
     def accept_proxy(self, proxy: ProxyData) -> bool:
         """The PROXY header arrived: from now on the client is the address it names."""
@@ -313,7 +327,8 @@ class RelaySMTP(SMTP):
     def drain(self, force: bool) -> None:
         """SIGTERM: a session waiting for a command gets 421 now, a busy one after its
         current command (before_command), or now as well when `force`d."""
-        if force or cast(_LineReader, self._reader).waiting_for_command:
+        waiting = cast(_LineReader, self._reader).waiting_for_command
+        if force or waiting or self._admitted is None:  # None: still before the PROXY header
             self.close_with(replies.SHUTTING_DOWN)
 
     def before_command(self) -> None:
@@ -527,6 +542,11 @@ def has_bare_line_ending(data: bytes) -> bool:
     return b"\0" in data or data.count(b"\r") != crlf or data.count(b"\n") != crlf
 
 
+def longest_line(data: bytes) -> int:
+    """Octets in the longest line of `data`, CRLF not counted."""
+    return max(map(len, data.split(b"\r\n")), default=0)
+
+
 def declared_size(options: list[str]) -> int:
     """The RFC 1870 SIZE= value of MAIL, 0 when absent (aiosmtpd has checked the syntax)."""
     for option in options:
@@ -603,6 +623,10 @@ class InboundHandler:
         if has_bare_line_ending(data):
             return self._refuse(session, "DATA", replies.BAD_LINE_ENDING, sender)
         settings = session.settings
+        if (longest := longest_line(data)) > settings.max_line_length:
+            # aiosmtpd's own check allows one octet more, for a dot-stuffed line.
+            return self._refuse(session, "DATA", replies.LINE_TOO_LONG,
+                                f"{sender} line of {longest} octets")
         header_size, hops = header_stats(data)
         if header_size > settings.max_header_size:
             return self._refuse(session, "DATA", replies.HEADER_TOO_BIG,

@@ -115,3 +115,45 @@ def set_password(path: str | Path, name: str, password: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def passwd_command(config_path: Path | None, users_file: str | None, name: str) -> int:
+    """`policy-relay passwd USER`: read a password (twice from a terminal, else one line
+    of stdin) and write USER's entry; returns the exit status."""
+    import getpass
+    import sys
+
+    from relay import config
+
+    if users_file is None:
+        try:
+            settings = config.load(config_path)
+        except config.ConfigError as exc:
+            print("\n".join(exc.messages), file=sys.stderr)
+            return 78
+        files = sorted({lst.users_file for lst in settings.listeners if lst.users_file})
+        if len(files) != 1:
+            print("policy-relay passwd: no single users_file among the configured listeners; "
+                  "pass --file", file=sys.stderr)
+            return 64
+        users_file = files[0]
+    if not valid_username(name):
+        print(f"policy-relay passwd: invalid user name {name!r}", file=sys.stderr)
+        return 64
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"New password for {name}: ")
+        if getpass.getpass("Again: ") != password:
+            print("policy-relay passwd: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("policy-relay passwd: empty password", file=sys.stderr)
+        return 1
+    try:
+        set_password(users_file, name, password)
+    except OSError as exc:
+        print(f"policy-relay passwd: {users_file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"{users_file}: password set for {name}")
+    return 0
