@@ -130,6 +130,26 @@ def test_smuggled_second_message_behind_a_fake_end_of_data_is_never_accepted(
     assert b"smuggled" not in got.data
 
 
+@pytest.mark.parametrize("body", [b"bare\rCR\r\n", b"bare\nLF\r\n", b"N\x00L\r\n"], ids=repr)
+def test_bare_cr_bare_lf_or_nul_anywhere_in_data_is_refused(
+    relay: RelayProcess, sink: Sink, body: bytes
+):
+    with session(relay) as raw:
+        raw.chat(ENVELOPE, 3)
+        assert raw.chat(BODY + body + b".\r\n") == [
+            "550 5.5.2 Message contains bare CR, bare LF or NUL; not accepted"
+        ]
+    assert relay.queue_rows() == []
+    assert sink.handler.messages == []
+
+
+def test_auth_on_a_listener_without_auth_is_refused(relay: RelayProcess, sink: Sink):
+    with session(relay) as raw:
+        assert raw.chat(b"AUTH PLAIN AGFsaWNlAHB3\r\n") == [
+            "503 5.5.1 Error: authentication not enabled"
+        ]
+
+
 def test_bare_lf_as_command_terminator_is_refused_and_not_executed(
     relay: RelayProcess, sink: Sink
 ):
