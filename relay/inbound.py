@@ -634,7 +634,8 @@ class InboundHandler:
         if hops >= settings.max_hops:
             # RFC 5321 section 6.3: count Received: fields to break mail loops.
             return self._refuse(session, "DATA", replies.TOO_MANY_HOPS, f"{sender} hops {hops}")
-        data, forged = strip_forged_authentication_results(data, settings.smtp_hostname)
+        our_id = settings.checks.authserv_id or settings.smtp_hostname
+        data, forged = strip_forged_authentication_results(data, our_id)
         now = self.clock()
         queue_id = new_queue_id()
         if forged:
