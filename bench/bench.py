@@ -1,0 +1,855 @@
+"""End-to-end benchmark: smtp-source -> (nothing | Postfix | policy-relay) -> smtp-sink.
+
+Run through `bench/run` (it installs Postfix's tools and the venv first). Everything runs
+on 127.0.0.1 on free ports; every wait is bounded; at exit only the processes this script
+started are stopped, by PID.
+
+Measured per target, with the same load (smtp-source plus a small aiosmtplib client that
+sends sequentially alongside and times each final-dot reply):
+  - end-to-end messages/s: from the start of smtp-source until smtp-sink has counted every
+    message (smtp-sink -c prints "sess=.. quit=.. msg=N" on every final dot);
+  - accepted (250 to the clients) == delivered (counted by the sink);
+  - CPU seconds of the relay process (utime+stime from /proc/PID/stat, all threads);
+  - latency of aiosmtplib's data() call (DATA, 354, content, final dot, reply), p50/p99.
+Then the relay's resident memory: at rest, with 1,000 idle connections (after EHLO), and
+peak while 50 clients send 10 MB messages at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aiosmtplib
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+VENV_BIN = Path(sys.executable).parent
+SINK = "/usr/sbin/smtp-sink"
+SOURCE = "/usr/sbin/smtp-source"
+POSTFIX = "/usr/sbin/postfix"
+LOOPBACK = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- processes we own ------------------------------------------------------------------
+
+class Owned:
+    """Every process this script starts, stopped by PID (never by name) at the end."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.cleanups: list = []
+
+    def start(self, argv: list[str], **kw) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(argv, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen[bytes], sig: int = signal.SIGTERM, wait: float = 15) -> None:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(sig)
+            try:
+                p.wait(wait)
+            except subprocess.TimeoutExpired:
+                log(f"pid {p.pid} ignored signal {sig}; killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                p.wait(5)
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def stop_all(self) -> None:
+        for fn in reversed(self.cleanups):
+            try:
+                fn()
+            except Exception as exc:  # keep cleaning up
+                log(f"cleanup failed: {exc}")
+        self.cleanups.clear()
+        for p in list(reversed(self.procs)):
+            self.stop(p, wait=10)
+
+
+OWNED = Owned()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def wait_tcp(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(
+                f"process {proc.args[0]} exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {LOOPBACK}:{port} after {timeout}s")
+
+
+def cpu_seconds(pid: int) -> float:
+    # Fields after the ")" of comm: state is field 3; utime 14, stime 15 (1-based).
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    rest = stat[stat.rindex(")") + 2:].split()
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A kB figure from /proc/PID/status (VmRSS, VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def machine_cpu() -> float:
+    """Busy CPU seconds of the whole machine (everyone's), from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = f[3] + f[4]
+    return (sum(f[:8]) - idle) / CLK_TCK
+
+
+# -- smtp-sink -------------------------------------------------------------------------
+
+class Sink:
+    """smtp-sink on a loopback port; counts messages via its -c counter on stdout."""
+
+    def __init__(self, workdir: Path, name: str) -> None:
+        self.port = free_port()
+        self.out_path = workdir / f"sink-{name}.out"
+        self.out = open(self.out_path, "wb")  # noqa: SIM115
+        self.proc = OWNED.start(
+            [SINK, "-u", "nobody", "-c", "-h", "sink.bench.test", f"{LOOPBACK}:{self.port}", "256"],
+            stdout=self.out, stderr=subprocess.STDOUT,
+        )
+        wait_tcp(self.port, self.proc)
+
+    def count(self) -> int:
+        with open(self.out_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 200))
+            tail = f.read()
+        found = re.findall(rb"mesg=(\d+)", tail)
+        return int(found[-1]) if found else 0
+
+    def stop(self) -> None:
+        OWNED.stop(self.proc)
+        self.out.close()
+
+
+# -- the relay -------------------------------------------------------------------------
+
+_CAPS: dict[str, str] = {}
+
+
+def connection_caps(args: argparse.Namespace) -> str:
+    """Raise the relay's connection caps above what the benchmark opens (21 sessions from
+    one address; 1,000 idle connections), if this relay version has such settings."""
+    if "v" not in _CAPS:
+        n = max(args.idle_connections, args.sessions, args.big_messages) + 100
+        text = f"max_connections = {n}\nmax_connections_per_client = {n}\n"
+        with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+            f.write("[server]\n" + text)
+            f.flush()
+            r = subprocess.run([str(VENV_BIN / "policy-relay"), "check", "--config", f.name],
+                               capture_output=True, text=True, check=False, timeout=60)
+        _CAPS["v"] = text if r.returncode == 0 else ""
+        if r.returncode != 0:
+            log(f"relay has no connection caps to raise ({r.stdout.strip()} {r.stderr.strip()})")
+    return _CAPS["v"]
+
+
+class Relay:
+    def __init__(self, workdir: Path, name: str, sink_port: int, args: argparse.Namespace) -> None:
+        self.port = free_port()
+        self.dir = workdir / f"relay-{name}"
+        self.dir.mkdir()
+        self.config = self.dir / "config.toml"
+        self.config.write_text(
+            "[server]\n"
+            'hostname = "relay.bench.test"\n'
+            'relay_networks = ["127.0.0.0/8"]\n'
+            f'max_message_size = "{args.max_message_size}"\n'
+            f"{connection_caps(args)}"
+            "[listener.bench]\n"
+            f'address = "{LOOPBACK}:{self.port}"\n'
+            "[upstream.default]\n"
+            f'hosts = ["{LOOPBACK}:{sink_port}"]\n'
+            f"pool_size = {args.pool_size}\n"
+            f"max_messages_per_connection = {args.max_messages_per_connection}\n"
+            "[queue]\n"
+            f'spool_dir = "{self.dir / "spool"}"\n'
+            f"delivery_workers = {args.workers}\n"
+        )
+        self.log_path = self.dir / "relay.log"
+        self.log = open(self.log_path, "wb")  # noqa: SIM115
+        self.proc = OWNED.start(
+            [str(VENV_BIN / "policy-relay"), "serve", "--config", str(self.config)],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir,
+        )
+        wait_tcp(self.port, self.proc, timeout=30)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_counts(self) -> tuple[int, int, int]:
+        """(accepted, sent, other delivery lines) from the relay's own log."""
+        text = self.log_path.read_bytes()
+        return (len(re.findall(rb": client=\[", text)), len(re.findall(rb"status=sent", text)),
+                len(re.findall(rb"status=(?:deferred|failed|expired)", text)))
+
+    def stop(self) -> int:
+        """Stop (SIGTERM), then return how many messages are still in the spool."""
+        OWNED.stop(self.proc, wait=30)
+        self.log.close()
+        db = self.dir / "spool" / "spool.db"
+        if not db.exists():
+            return -1
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            return int(con.execute("SELECT COUNT(*) FROM message").fetchone()[0])
+
+
+# -- a private Postfix instance --------------------------------------------------------
+
+MASTER_CF = """\
+{smtpd_addr} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+MAIN_CF = """\
+# Private benchmark instance: own config, queue and data directories, loopback only.
+compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.bench.test
+mydomain = bench.test
+myorigin = $myhostname
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relayhost = [127.0.0.1]:{sink_port}
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+alias_maps =
+alias_database =
+local_recipient_maps =
+smtputf8_enable = no
+biff = no
+maillog_file = {dir}/maillog
+maillog_file_prefixes = {dir}
+"""
+
+
+class PostfixInstance:
+    """`postfix -c DIR start` with a private config_directory; `postfix -c DIR stop`."""
+
+    def __init__(self, workdir: Path, sink_port: int) -> None:
+        self.port = free_port()
+        self.dir = workdir / "postfix"
+        self.etc = self.dir / "etc"
+        self.queue = self.dir / "queue"
+        self.etc.mkdir(parents=True)
+        self.queue.mkdir(mode=0o755)  # postfix creates its subdirectories, not this one
+        self.etc.joinpath("main.cf").write_text(MAIN_CF.format(
+            queue=self.queue, data=self.dir / "data", sink_port=sink_port, dir=self.dir))
+        self.etc.joinpath("master.cf").write_text(
+            MASTER_CF.format(smtpd_addr=f"{LOOPBACK}:{self.port}"))
+        self.master_pid: int | None = None
+        self.out = self.dir / "postfix-cmd.log"
+        OWNED.cleanups.append(self.stop)
+        self._postfix("start", timeout=60)
+        pidfile = self.queue / "pid" / "master.pid"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and self.master_pid is None:
+            with contextlib.suppress(OSError, ValueError):
+                self.master_pid = int(pidfile.read_text().split()[0])
+            time.sleep(0.05)
+        if self.master_pid is None:
+            raise RuntimeError(f"private postfix did not start; see {self.out}")
+        wait_tcp(self.port, None, timeout=15)
+
+    def _postfix(self, verb: str, timeout: float) -> int:
+        with open(self.out, "ab") as out:
+            r = subprocess.run([POSTFIX, "-c", str(self.etc), verb], stdout=out,
+                               stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        if r.returncode != 0:
+            log(f"postfix -c {self.etc} {verb} exited {r.returncode}: "
+                + self.out.read_text(errors="replace")[-2000:])
+        return r.returncode
+
+    def log_counts(self) -> tuple[int, int]:
+        maillog = self.dir / "maillog"
+        text = maillog.read_bytes() if maillog.exists() else b""
+        return (len(re.findall(rb"postfix/smtpd\[\d+\]: [0-9A-F]+: client=", text)),
+                len(re.findall(rb"postfix/smtp\[\d+\]: [0-9A-F]+: to=.*status=sent", text)))
+
+    def alive(self) -> bool:
+        """Our master process exists and is not a zombie waiting to be reaped."""
+        try:
+            stat = Path(f"/proc/{self.master_pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat[stat.rindex(")") + 2] != "Z"
+
+    def stop(self) -> None:
+        if self.master_pid is None or not self.alive():
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._postfix("stop", timeout=60)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and self.alive():
+            time.sleep(0.1)
+        if self.alive():
+            log(f"private postfix master {self.master_pid} still running; SIGKILL")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.master_pid, signal.SIGKILL)
+        self.master_pid = None
+
+
+# -- load ------------------------------------------------------------------------------
+
+def message_bytes(size: int, sender: str, rcpt: str, subject: str) -> bytes:
+    head = (f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{time.time_ns()}@bench.test>\r\n\r\n").encode()
+    line = b"x" * 76 + b"\r\n"
+    body = line * (size // len(line)) + b"y" * (size % len(line))
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return head + body
+
+
+async def latency_client(port: int, size: int, limit: int, stop: asyncio.Event,
+                         out: list[float], failures: list[str]) -> None:
+    """One connection, messages one after another; times each data() call."""
+    sender, rcpt = "latency@source.bench.test", "latency@dest.bench.test"
+    msg = message_bytes(size, sender, rcpt, "latency probe")
+    try:
+        smtp = aiosmtplib.SMTP(hostname=LOOPBACK, port=port, timeout=120,
+                               local_hostname="latency.bench.test", start_tls=False)
+        await smtp.connect()
+        await smtp.ehlo()
+    except Exception as exc:
+        failures.append(f"connect: {exc!r}")
+        return
+    try:
+        for _ in range(limit):
+            if stop.is_set():
+                break
+            try:
+                await smtp.mail(sender)
+                await smtp.rcpt(rcpt)
+                t0 = time.perf_counter()
+                await smtp.data(msg)
+                out.append(time.perf_counter() - t0)
+            except Exception as exc:
+                failures.append(repr(exc))
+                if not smtp.is_connected:
+                    break
+                with contextlib.suppress(Exception):
+                    await smtp.rset()
+    finally:
+        with contextlib.suppress(Exception):
+            await smtp.quit()
+
+
+@dataclass
+class LoadResult:
+    target: str
+    messages: int = 0          # smtp-source's share
+    latency_sent: int = 0      # accepted from the latency client
+    accepted: int = 0
+    delivered: int = 0
+    source_seconds: float = 0.0
+    seconds: float = 0.0
+    rate: float = 0.0
+    accept_rate: float = 0.0
+    complete: bool = False
+    relay_cpu: float | None = None
+    machine_cpu: float = 0.0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    latency_failures: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+async def drive(target: str, port: int, sink: Sink, args: argparse.Namespace,
+                relay_pid: int | None = None) -> LoadResult:
+    res = LoadResult(target=target, messages=args.messages)
+    base = sink.count()
+    argv = [SOURCE, "-s", str(args.sessions), "-m", str(args.messages), "-l", str(args.size),
+            "-r", str(args.recipients), "-f", "bench@source.bench.test",
+            "-t", "rcpt@dest.bench.test", "-M", "source.bench.test"]
+    if not args.connection_per_message:
+        argv.append("-d")
+    argv.append(f"{LOOPBACK}:{port}")
+    lat: list[float] = []
+    failures: list[str] = []
+    stop = asyncio.Event()
+    cpu0 = cpu_seconds(relay_pid) if relay_pid else None
+    mcpu0 = machine_cpu()
+    t0 = time.perf_counter()
+    src = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.PIPE)
+    lat_task = asyncio.create_task(
+        latency_client(port, args.size, args.latency_messages, stop, lat, failures))
+    timeout = max(300.0, args.messages / 20)
+    try:
+        _, err = await asyncio.wait_for(src.communicate(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            src.kill()
+        await src.wait()
+        err = b"timed out"
+        res.notes.append(f"smtp-source did not finish in {timeout:.0f}s")
+    res.source_seconds = time.perf_counter() - t0
+    stop.set()
+    await asyncio.wait_for(lat_task, 180)
+    if src.returncode != 0:
+        tail = err.decode(errors="replace")[-300:]
+        res.notes.append(f"smtp-source exit {src.returncode}: {tail}")
+    # smtp-source stops at the first reply it did not expect, so exit 0 = all accepted.
+    source_ok = args.messages if src.returncode == 0 else 0
+    res.latency_sent = len(lat)
+    res.accepted = source_ok + len(lat)
+    res.latency_failures = len(failures)
+    if failures:
+        res.notes.append(f"latency client errors: {failures[:3]}")
+    # Wait (bounded) until the sink has counted every accepted message.
+    expected = base + res.accepted
+    deadline = time.perf_counter() + timeout
+    last, last_change = sink.count(), time.perf_counter()
+    while time.perf_counter() < deadline:
+        n = sink.count()
+        if n >= expected:
+            break
+        if n != last:
+            last, last_change = n, time.perf_counter()
+        elif time.perf_counter() - last_change > args.stall_timeout:
+            res.notes.append(f"sink stalled at {n - base}/{res.accepted} for {args.stall_timeout}s")
+            break
+        await asyncio.sleep(0.01)
+    res.seconds = time.perf_counter() - t0
+    if relay_pid:
+        res.relay_cpu = cpu_seconds(relay_pid) - cpu0
+    res.machine_cpu = machine_cpu() - mcpu0
+    await asyncio.sleep(0.5)  # anything beyond the expected count (duplicates) shows up now
+    res.delivered = sink.count() - base
+    res.complete = res.delivered == res.accepted and src.returncode == 0
+    res.rate = res.delivered / res.seconds
+    res.accept_rate = res.accepted / res.source_seconds
+    if lat:
+        q = statistics.quantiles(lat, n=100, method="inclusive")
+        res.p50_ms, res.p99_ms = q[49] * 1000, q[98] * 1000
+    return res
+
+
+# -- memory ----------------------------------------------------------------------------
+
+async def open_idle(port: int, n: int) -> list[asyncio.StreamWriter]:
+    writers: list[asyncio.StreamWriter] = []
+
+    async def one(i: int) -> None:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(LOOPBACK, port), 30)
+        writers.append(writer)
+        await asyncio.wait_for(reader.readline(), 30)  # banner
+        writer.write(f"EHLO idle{i}.bench.test\r\n".encode())
+        while True:
+            line = await asyncio.wait_for(reader.readline(), 30)
+            if not line or line[3:4] == b" ":
+                break
+
+    for start in range(0, n, 100):
+        await asyncio.gather(*(one(i) for i in range(start, min(n, start + 100))))
+    return writers
+
+
+async def big_messages(port: int, count: int, size: int) -> tuple[int, list[str]]:
+    msg = message_bytes(size, "big@source.bench.test", "big@dest.bench.test", "10 MB")
+    errors: list[str] = []
+
+    async def one() -> bool:
+        try:
+            await aiosmtplib.send(msg, sender="big@source.bench.test",
+                                  recipients=["big@dest.bench.test"], hostname=LOOPBACK,
+                                  port=port, timeout=600, start_tls=False,
+                                  local_hostname="big.bench.test")
+            return True
+        except Exception as exc:
+            errors.append(repr(exc))
+            return False
+
+    ok = await asyncio.gather(*(one() for _ in range(count)))
+    return sum(ok), errors
+
+
+async def sample_rss(pid: int, stop: asyncio.Event, peak: list[int]) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(OSError):
+            peak[0] = max(peak[0], proc_status(pid, "VmRSS"))
+        await asyncio.sleep(0.02)
+
+
+async def memory(workdir: Path, args: argparse.Namespace) -> dict[str, object]:
+    out: dict[str, object] = {}
+    # 1) idle connections
+    sink = Sink(workdir, "mem-idle")
+    relay = Relay(workdir, "mem-idle", sink.port, args)
+    await asyncio.sleep(1.0)
+    out["rss_at_rest_mb"] = proc_status(relay.pid, "VmRSS") / 2**20
+    writers = await open_idle(relay.port, args.idle_connections)
+    await asyncio.sleep(2.0)
+    fds = len(os.listdir(f"/proc/{relay.pid}/fd"))
+    out["idle_connections"] = len(writers)
+    out["relay_fds_with_idle"] = fds
+    out["rss_idle_mb"] = proc_status(relay.pid, "VmRSS") / 2**20
+    out["rss_per_idle_conn_kb"] = ((out["rss_idle_mb"] - out["rss_at_rest_mb"]) * 1024
+                                   / max(1, len(writers)))
+    for w in writers:
+        w.close()
+    await asyncio.sleep(1.0)
+    out["rss_after_idle_closed_mb"] = proc_status(relay.pid, "VmRSS") / 2**20
+    relay.stop()
+    sink.stop()
+    # 2) concurrent big messages
+    sink = Sink(workdir, "mem-big")
+    relay = Relay(workdir, "mem-big", sink.port, args)
+    await asyncio.sleep(1.0)
+    rest = proc_status(relay.pid, "VmRSS")
+    peak = [rest]
+    stop = asyncio.Event()
+    spy = await start_spy(workdir, relay.pid, "big") if args.profile else None
+    sampler = asyncio.create_task(sample_rss(relay.pid, stop, peak))
+    t0 = time.perf_counter()
+    ok, errors = await big_messages(relay.port, args.big_messages, args.big_size)
+    accept_s = time.perf_counter() - t0
+    deadline = time.perf_counter() + 300
+    while time.perf_counter() < deadline and sink.count() < ok:
+        await asyncio.sleep(0.05)
+    delivered = sink.count()
+    total_s = time.perf_counter() - t0
+    stop.set()
+    await sampler
+    stop_spy(spy)
+    out["big_rss_at_rest_mb"] = rest / 2**20
+    out["big_accepted"] = ok
+    out["big_delivered"] = delivered
+    out["big_errors"] = errors[:3]
+    out["big_rss_peak_mb"] = peak[0] / 2**20
+    out["big_vmhwm_mb"] = proc_status(relay.pid, "VmHWM") / 2**20
+    await asyncio.sleep(2.0)
+    out["big_rss_after_mb"] = proc_status(relay.pid, "VmRSS") / 2**20
+    out["big_accept_seconds"] = accept_s
+    out["big_total_seconds"] = total_s
+    relay.stop()
+    sink.stop()
+    return out
+
+
+# -- profile ---------------------------------------------------------------------------
+
+def summarize_profile(raw: Path, top: int = 30) -> str:
+    """py-spy --format raw: 'frame;frame;... count' lines -> self and inclusive tables."""
+    selfc: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        # "func (/path/.../site-packages/mod.py:123)" -> "func (mod.py)": per function
+        frames = [re.sub(r":\d+\)$", ")",
+                         re.sub(r"\s*\(\S*?(?:site-packages|python3\.\d+)/|\s*\(" + re.escape(
+                             str(REPO)) + "/", " (", f))
+                  for f in stack.split(";")]
+        selfc[frames[-1]] = selfc.get(frames[-1], 0) + count
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + count
+    lines = [f"samples: {total}", "", "self (top):"]
+    for f, c in sorted(selfc.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * c / total:5.1f}%  {f}")
+    lines += ["", "inclusive (top):"]
+    for f, c in sorted(incl.items(), key=lambda kv: -kv[1])[:top * 2]:
+        lines.append(f"  {100 * c / total:5.1f}%  {f}")
+    return "\n".join(lines)
+
+
+async def start_spy(workdir: Path, pid: int, name: str) -> tuple[subprocess.Popen[bytes], Path]:
+    raw = workdir / f"profile-{name}.raw"
+    spy = OWNED.start([str(VENV_BIN / "py-spy"), "record", "-p", str(pid), "-r", "200",
+                       "-f", "raw", "--threads", "-o", str(raw)],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    await asyncio.sleep(1.0)
+    return spy, raw
+
+
+def stop_spy(spy: tuple[subprocess.Popen[bytes], Path] | None) -> None:
+    """Stop py-spy (SIGINT: it writes its file) and keep a summary in bench/results/."""
+    if spy is None:
+        return
+    proc, raw = spy
+    OWNED.stop(proc, sig=signal.SIGINT, wait=60)
+    if raw.exists():
+        dest = BENCH_DIR / "results" / f"{time.strftime('%Y-%m-%d-%H%M%S')}-{raw.stem}.txt"
+        dest.parent.mkdir(exist_ok=True)
+        shutil.copy(raw, dest.with_suffix(".raw"))
+        dest.write_text(summarize_profile(raw))
+        log(f"  profile summary: {dest}")
+
+
+# -- main ------------------------------------------------------------------------------
+
+def fmt(x: float | None, spec: str = ".0f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+async def run_loads(workdir: Path, args: argparse.Namespace) -> dict[str, list[LoadResult]]:
+    results: dict[str, list[LoadResult]] = {"smtp-sink direct": [], "postfix": [],
+                                            "policy-relay": []}
+    for rep in range(args.repeat):
+        if "direct" in args.targets:
+            sink = Sink(workdir, f"direct-{rep}")
+            log(f"run {rep + 1}/{args.repeat}: smtp-source -> smtp-sink")
+            r = await drive("smtp-sink direct", sink.port, sink, args)
+            sink.stop()
+            results["smtp-sink direct"].append(r)
+            log(f"  {r.rate:.0f} msg/s, {r.delivered}/{r.accepted} {r.notes}")
+        if "postfix" in args.targets:
+            sink = Sink(workdir, f"postfix-{rep}")
+            log(f"run {rep + 1}/{args.repeat}: smtp-source -> postfix -> smtp-sink")
+            try:
+                pf = PostfixInstance(workdir / f"pf{rep}", sink.port)
+            except Exception as exc:
+                log(f"  private postfix unavailable: {exc}")
+                results["postfix"].append(LoadResult("postfix", notes=[f"not run: {exc}"]))
+            else:
+                r = await drive("postfix", pf.port, sink, args)
+                pf.stop()
+                acc, sent = pf.log_counts()
+                r.notes.append(f"postfix log: {acc} accepted, {sent} sent")
+                results["postfix"].append(r)
+                log(f"  {r.rate:.0f} msg/s, {r.delivered}/{r.accepted} {r.notes}")
+            sink.stop()
+        if "relay" in args.targets:
+            sink = Sink(workdir, f"relay-{rep}")
+            relay = Relay(workdir, f"load-{rep}", sink.port, args)
+            log(f"run {rep + 1}/{args.repeat}: smtp-source -> policy-relay -> smtp-sink "
+                f"(pid {relay.pid})")
+            spy = await start_spy(workdir, relay.pid, f"load-{rep}") if args.profile else None
+            r = await drive("policy-relay", relay.port, sink, args, relay_pid=relay.pid)
+            stop_spy(spy)
+            left = relay.stop()
+            acc, sent, other = relay.log_counts()
+            r.notes.append(f"relay log: {acc} accepted, {sent} sent, {other} deferred/failed; "
+                           f"{left} left in spool")
+            results["policy-relay"].append(r)
+            sink.stop()
+            log(f"  {r.rate:.0f} msg/s, {r.delivered}/{r.accepted}, cpu {r.relay_cpu:.1f}s "
+                f"{r.notes}")
+    return results
+
+
+def best(rs: list[LoadResult]) -> LoadResult | None:
+    ok = [r for r in rs if r.seconds > 0]
+    return max(ok, key=lambda r: r.rate) if ok else None
+
+
+def report(results: dict[str, list[LoadResult]], mem: dict[str, object] | None,
+           args: argparse.Namespace, started: str) -> str:
+    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "relay"],
+                           capture_output=True, text=True, check=False).stdout.strip()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in
+                Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "?")
+    L = [f"## {started}: {args.messages} messages x {args.size} B, {args.sessions} sessions, "
+         f"{args.recipients} rcpt/msg", "",
+         f"Machine: {os.cpu_count()} CPUs ({cpu}), {platform.platform()}, Python "
+         f"{platform.python_version()}; relay at {rev}"
+         f"{' + uncommitted relay/ changes' if dirty else ''}. "
+         f"smtp-source {'without' if args.connection_per_message else 'with'} -d "
+         f"({'one connection per message' if args.connection_per_message else 'reused'}"
+         " connections); "
+         f"relay: pool_size={args.pool_size}, delivery_workers={args.workers}, "
+         f"max_messages_per_connection={args.max_messages_per_connection}, log level info, "
+         f"spool on disk (SQLite WAL, synchronous=FULL). Latency client: aiosmtplib, one "
+         f"connection, sequential, up to {args.latency_messages} messages during the load.",
+         ""]
+    sink_b, pf_b, rl_b = (best(results[k]) for k in ("smtp-sink direct", "postfix", "policy-relay"))
+    if rl_b is not None:
+        L += ["| ratio | value |", "|---|---|"]
+        if sink_b:
+            L.append(f"| policy-relay / smtp-sink direct | {rl_b.rate / sink_b.rate:.3f} |")
+        if pf_b and pf_b.rate:
+            L.append(f"| policy-relay / Postfix relay | {rl_b.rate / pf_b.rate:.2f} |")
+            if pf_b.p50_ms and rl_b.p50_ms:
+                L.append(f"| p50 final-dot latency, policy-relay / Postfix | "
+                         f"{rl_b.p50_ms / pf_b.p50_ms:.2f} |")
+                L.append(f"| p99 final-dot latency, policy-relay / Postfix | "
+                         f"{rl_b.p99_ms / pf_b.p99_ms:.2f} |")
+        L.append("")
+    L += ["| target | run | end-to-end msg/s | accept msg/s | accepted | delivered | "
+          "accepted == delivered | relay CPU s | machine CPU s | p50 ms | p99 ms | notes |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in results.items():
+        for i, r in enumerate(rs):
+            L.append(f"| {name} | {i + 1} | {r.rate:.0f} | {r.accept_rate:.0f} | {r.accepted} | "
+                     f"{r.delivered} | {'yes' if r.complete else 'NO'} | "
+                     f"{fmt(r.relay_cpu, '.1f')} | "
+                     f"{r.machine_cpu:.1f} | {fmt(r.p50_ms, '.1f')} | {fmt(r.p99_ms, '.1f')} | "
+                     f"{'; '.join(r.notes)} |")
+    if mem:
+        L += ["", "| relay memory | RSS |", "|---|---|",
+              f"| at rest | {mem['rss_at_rest_mb']:.1f} MB |",
+              f"| {mem['idle_connections']} idle connections (after EHLO; relay holds "
+              f"{mem['relay_fds_with_idle']} fds) | {mem['rss_idle_mb']:.1f} MB "
+              f"({mem['rss_per_idle_conn_kb']:.1f} KB per connection) |",
+              f"| after closing them | {mem['rss_after_idle_closed_mb']:.1f} MB |",
+              f"| {args.big_messages} concurrent {args.big_size / 2**20:.0f} MB messages, peak "
+              f"(sampled every 20 ms / VmHWM) | {mem['big_rss_peak_mb']:.0f} MB / "
+              f"{mem['big_vmhwm_mb']:.0f} MB |",
+              f"| after they were delivered | {mem['big_rss_after_mb']:.0f} MB |",
+              "",
+              f"Big messages: {mem['big_accepted']} accepted, {mem['big_delivered']} delivered; "
+              f"all accepted after {mem['big_accept_seconds']:.1f}s, delivered after "
+              f"{mem['big_total_seconds']:.1f}s. {mem['big_errors'] or ''}"]
+    return "\n".join(L) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--messages", type=int, default=20000, help="smtp-source messages (-m)")
+    p.add_argument("--size", type=int, default=2048, help="message payload bytes (-l)")
+    p.add_argument("--sessions", type=int, default=20, help="concurrent sessions (-s)")
+    p.add_argument("--recipients", type=int, default=1, help="recipients per message (-r)")
+    p.add_argument("--connection-per-message", action="store_true",
+                   help="smtp-source without -d: a new connection for every message")
+    p.add_argument("--latency-messages", type=int, default=500,
+                   help="most messages the aiosmtplib latency client sends during the load")
+    p.add_argument("--targets", default="direct,postfix,relay",
+                   help="comma list of direct, postfix, relay")
+    p.add_argument("--repeat", type=int, default=1, help="run every target this many times")
+    p.add_argument("--pool-size", type=int, default=16, help="relay upstream pool_size")
+    p.add_argument("--workers", type=int, default=40, help="relay delivery_workers")
+    p.add_argument("--max-messages-per-connection", type=int, default=100)
+    p.add_argument("--max-message-size", default="25M")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    p.add_argument("--idle-connections", type=int, default=1000)
+    p.add_argument("--big-messages", type=int, default=50)
+    p.add_argument("--big-size", type=int, default=10 * 2**20)
+    p.add_argument("--stall-timeout", type=float, default=60.0,
+                   help="give up waiting for the sink after this long without progress")
+    p.add_argument("--profile", action="store_true",
+                   help="run py-spy on the relay during its load (slows it; figures marked)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--output", type=Path, help="results file (default bench/results/DATE.md)")
+    args = p.parse_args(argv)
+    args.targets = {t.strip() for t in args.targets.split(",") if t.strip()}
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for tool in (SINK, SOURCE):
+        if not os.access(tool, os.X_OK):
+            sys.exit(f"{tool} missing: run bench/run (it installs Debian postfix)")
+    if args.profile and not (VENV_BIN / "py-spy").exists():
+        sys.exit(f"--profile needs py-spy: {VENV_BIN}/pip install py-spy")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = args.idle_connections + 1024
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(want, soft)), hard))
+    started = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    workdir = Path(tempfile.mkdtemp(prefix="policy-relay-bench-"))
+    workdir.chmod(0o755)  # the postfix and nobody users must reach their directories
+    log(f"work directory {workdir}")
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    mem = None
+    try:
+        results = asyncio.run(run_loads(workdir, args))
+        if not args.no_memory:
+            log("memory: idle connections and concurrent big messages")
+            mem = asyncio.run(memory(workdir, args))
+    finally:
+        OWNED.stop_all()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    text = report(results, mem, args, started)
+    if args.profile:
+        text = text.replace("\n\n", "\n\n(py-spy attached to the relay: slower than usual)\n\n", 1)
+    print(text)
+    out = args.output or BENCH_DIR / "results" / (time.strftime("%Y-%m-%d-%H%M%S") + ".md")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(text)
+    (out.with_suffix(".json")).write_text(json.dumps(
+        {"args": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
+                  for k, v in vars(args).items()},
+         "results": {k: [asdict(r) for r in v] for k, v in results.items()}, "memory": mem},
+        indent=1))
+    log(f"results written to {out}")
+    ok = all(r.complete for rs in results.values() for r in rs if r.seconds > 0)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
