@@ -1,18 +1,24 @@
-"""The running relay: listeners, spool and delivery wired together, with signals."""
+"""The running relay: listeners, spool, delivery and the operator's endpoints, with signals."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable
 
 from relay import config
+from relay.checks import CheckServices
 from relay.config import Settings
 from relay.connlimits import ConnectionLimits
+from relay.control import ControlServer
 from relay.delivery import Delivery, Upstreams
 from relay.inbound import InboundHandler, start_listener
+from relay.metrics import Metrics, readiness, start_http
+from relay.notify import Notifier, watchdog_task
 from relay.runtime import Runtime
+from relay.schema import parse_hostport
 from relay.spool import Spool
 from relay.tlsconfig import ListenerTLS
 
@@ -24,35 +30,52 @@ STOP_DEADLINE = 10.0
 
 
 class Relay:
-    """Everything one `policy-relay serve` process runs."""
+    """Everything one `policy-relay serve` process runs.
+
+    What SIGHUP changes: policies, lists, limits (their buckets survive when unchanged),
+    the [server] limits and checks settings for new sessions, and TLS certificates.
+    Listeners, the spool directory and upstream pools keep the values they started with.
+    """
 
     def __init__(self, loaded: Runtime, reload: Callable[[], Runtime] | None = None) -> None:
         self.runtime = loaded
         settings = loaded.settings
         self._reload = reload
+        self.metrics = Metrics()
+        self.notifier = Notifier.from_environment()
+        self.services = CheckServices(settings.checks, dict(loaded.policy.limits), self.metrics)
         self.spool = Spool(settings.spool_path)
         self.upstreams = Upstreams(settings)
-        self.delivery = Delivery(self.spool, settings, self.upstreams)
+        self.delivery = Delivery(self.spool, settings, self.upstreams, metrics=self.metrics)
+        self.control = ControlServer(
+            self.spool, self.delivery.wake, settings.ops.control_socket_path,
+            settings.ops.control_group or None,
+        )
+        self.limits = ConnectionLimits()
+        self.tls: dict[str, ListenerTLS] = {}
         self.servers: list[asyncio.Server] = []
+        self.http: asyncio.Server | None = None
         self._stop = asyncio.Event()
+        self._reloading: asyncio.Task[None] | None = None
 
     @property
     def settings(self) -> Settings:
         return self.runtime.settings
 
-    def current(self) -> Settings:
-        """The settings snapshot a new session starts with (swapped whole on reload)."""
-        return self.runtime.settings
+    def current(self) -> Runtime:
+        """The snapshot a new session starts with (swapped whole on reload)."""
+        return self.runtime
+
+    def current_services(self) -> CheckServices:
+        return self.services
 
     async def start(self) -> None:
-        # One set of connection counters for all listeners: the caps are per process.
-        self.limits = ConnectionLimits()
-        self.tls: dict[str, ListenerTLS] = {}
         await self.spool.open()
         queued = await self.spool.count()
         for listener in self.settings.listeners:
             handler = InboundHandler(
-                listener, self.current, self.spool, lambda _id: self.delivery.wake()
+                listener, self.current, self.current_services, self.spool,
+                lambda _id: self.delivery.wake(), self.metrics,
             )
             if listener.tls != "none":
                 self.tls[listener.name] = ListenerTLS(listener.tls_cert, listener.tls_key)
@@ -64,18 +87,49 @@ class Relay:
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
                 log.info("listening on %s:%d (listener %s)", host, port, listener.name)
+        await self.control.start()
+        if self.settings.ops.metrics_listen:
+            host, port = parse_hostport(self.settings.ops.metrics_listen)
+            self.http = await start_http(self.metrics, host, port, readiness({
+                "listeners": lambda: bool(self.servers),
+                "spool": lambda: os.access(self.settings.spool_path, os.W_OK),
+                "policy": lambda: self.runtime.policy is not None,
+            }), self._refresh_metrics)
+            log.info("metrics on http://%s:%d/metrics", host, port)
+        self.metrics.reload_succeeded()
         log.info("spool %s holds %d messages", self.settings.spool_path, queued)
+        self.notifier.ready(f"{queued} messages queued")
 
-    def reload(self) -> None:
-        """SIGHUP: load and validate everything anew; keep the old settings on any error."""
-        if self._reload is None:
-            return
+    async def _refresh_metrics(self) -> None:
+        groups = {name: group.pools for name, group in self.upstreams.groups.items()}
+        await self.metrics.refresh(self.spool, groups)
+
+    async def reload(self) -> None:
+        """SIGHUP: load and validate everything anew; keep the old runtime on any error."""
+        self.notifier.reloading()
         try:
-            new = self._reload()
+            if self._reload is not None:
+                await self._swap(self._reload())
         except config.ConfigError as exc:
             for line in exc.messages:
                 log.error("reload failed: %s", line)
-            return
+            self.metrics.reload_failed()
+        else:
+            self.metrics.reload_succeeded()
+        # Certificates renewed in place (certbot and the like) take effect now.
+        for tls in self.tls.values():
+            tls.reload()
+        self.notifier.ready(f"{await self.spool.count()} messages queued")
+
+    async def _swap(self, new: Runtime) -> None:
+        if new.settings.checks != self.settings.checks:
+            # New resolver or Redis settings: new services (in-memory buckets restart).
+            old, self.services = self.services, CheckServices(
+                new.settings.checks, dict(new.policy.limits), self.metrics
+            )
+            await old.close()
+        else:
+            await self.services.limiter.reload(new.policy.limits.values())
         self.runtime = new
         log.info("reloaded configuration from %s and policies from %s (%d rules)",
                  new.settings.source, new.policies_dir, len(new.policy.rules))
@@ -83,24 +137,23 @@ class Relay:
     def stop(self) -> None:
         self._stop.set()
 
+    def hangup(self) -> None:
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.create_task(self.reload())
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
-
-        def hangup() -> None:
-            self.reload()
-            # Certificates renewed in place (certbot and the like) take effect now.
-            for tls in self.tls.values():
-                tls.reload()
-
-        loop.add_signal_handler(signal.SIGHUP, hangup)
+        loop.add_signal_handler(signal.SIGHUP, self.hangup)
         await self.start()
         delivery = asyncio.create_task(self.delivery.run())
+        watchdog = asyncio.create_task(watchdog_task(self.notifier))
         try:
             await self._stop.wait()
         finally:
             log.info("stopping")
+            self.notifier.stopping()
             for server in self.servers:
                 server.close()
             # F20: clients between commands get 421 4.3.2 now, busy ones after their
@@ -109,9 +162,14 @@ class Relay:
             if left:
                 log.info("closed %d SMTP sessions still busy at the deadline", left)
             await self.delivery.stop(STOP_DEADLINE)
-            delivery.cancel()
-            await asyncio.gather(delivery, return_exceptions=True)
+            for task in (delivery, watchdog):
+                task.cancel()
+            await asyncio.gather(delivery, watchdog, return_exceptions=True)
+            await self.control.stop()
+            if self.http is not None:
+                self.http.close()
             await self.upstreams.close()
+            await self.services.close()
             await self.spool.close()
             log.info("stopped")
 

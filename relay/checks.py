@@ -12,6 +12,7 @@ from typing import Any, Literal
 from relay import dkim as dkimlib
 from relay.address import domain_of
 from relay.dns import DnsSettings, Resolver
+from relay.metrics import Metrics
 from relay.ratelimit import Limiter, LimitSpec, redis_client
 from relay.schema import Table, parse_hostport
 from relay.spf import SpfOutcome, check_spf
@@ -130,8 +131,11 @@ def _read_dkim_keys(dkim: Table) -> tuple[dkimlib.SigningKey, ...]:
 class CheckServices:
     """The long-lived parts the checks share: resolver, SPF thread pool, rate limiter."""
 
-    def __init__(self, settings: CheckSettings, limits: dict[str, LimitSpec]) -> None:
+    def __init__(
+        self, settings: CheckSettings, limits: dict[str, LimitSpec], metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.resolver = Resolver(settings.dns)
         # pyspf blocks; a bounded pool keeps slow DNS from piling up threads.
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spf")
@@ -243,7 +247,10 @@ class SessionChecks:
             unit, cost = "data", max(1, self.size)
         charge = self._charges.get((name, unit))
         if charge is None:
+            fallbacks = limiter.fallbacks
             result = await limiter.check(name, self.fields, cost)
+            if limiter.fallbacks != fallbacks and self.services.metrics is not None:
+                self.services.metrics.ratelimit_fallback()
             charge = LimitCharge(not result.allowed, result.retry_after, result.backend_error)
             self._charges[(name, unit)] = charge
         return charge.over, charge.retry_after

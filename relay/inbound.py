@@ -26,11 +26,15 @@ from aiosmtpd.smtp import (
 
 from relay import replies, users
 from relay.address import problem
+from relay.checks import CheckServices
 from relay.config import Settings
 from relay.connlimits import ConnectionLimits
 from relay.headers import header_safe, header_stats, strip_forged_authentication_results
 from relay.listeners import LOOPBACK_NETWORKS, ListenerSettings
+from relay.metrics import Metrics
+from relay.pipeline import SessionPolicy
 from relay.replies import Reply
+from relay.runtime import Runtime
 from relay.schema import IPNetwork
 from relay.spool import Envelope as StoredEnvelope
 from relay.spool import Spool, new_queue_id
@@ -144,9 +148,16 @@ class _LineReader(asyncio.StreamReader):
 
 
 class Session_(Session):
-    """aiosmtpd's session, plus the settings snapshot this session started with."""
+    """aiosmtpd's session, plus the configuration snapshot this session started with and
+    its policy state (created at the first MAIL, once PROXY and TLS have had their say)."""
 
-    settings: Settings
+    runtime: Runtime
+    services: CheckServices
+    policy: SessionPolicy | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
 
     # aiosmtpd sets login_data after AUTH and logs a deprecation warning each time.
     @property
@@ -185,7 +196,7 @@ class RelaySMTP(SMTP):
     def __init__(
         self, handler: InboundHandler, limits: ConnectionLimits, tls: ssl.SSLContext | None
     ) -> None:
-        settings = handler.current()
+        settings = handler.current().settings
         listener = handler.listener
         self.settings = settings
         self.listener = listener
@@ -222,7 +233,8 @@ class RelaySMTP(SMTP):
 
     def _create_session(self) -> Session:
         session = Session_(self.loop)
-        session.settings = self.event_handler.current()
+        session.runtime = self.event_handler.current()
+        session.services = self.event_handler.services()
         return session
 
     def _cb_client_connected(
@@ -266,6 +278,7 @@ class RelaySMTP(SMTP):
         if self._admitted is not None:
             self.limits.release(self._admitted)
             self._admitted = None
+            self.event_handler.metrics.connection_closed(self.listener.name)
         self.limits.unregister(self)
         super().connection_lost(error)
 
@@ -313,6 +326,7 @@ class RelaySMTP(SMTP):
             self.close_with(replies.TOO_MANY_CONNECTIONS)
             return False
         self._admitted = address
+        self.event_handler.metrics.connection_opened(self.listener.name)
         return True
 
     def close_with(self, reply: Reply | None) -> None:
@@ -557,21 +571,39 @@ def declared_size(options: list[str]) -> int:
 
 
 class InboundHandler:
-    """aiosmtpd handler for one listener; each handle_<VERB> returns the reply line."""
+    """aiosmtpd handler for one listener; each handle_<VERB> returns the reply line.
+
+    The handler checks what no policy may allow (syntax, limits, smuggling); whether a
+    client may relay, and what happens to its mail, is the policy's decision
+    (relay.pipeline runs it at MAIL, each RCPT and the end of DATA).
+    """
 
     def __init__(
         self,
         listener: ListenerSettings,
-        current: Callable[[], Settings],
+        current: Callable[[], Runtime],
+        services: Callable[[], CheckServices],
         spool: Spool,
         on_queued: Callable[[str], None],
+        metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.listener = listener
         self.current = current
+        self.services = services
         self.spool = spool
         self.on_queued = on_queued
+        self.metrics = metrics
         self.clock = clock
+
+    def _policy(self, server: RelaySMTP, session: Session_) -> SessionPolicy:
+        if session.policy is None:
+            session.policy = SessionPolicy(
+                session.runtime.policy, session.services, session.settings.smtp_hostname,
+                self.listener.name, client_address(session),
+                on_decision=lambda stage, d: self.metrics.decision(stage, d.rule, d.action),
+            )
+        return session.policy
 
     async def handle_PROXY(
         self, server: RelaySMTP, session: Session_, envelope: Envelope, proxy: ProxyData
@@ -579,7 +611,8 @@ class InboundHandler:
         return server.accept_proxy(proxy)
 
     async def handle_MAIL(
-        self, server: SMTP, session: Session_, envelope: Envelope, address: str, options: list[str]
+        self, server: RelaySMTP, session: Session_, envelope: Envelope, address: str,
+        options: list[str],
     ) -> str:
         sender = "" if address == "<>" else address
         if sender and not sender.isascii() and not envelope.smtp_utf8:
@@ -588,15 +621,22 @@ class InboundHandler:
             return self._refuse(
                 session, "MAIL", replies.BAD_SENDER_SYNTAX, f"from=<{sender}> {why}"
             )
-        if why := self._storage_short(session.settings, declared_size(options)):
+        size = declared_size(options)
+        if why := self._storage_short(session.settings, size):
             return self._refuse(session, "MAIL", replies.INSUFFICIENT_STORAGE, why)
+        reply = await self._policy(server, session).mail(
+            sender, sasl_username(session), size or None, server.tls_active
+        )
+        if reply is not None:
+            return self._refuse(session, "MAIL", reply, f"from=<{sender}>")
         # Keep aiosmtpd's "<>": it checks mail_from for truth before accepting RCPT.
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return str(replies.SENDER_OK)
 
     async def handle_RCPT(
-        self, server: SMTP, session: Session_, envelope: Envelope, address: str, options: list[str]
+        self, server: RelaySMTP, session: Session_, envelope: Envelope, address: str,
+        options: list[str],
     ) -> str:
         settings = session.settings
         if not address.isascii() and not envelope.smtp_utf8:
@@ -607,17 +647,19 @@ class InboundHandler:
             )
         if len(envelope.rcpt_tos) >= settings.max_recipients:
             return self._refuse(session, "RCPT", replies.TOO_MANY_RECIPIENTS, f"to=<{address}>")
-        if not self._may_relay(session, settings):
-            reply = replies.relay_denied(address)
+        decision = await self._policy(server, session).rcpt(address, tuple(envelope.rcpt_tos))
+        if decision.refused and decision.reply is not None:
+            self._count_limit(session, decision.rule)
             return self._refuse(
-                session, "RCPT", reply,
+                session, "RCPT", decision.reply,
                 f"from=<{envelope.mail_from}> to=<{address}> helo=<{session.host_name}>",
+                decision.rule,
             )
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return str(replies.RECIPIENT_OK)
 
-    async def handle_DATA(self, server: SMTP, session: Session_, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: RelaySMTP, session: Session_, envelope: Envelope) -> str:
         data: bytes = envelope.original_content or b""
         sender = f"from=<{envelope.mail_from}>"
         if has_bare_line_ending(data):
@@ -636,32 +678,50 @@ class InboundHandler:
             return self._refuse(session, "DATA", replies.TOO_MANY_HOPS, f"{sender} hops {hops}")
         our_id = settings.checks.authserv_id or settings.smtp_hostname
         data, forged = strip_forged_authentication_results(data, our_id)
-        now = self.clock()
         queue_id = new_queue_id()
         if forged:
             log.info("%s: removed %d Authentication-Results header(s) claiming to be ours",
                      queue_id, forged)
-        message = received_header(session, envelope, settings.smtp_hostname, queue_id, now) + data
+        policy = self._policy(server, session)
+        verdict = await policy.data(tuple(envelope.rcpt_tos), data)
+        self._count_checks(policy)
+        if verdict.action in ("reject", "tempfail") and verdict.reply is not None:
+            self._count_limit(session, verdict.rule)
+            return self._refuse(session, "DATA", verdict.reply, sender, verdict.rule)
         stored = StoredEnvelope(
             sender=envelope_sender(envelope),
             recipients=tuple(envelope.rcpt_tos),
             client_address=client_address(session),
             helo=session.host_name or "",
             listener=self.listener.name,
-            sasl_username=str(session.auth_data or "") if session.authenticated else "",
-            received_at=now,
+            sasl_username=sasl_username(session),
+            received_at=self.clock(),
+            route=verdict.route or "default",
+            hold=verdict.action == "hold",
         )
+        if verdict.action == "discard":
+            # Accepted and dropped, as the rule says; the client cannot tell.
+            log.info("%s: client=[%s], from=<%s>, nrcpt=%d, rule=%s, discard",
+                     queue_id, stored.client_address, stored.sender, len(stored.recipients),
+                     verdict.rule)
+            return str(replies.queued(queue_id))
+        received = received_header(session, envelope, settings.smtp_hostname, queue_id,
+                                   stored.received_at)
+        message = received + verdict.prepend + data
         try:
             await self.spool.store(queue_id, stored, message)
         except Exception:
             log.exception("%s: cannot write to the spool", queue_id)
             return str(replies.QUEUE_WRITE_ERROR)
+        self.metrics.message_received(self.listener.name)
         log.info(
-            "%s: client=[%s], from=<%s>, size=%d, nrcpt=%d, listener=%s",
+            "%s: client=[%s], from=<%s>, size=%d, nrcpt=%d, listener=%s, rule=%s%s",
             queue_id, stored.client_address, stored.sender, len(message),
-            len(stored.recipients), self.listener.name,
+            len(stored.recipients), self.listener.name, verdict.rule,
+            ", hold" if stored.hold else "",
         )
-        self.on_queued(queue_id)
+        if not stored.hold:
+            self.on_queued(queue_id)
         return str(replies.queued(queue_id))
 
     async def handle_exception(self, error: Exception) -> str:
@@ -670,11 +730,16 @@ class InboundHandler:
         log.error("internal error in SMTP session", exc_info=error)
         return str(replies.LOCAL_ERROR)
 
-    def _may_relay(self, session: Session_, settings: Settings) -> bool:
-        # The policy engine will replace this with a rule field.
-        if session.authenticated:
-            return True
-        return in_networks(client_address(session), settings.relay_networks)
+    def _count_checks(self, policy: SessionPolicy) -> None:
+        if policy.checks.spf_outcome is not None:
+            self.metrics.spf_result(policy.checks.spf_outcome.result)
+        if policy.checks.dkim_outcome is not None:
+            self.metrics.dkim_result(policy.checks.dkim_outcome.result)
+
+    def _count_limit(self, session: Session_, rule_name: str) -> None:
+        limit = session.runtime.policy.over_limit_of(rule_name)
+        if limit is not None:
+            self.metrics.ratelimit_exceeded(limit)
 
     def _storage_short(self, settings: Settings, declared: int) -> str | None:
         # Postfix queue_minfree: refuse at MAIL (452 4.3.1) rather than fail after DATA.
@@ -687,12 +752,20 @@ class InboundHandler:
             return f"free space {free} below {settings.min_free_space} + size {declared}"
         return None
 
-    def _refuse(self, session: Session_, stage: str, reply: Reply, detail: str) -> str:
+    def _refuse(
+        self, session: Session_, stage: str, reply: Reply, detail: str, rule: str = ""
+    ) -> str:
         log.info(
-            "NOQUEUE: reject: %s from [%s]: %s; %s listener=%s",
+            "NOQUEUE: reject: %s from [%s]: %s; %s listener=%s%s",
             stage, client_address(session), reply, detail, self.listener.name,
+            f" rule={rule}" if rule else "",
         )
+        self.metrics.rejected(stage.lower(), reply.code)
         return str(reply)
+
+
+def sasl_username(session: Session) -> str:
+    return str(session.auth_data or "") if session.authenticated else ""
 
 
 async def start_listener(

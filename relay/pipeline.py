@@ -76,17 +76,18 @@ class SessionPolicy:
             # The limit could not be consulted (Redis down, on_backend_error = tempfail):
             # say "try later" without claiming the client is over its limit.
             decision = Decision("tempfail", BACKEND_FAILURE, decision.rule)
-        for rule, would in decision.would:
-            log.info("%s: rule=%s %s", stage, rule, would)
+        if stage == "data":
+            # Log rules match again at every stage; the walk at DATA, with everything
+            # known, is the one that speaks for the message.
+            for rule, would in decision.would:
+                log.info("%s: rule=%s %s", stage, rule, would)
         if self._on_decision is not None:
             self._on_decision(stage, decision)
         return decision
 
     def _limit_backend_failed(self, rule_name: str) -> bool:
-        for rule in self.policy.rules:
-            if rule.name == rule_name and rule.over_limit:
-                return self.checks.backend_failed(rule.over_limit)
-        return False
+        limit = self.policy.over_limit_of(rule_name)
+        return limit is not None and self.checks.backend_failed(limit)
 
     def _early(self, decision: Decision) -> Reply | None:
         """A refusal before RCPT: answered now, or at RCPT when delay_reject is set."""

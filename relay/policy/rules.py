@@ -150,6 +150,10 @@ class Policy:
     warnings: tuple[str, ...]
     files: tuple[str, ...]
 
+    def over_limit_of(self, rule_name: str) -> str | None:
+        """The limit a rule consults (`over_limit`), if any; for refusal bookkeeping."""
+        return next((r.over_limit for r in self.rules if r.name == rule_name), None)
+
 
 # --- loading --------------------------------------------------------------------------------
 
