@@ -105,6 +105,10 @@ async def verify_dkim(
     public-key arithmetic run in ``executor`` (default: asyncio's thread pool). Never
     raises: running out of ``timeout`` or failing to fetch a key is ``temperror``.
     """
+    end = message.find(b"\r\n\r\n")
+    if b"dkim-signature" not in message[: end if end >= 0 else len(message)].lower():
+        # Most mail from app servers is unsigned: no thread hop, no parse.
+        return DkimOutcome("none")
     loop = asyncio.get_running_loop()
     signatures: list[_Signature] = []
     try:

@@ -62,6 +62,10 @@ class SessionPolicy:
         self.sender: str | None = None
         self._on_decision = on_decision
         self.checks.fields["listener"] = listener
+        # Parsing the header section costs per message; only do it for header rules.
+        self._needs_headers = any(
+            c.field == "header" for rule in policy.rules for c in (*rule.match, *rule.unless)
+        )
 
     async def _walk(self, stage: Stage, facts: Facts) -> Decision:
         self.checks.stage = stage
@@ -130,7 +134,7 @@ class SessionPolicy:
         self.checks.size = len(message)
         decision = await self._walk("data", _replace(
             self.facts, recipient=None, recipients=recipients, size=len(message),
-            headers=header_fields(message),
+            headers=header_fields(message) if self._needs_headers else (),
         ))
         if decision.action == "continue":  # the engine applies final_action at data
             decision = Decision("tempfail", BACKEND_FAILURE, "internal-error")
@@ -159,7 +163,9 @@ class SessionPolicy:
         for name, value in decision.add_headers:
             lines.append(f"{name}: {_header_text(value)}\r\n")
         prepend = "".join(lines).encode("utf-8")
-        keys = settings.signing_keys(from_domain(message) or _domain(self.sender_or_empty))
+        keys = settings.dkim_keys and settings.signing_keys(
+            from_domain(message) or _domain(self.sender_or_empty)
+        )
         if keys:
             signed = prepend + message
             signature = await asyncio.to_thread(

@@ -55,7 +55,10 @@ def test_shipped_policies_load_cleanly() -> None:
         builtin_lists={"relay_networks": ("127.0.0.0/8", "::1/128")},
     )
     assert policy.warnings == ()
-    assert [r.name for r in policy.rules] == ["relay-networks", "authenticated", "app-servers"]
+    assert [r.name for r in policy.rules] == [
+        "spf-fail-own-domain", "spf-temperror-own-domain", "spf-other-own-domain",
+        "dkim-results", "relay-networks", "authenticated", "app-servers",
+    ]
     assert policy.final_action == "reject"
     assert policy.delay_reject is True
     assert policy.lists["app_servers"] == ("192.0.2.0/24", "2001:db8:20::/48")
