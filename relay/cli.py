@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--dkim", default="none", metavar="RESULT", help="DKIM result to assume")
     test.add_argument("--over-limit", action="append", default=[], metavar="LIMIT",
                       help="treat this limit as exceeded (repeatable)")
+    test.add_argument("--live-checks", action="store_true",
+                      help="look SPF and DKIM up for real, with the configured resolver "
+                      "(instead of --spf/--dkim)")
     test.add_argument("--cases", type=Path, metavar="FILE",
                       help="run the [[case]] tables of this TOML file instead")
     test.set_defaults(run=_test)
@@ -168,8 +172,11 @@ def _test(args: argparse.Namespace) -> int:
                   "(or --cases FILE)", file=sys.stderr)
             return EX_USAGE
         message = args.message.read_bytes() if args.message else None
-        checks = StaticChecks(spf=args.spf, dkim=(args.dkim, ""),
-                              over_limits=frozenset(args.over_limit))
+        spf, dkim = args.spf, (args.dkim, "")
+        if args.live_checks:
+            spf, dkim = live_checks(loaded, args.client_address, args.helo, args.sender, message)
+            print(f"live checks: spf={spf} dkim={dkim[0]}{' ' + dkim[1] if dkim[1] else ''}")
+        checks = StaticChecks(spf=spf, dkim=dkim, over_limits=frozenset(args.over_limit))
         text, status = run_dry(
             loaded.policy, client_address=args.client_address, sender=args.sender,
             recipients=args.recipients, helo=args.helo, listener=args.listener,
@@ -211,6 +218,25 @@ def _dkim(args: argparse.Namespace) -> int:
     args.policies = None
     loaded = _load(args)
     return EX_CONFIG if loaded is None else dkimcli.check(loaded)
+
+
+def live_checks(
+    loaded: runtime.Runtime, client: str, helo: str, sender: str, message: bytes | None
+) -> tuple[str, tuple[str, str]]:
+    """SPF and DKIM results as the running relay would compute them (real DNS)."""
+    from relay.checks import CheckServices, SessionChecks
+
+    async def run() -> tuple[str, tuple[str, str]]:
+        services = CheckServices(loaded.settings.checks, {})
+        try:
+            checks = SessionChecks(services, client)
+            checks.helo, checks.sender = helo, "" if sender == "<>" else sender
+            checks.message = message
+            return await checks.spf(), await checks.dkim()
+        finally:
+            await services.close()
+
+    return asyncio.run(run())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
