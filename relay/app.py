@@ -14,7 +14,7 @@ from relay.config import Settings
 from relay.connlimits import ConnectionLimits
 from relay.control import ControlServer
 from relay.delivery import Delivery, Upstreams
-from relay.inbound import InboundHandler, start_listener
+from relay.inbound import DataBudget, InboundHandler, start_listener
 from relay.metrics import Metrics, readiness, start_http
 from relay.notify import Notifier, watchdog_task
 from relay.runtime import Runtime
@@ -49,9 +49,10 @@ class Relay:
         self.delivery = Delivery(self.spool, settings, self.upstreams, metrics=self.metrics)
         self.control = ControlServer(
             self.spool, self.delivery.wake, settings.ops.control_socket_path,
-            settings.ops.control_group or None,
+            settings.ops.control_group or None, limiter=lambda: self.services.limiter,
         )
         self.limits = ConnectionLimits()
+        self.budget = DataBudget(settings.max_data_memory)
         self.tls: dict[str, ListenerTLS] = {}
         self.servers: list[asyncio.Server] = []
         self.http: asyncio.Server | None = None
@@ -75,7 +76,7 @@ class Relay:
         for listener in self.settings.listeners:
             handler = InboundHandler(
                 listener, self.current, self.current_services, self.spool,
-                lambda _id: self.delivery.wake(), self.metrics,
+                lambda _id: self.delivery.wake(), self.metrics, budget=self.budget,
             )
             if listener.tls != "none":
                 self.tls[listener.name] = ListenerTLS(listener.tls_cert, listener.tls_key)
@@ -174,5 +175,15 @@ class Relay:
             log.info("stopped")
 
 
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (the `fast` extra), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def serve(loaded: Runtime, reload: Callable[[], Runtime]) -> None:
-    asyncio.run(Relay(loaded, reload).run())
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(Relay(loaded, reload).run())

@@ -13,7 +13,7 @@ from pathlib import Path
 from relay import __version__, config, dkimcli, runtime
 from relay.configdump import dump
 from relay.dkimcli import add_dkim_parser
-from relay.queuecli import add_queue_parser, run_queue
+from relay.queuecli import add_limits_parser, add_queue_parser, run_limits, run_queue
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus
 EX_USAGE = 64
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dkim_parser(commands)
     commands.choices["dkim"].set_defaults(run=_dkim)
     add_queue_parser(commands).set_defaults(run=_queue)
+    add_limits_parser(commands).set_defaults(run=_limits)
 
     passwd = commands.add_parser(
         "passwd", help="set a user's AUTH password in the users file",
@@ -200,16 +201,25 @@ def _passwd(args: argparse.Namespace) -> int:
     return passwd_command(args.config, args.file, args.user)
 
 
-def _queue(args: argparse.Namespace) -> int:
+def _find_control_socket(args: argparse.Namespace) -> bool:
+    """Fill in --control-socket from the config; False (reported) if it won't load."""
     if args.control_socket is None:
         try:
             settings = config.load(args.config)
         except config.ConfigError as exc:
             for line in exc.messages:
                 print(line, file=sys.stderr)
-            return EX_CONFIG
+            return False
         args.control_socket = settings.ops.control_socket_path
-    return run_queue(args)
+    return True
+
+
+def _queue(args: argparse.Namespace) -> int:
+    return run_queue(args) if _find_control_socket(args) else EX_CONFIG
+
+
+def _limits(args: argparse.Namespace) -> int:
+    return run_limits(args) if _find_control_socket(args) else EX_CONFIG
 
 
 def _dkim(args: argparse.Namespace) -> int:

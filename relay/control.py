@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import grp
 import json
 import logging
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.metrics import QUEUE_STATES, queue_name
+from relay.ratelimit import Limiter
 from relay.spool import MessageState, QueuedMessage, Spool
 
 log = logging.getLogger("relay.control")
@@ -113,7 +115,9 @@ class ControlServer:
         path: Path,
         group: str | None = None,
         clock: Callable[[], float] = time.time,
+        limiter: Callable[[], Limiter] | None = None,
     ) -> None:
+        self.limiter = limiter
         self.spool = spool
         self.wake = wake
         self.path = Path(path)
@@ -129,6 +133,7 @@ class ControlServer:
             "release": self._release,
             "delete": self._delete,
             "summary": self._summary,
+            "limits": self._limits,
         }
 
     def __repr__(self) -> str:
@@ -367,6 +372,19 @@ class ControlServer:
             "buckets": list(BUCKET_LABELS),
             "routes": dict(sorted(routes.items())),
         }
+
+
+    async def _limits(self, request: dict[str, Any]) -> Response:
+        """Bucket states of the rate limits (local, fallback and Redis)."""
+        if self.limiter is None:
+            return {"ok": True, "buckets": []}
+        name, key = request.get("name"), request.get("key")
+        if (name is not None and not isinstance(name, str)) or (
+            key is not None and not isinstance(key, str)
+        ):
+            raise _BadRequest("name and key must be strings")
+        states = await self.limiter().show(name, key)
+        return {"ok": True, "buckets": [dataclasses.asdict(s) for s in states]}
 
 
 class _BadRequest(Exception):

@@ -302,3 +302,42 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Path], Awaitable[int]]] = {
     "delete": queue_delete,
     "summary": queue_summary,
 }
+
+
+# -- limits -----------------------------------------------------------------------------
+
+
+def add_limits_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add `limits show [NAME] [--key GLOB]`: bucket states of the running relay."""
+    limits = subparsers.add_parser("limits", help="rate-limit buckets of a running relay")
+    limits.add_argument("--control-socket", metavar="PATH", type=Path, default=None)
+    limits.add_argument("--config", metavar="FILE", type=Path,
+                        help="config file naming the control socket")
+    commands = limits.add_subparsers(dest="limits_command", required=True, metavar="COMMAND")
+    show = commands.add_parser("show", help="buckets that are not idle (local and Redis)")
+    show.add_argument("name", nargs="?", metavar="NAME", help="only this limit")
+    show.add_argument("--key", metavar="GLOB", help="only keys matching this glob")
+    return limits
+
+
+def run_limits(args: argparse.Namespace) -> int:
+    async def show() -> int:
+        payload = {"op": "limits", "name": args.name, "key": args.key}
+        buckets = (await _call(args.control_socket, payload))["buckets"]
+        if not buckets:
+            print("all buckets idle")
+            return 0
+        width = max(len(b["key"]) for b in buckets)
+        print(f"{'LIMIT':<20} {'KEY':<{width}} {'BACKEND':<8} {'REMAINING':>9} {'FULL IN':>9}")
+        for b in buckets:
+            print(f"{b['limit']:<20} {b['key']:<{width}} {b['backend']:<8} "
+                  f"{b['remaining']:>9} {b['full_in']:>8.1f}s")
+        return 0
+
+    try:
+        return asyncio.run(show())
+    except control.ControlUnavailable as exc:
+        _error(str(exc))
+        return EX_NOPERM if exc.permission else EX_UNAVAILABLE
