@@ -146,17 +146,17 @@ class Delivery:
                 self._resting = {k: t for k, t in self._resting.items() if t > now}
                 self._parked = {k: v for k, v in self._parked.items() if v[1] > mono}
                 try:
-                    due = await self.spool.due(
+                    due = await self.spool.due_with_data(
                         now, free, exclude=[*self._inflight, *self._resting, *self._parked]
                     )
                 except Exception:
                     log.exception("cannot read the spool; retrying")
                     due = []
-                for message in due:
-                    wait = self._start(message, mono)
+                for message, data in due:
+                    wait = self._start(message, data, mono)
                     timeout = min(timeout, wait)
                 # Parked messages took places in that batch: look for others at once.
-                again = len(due) == free and any(m.id in self._parked for m in due)
+                again = len(due) == free and any(m.id in self._parked for m, _ in due)
             if self.monotonic() - last_prune > IDLE_POLL:
                 await self.upstreams.prune()
                 last_prune = self.monotonic()
@@ -166,7 +166,7 @@ class Delivery:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.001, timeout))
 
-    def _start(self, message: QueuedMessage, mono: float) -> float:
+    def _start(self, message: QueuedMessage, data: bytes, mono: float) -> float:
         """Start delivering `message` if its group admits it; else park it and return
         how long until its group may admit one."""
         if self._stopping:  # stop() came while the spool was being read
@@ -180,7 +180,7 @@ class Delivery:
         if wait > 0:
             self._parked[message.id] = (name, mono + min(wait, IDLE_POLL))
             return wait
-        task = asyncio.create_task(self._deliver(message, name, shaper))
+        task = asyncio.create_task(self._deliver(message, data, name, shaper))
         self._inflight[message.id] = task
         task.add_done_callback(self._finished(message.id, name))
         return math.inf
@@ -224,12 +224,13 @@ class Delivery:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _deliver(self, message: QueuedMessage, name: str, shaper: Shaper) -> None:
+    async def _deliver(
+        self, message: QueuedMessage, data: bytes, name: str, shaper: Shaper
+    ) -> None:
         throttled = succeeded = False
         try:
             pending = message.pending
             group = self.upstreams.group(name)
-            data = await self.spool.data(message.id)
             if group is None:
                 reply = f"4.3.5 upstream group {name!r} is not configured"
                 results = [RecipientResult(0, reply)] * len(pending)

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import ipaddress
 import logging
+import math
 import os
 import re
 import ssl
@@ -16,6 +17,7 @@ from typing import Any, AnyStr, cast
 
 from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import (
+    MISSING,
     SMTP,
     AuthResult,
     Envelope,
@@ -53,6 +55,12 @@ CALL_LIMITS = {"NOOP": 100, "RSET": 1000, "VRFY": 10, "EXPN": 10, "HELP": 10,
 
 # An implicit-TLS client that never finishes its handshake is dropped after this long.
 TLS_HANDSHAKE_TIMEOUT = 30.0
+
+# DATA is read in chunks of whatever has arrived, up to this much at a time.
+DATA_CHUNK = 256 * 1024
+# RFC 5321 section 4.1.1.4: the message ends with CRLF "." CRLF, and only so; "\n.\n",
+# "\r.\r" and friends are content, which then fails the bare CR/LF check (smuggling).
+END_OF_DATA = b"\r\n.\r\n"
 
 _ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
@@ -118,17 +126,17 @@ def command_line_problem(line: bytes) -> str | None:
 
 class _LineReader(asyncio.StreamReader):
     """aiosmtpd's stream reader, watched: command lines are checked before aiosmtpd parses
-    them, and each DATA line counts as progress for the idle timer."""
+    them. DATA bypasses it (RelaySMTP.smtp_DATA reads chunks)."""
 
     protocol: RelaySMTP
     waiting_for_command = False
     overrun = False
 
+    def unread(self, data: bytes | bytearray) -> None:
+        """Put back what DATA read past its end: pipelined commands (RFC 2920)."""
+        self._buffer[:0] = data  # type: ignore[attr-defined]
+
     async def readuntil(self, separator: Any = b"\n") -> bytes:
-        if separator != b"\n":  # DATA, read line by line up to CRLF
-            line = await super().readuntil(separator)
-            self.protocol.progress()
-            return line
         self.protocol.before_command()
         self.waiting_for_command = True
         try:
@@ -228,6 +236,9 @@ class RelaySMTP(SMTP):
         self._closing = False
         self._errors = 0
         self._deadline: asyncio.TimerHandle | None = None
+        # loop.time() of the last complete DATA line (see _timeout_cb).
+        self._progress_at = -math.inf
+        self._held = 0  # bytes of the message being read, counted in the DataBudget
 
     # -- connection life ----------------------------------------------------------------
 
@@ -349,14 +360,16 @@ class RelaySMTP(SMTP):
         if self.limits.draining:
             self.close_with(replies.SHUTTING_DOWN)
 
-    def progress(self) -> None:
-        # aiosmtpd resets its idle timer only on commands, so a long DATA would be cut
-        # off; a complete line is progress. A trickle of partial lines is not, and the
-        # session deadline bounds everything (A14).
-        self._reset_timeout()
-
     def _timeout_cb(self) -> None:
+        # aiosmtpd resets its idle timer only on commands, so a long DATA would be cut
+        # off; a complete DATA line is progress. DATA only notes the time (re-arming a
+        # timer per chunk costs), and the timer checks it when it fires. A trickle of
+        # partial lines is no progress, and the session deadline bounds everything (A14).
         assert self.session is not None
+        left = self._progress_at + self.settings.idle_timeout - self.loop.time()
+        if left > 0 and not self._closing:
+            self._timeout_handle = self.loop.call_later(left, self._timeout_cb)
+            return
         log.info("timeout: idle for %gs, [%s] listener=%s", self.settings.idle_timeout,
                  client_address(self.session), self.listener.name)
         self.close_with(replies.TIMEOUT)
@@ -431,6 +444,116 @@ class RelaySMTP(SMTP):
         for line in lines[:-1]:
             await self.push(f"250-{line}")
         await self.push(f"250 {lines[-1]}")
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd reads DATA line by line (a readuntil, a bytearray and a timer reset
+        # per line, three copies of the message); this reads whatever has arrived and
+        # checks the message at once, with aiosmtpd's replies, limits and their order.
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        budget = self.event_handler.budget
+        if budget.exhausted:
+            self._over_budget(budget)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(str(replies.INSUFFICIENT_STORAGE))
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        status: Any = MISSING
+        try:
+            data, refusal = await self._read_data(budget)
+            if refusal is None and data is not None:
+                self.envelope.content = self.envelope.original_content = data
+                status = await self._call_handler_hook("DATA")
+        finally:
+            budget.release(self._held)
+            self._held = 0
+        if data is None:  # the connection is gone
+            return
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        if refusal is not None:
+            await self.push(str(refusal))
+            return
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_data(self, budget: DataBudget) -> tuple[bytes | None, Reply | None]:
+        """The message (dot-unstuffed) or the refusal due once its end was read; None
+        for the message when the connection closed first.
+
+        Like aiosmtpd, a message over the size limit or with a line over the reader's
+        limit is read to its end before the reply (RFC 5321 section 4.2.5), keeping
+        none of it; which limit was passed first decides the reply.
+        """
+        reader = cast(_LineReader, self._reader)
+        size_limit = self.data_size_limit or math.inf
+        # aiosmtpd's limit: a line of more than line_length_limit octets with its CRLF.
+        line_limit = self.line_length_limit - 2
+        # The CRLF that ended the DATA command: a message can end before its first line.
+        buf = bytearray(b"\r\n")
+        refusal: Reply | None = None
+        while True:
+            try:
+                chunk = await reader.read(DATA_CHUNK)
+            except asyncio.CancelledError:
+                if self.session is not None:
+                    log.info("connection lost during DATA from [%s]",
+                             client_address(self.session))
+                self._writer.close()
+                raise
+            if not chunk:
+                self._writer.close()
+                return None, None
+            if b"\n" in chunk:
+                self._progress_at = self.loop.time()
+            start = max(0, len(buf) - 4)
+            buf += chunk
+            end = buf.find(END_OF_DATA, start)
+            if end >= 0:
+                if len(buf) > end + 5:
+                    reader.unread(buf[end + 5 :])
+                del buf[end + 2 :]
+            if refusal is None:
+                # Until its end is seen, the message is at least len(buf) - 4 octets.
+                if (len(buf) - 2 if end >= 0 else len(buf) - 4) > size_limit:
+                    # RFC 1870 section 6: the message goes over the size limit.
+                    refusal = (replies.LINE_TOO_LONG if has_long_line(buf, line_limit)
+                               else replies.MESSAGE_TOO_BIG)
+                elif not budget.take(len(chunk)):
+                    self._over_budget(budget)
+                    refusal = replies.INSUFFICIENT_STORAGE
+                else:
+                    self._held += len(chunk)
+                if refusal is not None:  # read on to the end, keeping nothing
+                    budget.release(self._held)
+                    self._held = 0
+            if end >= 0:
+                break
+            if refusal is not None:
+                del buf[:-4]
+        if refusal is not None:
+            return b"", refusal
+        del buf[:2]
+        if has_long_line(buf, line_limit, exact=has_bare_line_ending(buf)):
+            return b"", replies.LINE_TOO_LONG
+        # RFC 5321 section 4.5.2: remove the transparency dot of lines starting with one.
+        if buf.startswith(b".") or b"\r\n." in buf:
+            buf[:0] = b"\r\n"
+            buf = buf.replace(b"\r\n.", b"\r\n")
+            del buf[:2]
+        return bytes(buf), None
+
+    def _over_budget(self, budget: DataBudget) -> None:
+        assert self.session is not None
+        log.info("NOQUEUE: reject: DATA from [%s]: %s; message data in memory over %d "
+                 "bytes listener=%s", client_address(self.session),
+                 replies.INSUFFICIENT_STORAGE, budget.limit, self.listener.name)
+        self.event_handler.metrics.rejected("data", replies.INSUFFICIENT_STORAGE.code)
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self.tls_active:
@@ -545,7 +668,7 @@ def envelope_sender(envelope: Envelope) -> str:
     return "" if sender == "<>" else sender
 
 
-def has_bare_line_ending(data: bytes) -> bool:
+def has_bare_line_ending(data: bytes | bytearray) -> bool:
     """True if DATA holds a CR or LF outside a CRLF pair, or a NUL.
 
     aiosmtpd 1.4.6 no longer splits messages on "\\n.\\r\\n" but leaves bare CR and LF in
@@ -556,9 +679,59 @@ def has_bare_line_ending(data: bytes) -> bool:
     return b"\0" in data or data.count(b"\r") != crlf or data.count(b"\n") != crlf
 
 
-def longest_line(data: bytes) -> int:
+def longest_line(data: bytes | bytearray) -> int:
     """Octets in the longest line of `data`, CRLF not counted."""
     return max(map(len, data.split(b"\r\n")), default=0)
+
+
+def has_long_line(data: bytes | bytearray, limit: int, exact: bool = False) -> bool:
+    """True if a line of `data` has more than `limit` octets before its CRLF; a last
+    line without CRLF counts only once it is that long.
+
+    Steps from window to window (rfind in C) instead of splitting the message into
+    lines. That takes every LF as a line end: with bare CR or LF in `data`, pass
+    `exact` to split on CRLF only.
+    """
+    if exact:
+        return any(len(line) > limit for line in data.split(b"\r\n"))
+    end, start = len(data), 0
+    while end - start > limit + 1:
+        # The line starting here ends within the window if it is short enough; every
+        # line between here and the window's last LF is shorter still.
+        last_lf = data.rfind(b"\n", start, start + limit + 2)
+        if last_lf < 0:
+            return True
+        start = last_lf + 1
+    return end - start > limit and data.find(b"\n", start) < 0
+
+
+class DataBudget:
+    """Message bytes that the sessions of this process hold in memory at once.
+
+    A DATA that would take it over `limit` is read to its end, kept nowhere, and
+    answered "452 4.3.1" (RFC 5321 section 4.5.3.1.9): the client tries again later.
+    The bytes count from the first chunk until the message is spooled or refused.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def __repr__(self) -> str:
+        return f"<DataBudget {self.held}/{self.limit}>"
+
+    @property
+    def exhausted(self) -> bool:
+        return self.held >= self.limit
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.held -= size
 
 
 def declared_size(options: list[str]) -> int:
@@ -587,8 +760,11 @@ class InboundHandler:
         on_queued: Callable[[str], None],
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        budget: DataBudget | None = None,
     ) -> None:
         self.listener = listener
+        # One budget for all listeners of the process (relay.app passes it in).
+        self.budget = budget or DataBudget(current().settings.max_data_memory)
         self.current = current
         self.services = services
         self.spool = spool
@@ -665,10 +841,10 @@ class InboundHandler:
         if has_bare_line_ending(data):
             return self._refuse(session, "DATA", replies.BAD_LINE_ENDING, sender)
         settings = session.settings
-        if (longest := longest_line(data)) > settings.max_line_length:
-            # aiosmtpd's own check allows one octet more, for a dot-stuffed line.
+        if has_long_line(data, settings.max_line_length):
+            # RelaySMTP's check on the wire allows one octet more, for a dot-stuffed line.
             return self._refuse(session, "DATA", replies.LINE_TOO_LONG,
-                                f"{sender} line of {longest} octets")
+                                f"{sender} line of {longest_line(data)} octets")
         header_size, hops = header_stats(data)
         if header_size > settings.max_header_size:
             return self._refuse(session, "DATA", replies.HEADER_TOO_BIG,

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import socket
 import ssl
 import time
@@ -226,6 +227,12 @@ class HostPool:
                 )
             if s.auth_username:
                 await self._authenticate(client)
+            if client.is_ehlo_or_helo_needed:
+                # transmit() sends its commands itself, so it does not say EHLO lazily.
+                try:
+                    await client.ehlo(timeout=s.command_timeout)
+                except aiosmtplib.SMTPHeloError:
+                    await client.helo(timeout=s.command_timeout)
         except BaseException:
             client.close()
             if s.tls == "implicit":
@@ -352,50 +359,83 @@ async def transmit(
 
     Replies (2xx/4xx/5xx) become results. Anything else (timeouts, a dropped
     connection, a protocol error) raises, and the pool then discards the connection.
-    `sender` is "" for the null reverse-path (aiosmtplib refuses "<>").
+    `sender` is "" for the null reverse-path.
+
+    The commands go out through aiosmtplib's execute_command with the addresses as
+    they were accepted (its mail()/rcpt() re-parse them with email.utils), and the
+    content with one bytes.replace for the transparency dots (its data() runs two
+    regexes over every message and copies it to append the final dot).
     """
     client = conn.client
     timeout = settings.command_timeout
     try:
-        await client.mail(sender, timeout=timeout)
+        reply = await client.execute_command(b"MAIL FROM:<%s>" % sender.encode("ascii"),
+                                             timeout=timeout)
     except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
         # An upstream may drop an idle connection just as we reuse it (F8).
         if conn.messages > 0:
             raise StaleConnection(str(exc)) from exc
         raise
-    except aiosmtplib.SMTPSenderRefused as exc:
-        if exc.code == 421:
+    if reply.code != 250:
+        if reply.code == 421:
             conn.broken = True
         else:
             await _reset(conn, timeout)
-        return [RecipientResult(exc.code, f"{exc.code} {exc.message}")] * len(recipients)
+        return [RecipientResult(reply.code, f"{reply.code} {reply.message}")] * len(recipients)
 
     results: list[RecipientResult | None] = []
     for index, rcpt in enumerate(recipients):
-        try:
-            await client.rcpt(rcpt, timeout=timeout)
-        except aiosmtplib.SMTPRecipientRefused as exc:
-            reply = f"{exc.code} {exc.message}"
-            if exc.code == 452 and None in results:
-                # RFC 5321 section 4.5.3.1.10: "too many recipients" is no failure; the
-                # client sends the rest in a new transaction after this one.
-                results += [RecipientResult(452, reply, again=True)] * (len(recipients) - index)
-                break
-            results.append(RecipientResult(exc.code, reply))
-        else:
+        reply = await client.execute_command(b"RCPT TO:<%s>" % rcpt.encode("ascii"),
+                                             timeout=timeout)
+        if reply.code in (250, 251):
             results.append(None)  # accepted for now; the final-dot reply decides
+            continue
+        text = f"{reply.code} {reply.message}"
+        if reply.code == 452 and None in results:
+            # RFC 5321 section 4.5.3.1.10: "too many recipients" is no failure; the
+            # client sends the rest in a new transaction after this one.
+            results += [RecipientResult(452, text, again=True)] * (len(recipients) - index)
+            break
+        results.append(RecipientResult(reply.code, text))
 
     if None not in results:
         await _reset(conn, timeout)
         return [r for r in results if r is not None]
 
-    try:
-        response = await client.data(data, timeout=settings.data_timeout)
-        final = RecipientResult(response.code, f"{response.code} {response.message}")
-    except aiosmtplib.SMTPDataError as exc:
-        final = RecipientResult(exc.code, f"{exc.code} {exc.message}")
+    reply = await client.execute_command(b"DATA", timeout=timeout)
+    if reply.code == 354:
+        protocol = client.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost")
+        try:
+            # No await between the writes and read_response: the reply cannot come
+            # before aiosmtplib waits for it.
+            protocol.write(dot_stuffed(data))
+            protocol.write(b".\r\n")
+            reply = await protocol.read_response(timeout=settings.data_timeout)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            client.close()  # what aiosmtplib's data() does: never reuse a desynced session
+            raise
+    final = RecipientResult(reply.code, f"{reply.code} {reply.message}")
+    if reply.code != 250:
         await _reset(conn, timeout)
     return [final if r is None else r for r in results]
+
+
+_BARE_LINE_ENDING = re.compile(rb"\r\n|\n|\r(?!\n)")
+
+
+def dot_stuffed(data: bytes) -> bytes:
+    """The message as DATA sends it: CRLF line ends, ending in CRLF, and a dot added to
+    every line that starts with one (RFC 5321 section 4.5.2)."""
+    if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\n"):
+        # Never for mail from our listener (it refuses bare CR and LF); kept for safety.
+        data = _BARE_LINE_ENDING.sub(b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data.startswith(b".") or b"\r\n." in data:
+        data = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
+    return data
 
 
 async def _reset(conn: Connection, timeout: float) -> None:

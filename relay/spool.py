@@ -8,9 +8,10 @@ Why SQLite rather than one file per message with rename and directory fsync:
   leftovers to clean up (Postfix and OpenSMTPD need a startup sweep for that).
 - Per-recipient state changes (sent, deferred, failed) are small updates in place, not
   rewrites of a file.
-- Group commit comes for free: messages that finish DATA at the same moment are written in
-  one transaction and share one flush of the write-ahead log, while each client still gets
-  its 250 only after the commit that contains its own message returned.
+- Group commit comes for free: messages that finish DATA at the same moment, and delivery
+  results that arrive meanwhile, are written in one transaction and share one flush of
+  the write-ahead log, while each client still gets its 250 only after the commit that
+  contains its own message returned.
 With `synchronous=FULL` SQLite fsyncs the WAL at every commit; the directory is fsync'd
 once at open so the WAL file's own directory entry is durable too.
 
@@ -144,8 +145,11 @@ class Spool:
         self.directory = directory
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self._db: sqlite3.Connection | None = None
-        self._pending: list[tuple[str, Envelope, bytes, asyncio.Future[None]]] = []
+        # Writes waiting for the next group commit: a function run inside the
+        # transaction, and the future that gets its result once the commit returned.
+        self._pending: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self.commits = 0  # group commits so far (each one WAL flush)
 
     def __repr__(self) -> str:
         return f"<Spool {self.directory}>"
@@ -190,52 +194,74 @@ class Spool:
 
     async def store(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
         """Write a message durably; only when this returns may 250 be sent."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((queue_id, envelope, data, done))
+        await self._write(self._insert, queue_id, envelope, data)
+
+    async def _write(self, func: Callable[..., T], *args: Any) -> T:
+        """Run `func` in the next group commit; return its result once that commit
+        returned (and with it, under synchronous=FULL, the WAL is on stable storage)."""
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((lambda: func(*args), done))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        await done
+        return await done
 
     async def _flush(self) -> None:
         # Group commit: whatever arrived while the previous commit was running goes
-        # into the next transaction together.
+        # into the next transaction together: new messages and delivery results alike.
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                await self._run(self._insert, batch)
+                outcomes = await self._run(self._commit, [op for op, _ in batch])
             except Exception as exc:  # every waiter must hear about the failure
-                for *_, done in batch:
-                    if not done.done():
-                        done.set_exception(SpoolError(str(exc)))
-            else:
-                for *_, done in batch:
-                    if not done.done():
-                        done.set_result(None)
+                outcomes = [SpoolError(str(exc))] * len(batch)
+            for (_, done), outcome in zip(batch, outcomes, strict=True):
+                if done.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    done.set_exception(outcome)
+                else:
+                    done.set_result(outcome)
 
-    def _insert(self, batch: Sequence[tuple[str, Envelope, bytes, asyncio.Future[None]]]) -> None:
+    def _commit(self, ops: Sequence[Callable[[], Any]]) -> list[Any]:
+        """One transaction for all `ops`, each in a savepoint: one that fails is undone
+        alone and its waiter gets the error; the others commit."""
         db = self.db
+        outcomes: list[Any] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            for queue_id, env, data, _ in batch:
-                db.execute(
-                    "INSERT INTO message (id, sender, client_address, helo, listener, "
-                    "sasl_username, received_at, size, state, route, next_attempt, data) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        queue_id, env.sender, env.client_address, env.helo, env.listener,
-                        env.sasl_username, env.received_at, len(data),
-                        "hold" if env.hold else "queued", env.route, env.received_at, data,
-                    ),
-                )
-                db.executemany(
-                    "INSERT INTO recipient (message_id, position, address, state) "
-                    "VALUES (?, ?, ?, 'pending')",
-                    [(queue_id, i, rcpt) for i, rcpt in enumerate(env.recipients)],
-                )
+            for op in ops:
+                db.execute("SAVEPOINT op")
+                try:
+                    outcomes.append(op())
+                except sqlite3.Error as exc:
+                    db.execute("ROLLBACK TO op")
+                    outcomes.append(SpoolError(str(exc)))
+                db.execute("RELEASE op")
             db.execute("COMMIT")
+            self.commits += 1
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
+        return outcomes
+
+    def _insert(self, queue_id: str, env: Envelope, data: bytes) -> None:
+        db = self.db
+        db.execute(
+            "INSERT INTO message (id, sender, client_address, helo, listener, "
+            "sasl_username, received_at, size, state, route, next_attempt, data) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                queue_id, env.sender, env.client_address, env.helo, env.listener,
+                env.sasl_username, env.received_at, len(data),
+                "hold" if env.hold else "queued", env.route, env.received_at, data,
+            ),
+        )
+        db.executemany(
+            "INSERT INTO recipient (message_id, position, address, state) "
+            "VALUES (?, ?, ?, 'pending')",
+            [(queue_id, i, rcpt) for i, rcpt in enumerate(env.recipients)],
+        )
 
     # -- reading ----------------------------------------------------------------------
 
@@ -243,6 +269,18 @@ class Spool:
         """Queued messages whose next attempt is due, oldest first."""
         where = "state = 'queued' AND next_attempt <= ?"
         return await self._run(self._select, where, (now,), limit, set(exclude))
+
+    async def due_with_data(
+        self, now: float, limit: int, exclude: Iterable[str] = ()
+    ) -> list[tuple[QueuedMessage, bytes]]:
+        """As due(), with each message's bytes, in one trip to the spool thread."""
+
+        def select() -> list[tuple[QueuedMessage, bytes]]:
+            where = "state = 'queued' AND next_attempt <= ?"
+            found = self._select(where, (now,), limit, set(exclude))
+            return [(m, self._data(m.id)) for m in found]
+
+        return await self._run(select)
 
     async def next_due_time(self) -> float | None:
         row = await self._run(
@@ -289,9 +327,10 @@ class Spool:
         return result
 
     async def data(self, queue_id: str) -> bytes:
-        row = await self._run(
-            lambda: self.db.execute("SELECT data FROM message WHERE id = ?", (queue_id,)).fetchone()
-        )
+        return await self._run(self._data, queue_id)
+
+    def _data(self, queue_id: str) -> bytes:
+        row = self.db.execute("SELECT data FROM message WHERE id = ?", (queue_id,)).fetchone()
         if row is None:
             raise SpoolError(f"no message {queue_id}")
         return bytes(row[0])
@@ -310,42 +349,37 @@ class Spool:
         Returns the message's new state, or None when nothing is left to do and the
         message was removed (every recipient sent).
         """
-        return await self._run(self._record, queue_id, outcomes, next_attempt, last_error)
+        # Group-committed with other results and new messages (see _flush).
+        return await self._write(self._record, queue_id, outcomes, next_attempt, last_error)
 
     def _record(
         self, queue_id: str, outcomes: Sequence[Outcome], next_attempt: float, last_error: str
     ) -> MessageState | None:
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany(
-                "UPDATE recipient SET state = ?, reply = ? WHERE message_id = ? AND position = ?",
-                [(o.state, o.reply, queue_id, o.position) for o in outcomes],
+        db.executemany(
+            "UPDATE recipient SET state = ?, reply = ? WHERE message_id = ? AND position = ?",
+            [(o.state, o.reply, queue_id, o.position) for o in outcomes],
+        )
+        states = {
+            s for (s,) in db.execute(
+                "SELECT state FROM recipient WHERE message_id = ?", (queue_id,)
             )
-            states = {
-                s for (s,) in db.execute(
-                    "SELECT state FROM recipient WHERE message_id = ?", (queue_id,)
-                )
-            }
-            new_state: MessageState | None
-            if "pending" in states:
-                new_state = "queued"
-            elif "failed" in states:
-                new_state = "failed"
-            else:
-                new_state = None
-            if new_state is None:
-                db.execute("DELETE FROM message WHERE id = ?", (queue_id,))
-            else:
-                db.execute(
-                    "UPDATE message SET state = ?, attempts = attempts + 1, next_attempt = ?, "
-                    "last_error = ? WHERE id = ? AND state = 'queued'",
-                    (new_state, next_attempt, last_error, queue_id),
-                )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        }
+        new_state: MessageState | None
+        if "pending" in states:
+            new_state = "queued"
+        elif "failed" in states:
+            new_state = "failed"
+        else:
+            new_state = None
+        if new_state is None:
+            db.execute("DELETE FROM message WHERE id = ?", (queue_id,))
+        else:
+            db.execute(
+                "UPDATE message SET state = ?, attempts = attempts + 1, next_attempt = ?, "
+                "last_error = ? WHERE id = ? AND state = 'queued'",
+                (new_state, next_attempt, last_error, queue_id),
+            )
         return new_state
 
     async def set_state(

@@ -1,0 +1,83 @@
+"""Group commit in the spool: new messages and delivery results share one durable commit,
+and one write that fails is undone alone."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from relay.spool import Envelope, Outcome, Spool, SpoolError
+
+MESSAGE = b"From: a@example.test\r\nSubject: commit\r\n\r\nbody\r\n"
+
+
+def envelope(*recipients: str) -> Envelope:
+    return Envelope(sender="a@example.test", recipients=recipients,
+                    client_address="127.0.0.1", helo="client.test", listener="smtp",
+                    received_at=1000.0)
+
+
+async def test_results_and_new_messages_written_together_share_one_commit(tmp_path: Path):
+    spool = Spool(tmp_path)
+    await spool.open()
+    try:
+        await spool.store("A", envelope("x@dest.test", "y@dest.test"), MESSAGE)
+        await spool.store("B", envelope("z@dest.test"), MESSAGE)
+        before = spool.commits
+        states = await asyncio.gather(
+            spool.record_attempt("A", [Outcome(0, "sent", "250 ok"),
+                                       Outcome(1, "pending", "451 later")], 2000.0, "451 later"),
+            spool.record_attempt("B", [Outcome(0, "sent", "250 ok")], 2000.0, ""),
+            spool.store("C", envelope("w@dest.test"), MESSAGE),
+            spool.store("D", envelope("v@dest.test"), MESSAGE),
+        )
+        assert states == ["queued", None, None, None]
+        assert spool.commits - before == 1
+        # Each result is what its own transaction would have stored.
+        a = await spool.get("A")
+        assert a is not None and a.attempts == 1 and a.next_attempt == 2000.0
+        assert [r.state for r in a.recipients] == ["sent", "pending"]
+        assert await spool.get("B") is None  # every recipient sent: removed
+        assert sorted(m.id for m in await spool.messages()) == ["A", "C", "D"]
+        due = await spool.due_with_data(3000.0, 10, exclude=["C"])
+        assert [(m.id, data) for m, data in due] == [("D", MESSAGE), ("A", MESSAGE)]
+    finally:
+        await spool.close()
+
+
+async def test_a_write_that_fails_inside_a_group_commit_fails_alone(tmp_path: Path):
+    spool = Spool(tmp_path)
+    await spool.open()
+    try:
+        await spool.store("A", envelope("x@dest.test"), MESSAGE)
+        results = await asyncio.gather(
+            spool.store("B", envelope("y@dest.test"), MESSAGE),
+            spool.store("A", envelope("again@dest.test"), b"other"),  # duplicate id
+            spool.store("C", envelope("z@dest.test"), MESSAGE),
+            return_exceptions=True,
+        )
+        assert results[0] is None and results[2] is None
+        assert isinstance(results[1], SpoolError)
+        assert sorted(m.id for m in await spool.messages()) == ["A", "B", "C"]
+        a = await spool.get("A")
+        assert a is not None and [r.address for r in a.recipients] == ["x@dest.test"]
+        assert await spool.data("A") == MESSAGE
+    finally:
+        await spool.close()
+
+
+async def test_a_stored_message_survives_reopening(tmp_path: Path):
+    spool = Spool(tmp_path)
+    await spool.open()
+    await spool.store("A", envelope("x@dest.test"), MESSAGE)
+    await spool.close()
+    again = Spool(tmp_path)
+    await again.open()
+    try:
+        assert await again.data("A") == MESSAGE
+        with pytest.raises(SpoolError):
+            await again.data("missing")
+    finally:
+        await again.close()
