@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 from relay import __version__, config, dkimcli, runtime
 from relay.configdump import dump
 from relay.dkimcli import add_dkim_parser
+from relay.logs import setup_logging
 from relay.queuecli import add_limits_parser, add_queue_parser, run_limits, run_queue
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus
@@ -116,16 +115,6 @@ def _overrides(args: argparse.Namespace) -> config.Overrides:
     )
 
 
-def setup_logging(level: str) -> None:
-    # Under journald the journal stamps each line itself.
-    fmt = "%(name)s: %(message)s"
-    if "JOURNAL_STREAM" not in os.environ:
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
-    # aiosmtpd logs every command at INFO; our own lines carry what an operator needs.
-    logging.getLogger("mail.log").setLevel(max(logging.WARNING, logging.getLogger().level))
-
-
 def _load(args: argparse.Namespace) -> runtime.Runtime | None:
     try:
         loaded = runtime.load(args.config, _overrides(args))
@@ -142,7 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
     loaded = _load(args)
     if loaded is None:
         return EX_CONFIG
-    setup_logging(loaded.settings.log_level)
+    setup_logging(loaded.settings.log_level, loaded.settings.log_format)
     from relay.app import serve
 
     serve(loaded, lambda: runtime.load(args.config, _overrides(args)))

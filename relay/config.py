@@ -81,6 +81,7 @@ class Settings:
     checks: CheckSettings = field(default_factory=CheckSettings)
     ops: OpsSettings = OpsSettings()
     log_level: str = "info"
+    log_format: str = "text"
     source: str = "<embedded defaults>"
 
     @property
@@ -182,6 +183,7 @@ def _read(root: Table, source: str) -> Settings:
         checks=read_check_settings(root),
         ops=_read_ops(root),
         log_level=log.string("level", base.log_level, ("debug", "info", "warning", "error")),
+        log_format=log.string("format", base.log_format, ("text", "json")),
         source=source,
     )
     server.finish()

@@ -134,3 +134,19 @@ def test_config_dump_redacts_secrets(tmp_path: Path):
     assert "hunter2" not in result.stdout
     as_json = run_cli("config", "dump", "--json", "--config", str(config))
     assert '"hosts"' in as_json.stdout and "hunter2" not in as_json.stdout
+
+
+async def test_json_log_format_carries_the_same_fields(sink: Sink, start_relay):
+    import json
+
+    relay = start_relay(sink.port, sections='\n[log]\nformat = "json"\n')
+    queue_id = (await send(relay.port)).rsplit(" ", 1)[1]
+    sink.wait_messages(1)
+    wait_until(lambda: '"status": "sent"' in relay.log_text(), what="the delivery line")
+    entries = [json.loads(line) for line in relay.log_text().splitlines()]
+    [delivery] = [e for e in entries if e.get("status") == "sent"]
+    assert delivery["queue_id"] == queue_id
+    assert delivery["to"] == "b@dest.test"
+    assert delivery["relay"] == f"127.0.0.1:{sink.port}"
+    assert delivery["reply"].startswith("250 ")
+    assert all({"time", "level", "logger", "message"} <= e.keys() for e in entries)

@@ -1,0 +1,69 @@
+"""Log output: Postfix-shaped text lines, or the same fields as one JSON object a line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+
+# "4F2A1C9B7E: to=<a@b>, relay=host:25, status=sent (250 ...)" and
+# "NOQUEUE: reject: RCPT from [10.0.0.1]: 554 ...; from=<a@b> to=<c@d> rule=x".
+_QUEUE_ID = re.compile(r"^(?P<id>NOQUEUE|[0-9A-F]{10,}):\s")
+_FIELD = re.compile(r"(?P<key>[a-z_]+)=(?P<value><[^>]*>|\[[^\]]*\]|[^\s,;]+)")
+_STATUS_REPLY = re.compile(r"status=\w+ \((?P<reply>.*)\)$")
+
+
+def fields_of(message: str) -> dict[str, str]:
+    """The key=value fields of one of our log lines, for structured output."""
+    fields: dict[str, str] = {}
+    match = _QUEUE_ID.match(message)
+    if match:
+        fields["queue_id"] = match.group("id")
+    for found in _FIELD.finditer(message):
+        value = found.group("value")
+        if value.startswith("<") and value.endswith(">"):
+            value = value[1:-1]
+        fields.setdefault(found.group("key"), value)
+    if reply := _STATUS_REPLY.search(message):
+        fields["reply"] = reply.group("reply")
+    return fields
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, the message and its fields."""
+
+    def __init__(self, timestamps: bool) -> None:
+        super().__init__()
+        self.timestamps = timestamps
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        entry: dict[str, object] = {}
+        if self.timestamps:
+            entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + (
+                f".{int(record.msecs):03d}Z"
+            )
+        entry.update(level=record.levelname.lower(), logger=record.name, message=message)
+        entry.update(fields_of(message))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr; under journald ($JOURNAL_STREAM) the journal stamps each line."""
+    timestamps = "JOURNAL_STREAM" not in os.environ
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(timestamps))
+    else:
+        text = "%(name)s: %(message)s"
+        handler.setFormatter(logging.Formatter(("%(asctime)s " if timestamps else "") + text))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiosmtpd logs every command at INFO; our own lines carry what an operator needs.
+    logging.getLogger("mail.log").setLevel(max(logging.WARNING, root.level))
