@@ -76,7 +76,7 @@ class Relay:
         for listener in self.settings.listeners:
             handler = InboundHandler(
                 listener, self.current, self.current_services, self.spool,
-                lambda _id: self.delivery.wake(), self.metrics, budget=self.budget,
+                self.delivery.offer, self.metrics, budget=self.budget,
             )
             if listener.tls != "none":
                 self.tls[listener.name] = ListenerTLS(listener.tls_cert, listener.tls_key)

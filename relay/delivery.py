@@ -24,7 +24,7 @@ from relay.outbound import (
 )
 from relay.shaping import Shaper, is_throttle
 from relay.smarthosts import UpstreamSettings
-from relay.spool import Envelope, Outcome, QueuedMessage, Spool, new_queue_id
+from relay.spool import Envelope, Outcome, QueuedMessage, Spool, fresh, new_queue_id
 
 log = logging.getLogger("relay.delivery")
 
@@ -121,10 +121,29 @@ class Delivery:
         self._parked: dict[str, tuple[str, float]] = {}
         self.shapers: dict[str, Shaper] = {}
         self._stopping = False
+        # Messages may be due in the spool that no worker took: counted up whenever
+        # that may have happened, so a query that came back short only clears it when
+        # nothing new came meanwhile. Without a backlog, a finished delivery does not
+        # send the loop to the spool (new mail comes through offer()).
+        self._backlog = 1
+        # Ids offer() started while a due() query was out: that query may return them.
+        self._selecting = False
+        self._offered: set[str] = set()
 
     def wake(self) -> None:
         """New mail arrived (or a retry was forced): look at the queue now."""
+        self._backlog += 1
         self._wake.set()
+
+    def offer(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
+        """A message the spool has just committed: with a worker free, start it at once
+        with its bytes at hand (no trip back to the spool); else the loop finds it."""
+        if self._stopping or len(self._inflight) >= self.settings.queue.delivery_workers:
+            self.wake()
+            return
+        if self._selecting:
+            self._offered.add(queue_id)
+        self._start(fresh(queue_id, envelope, len(data)), data, self.monotonic())
 
     def shaper(self, name: str) -> Shaper:
         if name not in self.shapers:
@@ -145,6 +164,8 @@ class Delivery:
                 now, mono = self.clock(), self.monotonic()
                 self._resting = {k: t for k, t in self._resting.items() if t > now}
                 self._parked = {k: v for k, v in self._parked.items() if v[1] > mono}
+                backlog = self._backlog
+                self._selecting = True
                 try:
                     due = await self.spool.due_with_data(
                         now, free, exclude=[*self._inflight, *self._resting, *self._parked]
@@ -152,7 +173,16 @@ class Delivery:
                 except Exception:
                     log.exception("cannot read the spool; retrying")
                     due = []
+                finally:
+                    self._selecting = False
+                offered, self._offered = self._offered, set()
+                if len(due) < free and self._backlog == backlog:
+                    self._backlog = 0
+                mono = self.monotonic()
                 for message, data in due:
+                    # offer() may have started (and even finished) it meanwhile.
+                    if message.id in offered or message.id in self._inflight:
+                        continue
                     wait = self._start(message, data, mono)
                     timeout = min(timeout, wait)
                 # Parked messages took places in that batch: look for others at once.
@@ -198,7 +228,8 @@ class Delivery:
                     task.get_loop().create_task(self._quarantine(queue_id))
             else:
                 self._crashes.pop(queue_id, None)
-            self._wake.set()  # a worker is free
+            if self._backlog:
+                self._wake.set()  # a worker is free for what waits in the spool
 
         return done
 
@@ -291,6 +322,8 @@ class Delivery:
         retry_at = min(now + retry_delay(attempts, queue), message.received_at + queue.max_lifetime)
         last_error = next((o.reply for o in outcomes if o.state != "sent"), "")
         new_state = await self.spool.record_attempt(message.id, outcomes, retry_at, last_error)
+        if new_state == "queued":
+            self.wake()  # it waits in the spool now: the loop keeps an eye on it
         states = {o.state for o in outcomes}
         status = "deferred" if "pending" in states else "bounced" if "failed" in states else "sent"
         self.metrics.delivered(message.route or "default", status, now - message.received_at)

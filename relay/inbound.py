@@ -757,7 +757,7 @@ class InboundHandler:
         current: Callable[[], Runtime],
         services: Callable[[], CheckServices],
         spool: Spool,
-        on_queued: Callable[[str], None],
+        on_queued: Callable[[str, StoredEnvelope, bytes], None],
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         budget: DataBudget | None = None,
@@ -897,7 +897,7 @@ class InboundHandler:
             ", hold" if stored.hold else "",
         )
         if not stored.hold:
-            self.on_queued(queue_id)
+            self.on_queued(queue_id, stored, message)
         return str(replies.queued(queue_id))
 
     async def handle_exception(self, error: Exception) -> str:

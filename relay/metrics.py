@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import time
@@ -95,7 +96,13 @@ def queue_name(state: str, attempts: int) -> str:
 
 
 def _label(value: object) -> str:
-    text = str(value)
+    return _label_text(str(value))
+
+
+# Label values come from configuration (listeners, rules, groups) and fixed sets, so
+# the cache stays small; it spares the ip_address() parses on every message.
+@functools.lru_cache(maxsize=4096)
+def _label_text(text: str) -> str:
     if "@" in text:
         return "other"
     # A bare address, host:port or [v6]:port.

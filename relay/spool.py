@@ -129,6 +129,19 @@ class Outcome:
     reply: str
 
 
+def fresh(queue_id: str, envelope: Envelope, size: int) -> QueuedMessage:
+    """The QueuedMessage that store() of `envelope` just wrote (no attempts yet)."""
+    return QueuedMessage(
+        id=queue_id, sender=envelope.sender, client_address=envelope.client_address,
+        helo=envelope.helo, listener=envelope.listener,
+        sasl_username=envelope.sasl_username, received_at=envelope.received_at, size=size,
+        state="hold" if envelope.hold else "queued", route=envelope.route, attempts=0,
+        next_attempt=envelope.received_at, last_error="",
+        recipients=tuple(Recipient(i, address, "pending", "")
+                         for i, address in enumerate(envelope.recipients)),
+    )
+
+
 class SpoolError(Exception):
     """The spool could not store or update a message (disk full, I/O error, corruption)."""
 
