@@ -114,19 +114,44 @@ def wait_tcp(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 1
     raise RuntimeError(f"nothing listening on {LOOPBACK}:{port} after {timeout}s")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the relay's worker processes with [server] workers)."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    # Fields after the ")" of comm: state is field 3; utime 14, stime 15 (1-based).
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    rest = stat[stat.rindex(")") + 2:].split()
-    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+    """utime+stime of `pid` and its live descendants (and of those it has reaped)."""
+    total = 0.0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            # Fields after the ")" of comm: state is field 3; utime 14, stime 15,
+            # cutime 16, cstime 17 (1-based).
+            stat = Path(f"/proc/{p}/stat").read_text()
+            rest = stat[stat.rindex(")") + 2:].split()
+            total += sum(int(x) for x in rest[11:15]) / CLK_TCK
+    return total
 
 
 def proc_status(pid: int, key: str) -> int:
-    """A kB figure from /proc/PID/status (VmRSS, VmHWM), in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    """A kB figure from /proc/PID/status (VmRSS, VmHWM), in bytes, summed over the
+    process and its descendants."""
+    total, found = 0, False
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1]) * 1024
+                    found = True
+    if not found:
+        raise KeyError(key)
+    return total
 
 
 def machine_cpu() -> float:
@@ -199,6 +224,7 @@ class Relay:
             'relay_networks = ["127.0.0.0/8"]\n'
             f'max_message_size = "{args.max_message_size}"\n'
             f"{connection_caps(args)}"
+            f"{f'workers = {args.relay_workers}' + chr(10) if args.relay_workers > 1 else ''}"
             "[listener.bench]\n"
             f'address = "{LOOPBACK}:{self.port}"\n'
             "[upstream.default]\n"
@@ -741,7 +767,8 @@ def report(results: dict[str, list[LoadResult]], mem: dict[str, object] | None,
          f"smtp-source {'without' if args.connection_per_message else 'with'} -d "
          f"({'one connection per message' if args.connection_per_message else 'reused'}"
          " connections); "
-         f"relay: pool_size={args.pool_size}, delivery_workers={args.workers}, "
+         f"relay: workers={args.relay_workers}, pool_size={args.pool_size}, "
+         f"delivery_workers={args.workers}, "
          f"max_messages_per_connection={args.max_messages_per_connection}, log level info, "
          f"spool on disk (SQLite WAL, synchronous=FULL). Latency client: aiosmtplib, one "
          f"connection, sequential, up to {args.latency_messages} messages during the load.",
@@ -804,6 +831,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="run every target this many times")
     p.add_argument("--pool-size", type=int, default=16, help="relay upstream pool_size")
     p.add_argument("--workers", type=int, default=40, help="relay delivery_workers")
+    p.add_argument("--relay-workers", type=int, default=1,
+                   help="relay [server] workers (processes sharing the port, one spool "
+                   "shard each; pool_size and delivery_workers are per worker)")
     p.add_argument("--max-messages-per-connection", type=int, default=100)
     p.add_argument("--max-message-size", default="25M")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from relay import config
 from relay.checks import CheckServices
@@ -37,14 +40,17 @@ class Relay:
     Listeners, the spool directory and upstream pools keep the values they started with.
     """
 
-    def __init__(self, loaded: Runtime, reload: Callable[[], Runtime] | None = None) -> None:
+    def __init__(
+        self, loaded: Runtime, reload: Callable[[], Runtime] | None = None, worker: int = 0
+    ) -> None:
         self.runtime = loaded
         settings = loaded.settings
         self._reload = reload
+        self.worker = worker
         self.metrics = Metrics()
         self.notifier = Notifier.from_environment()
         self.services = CheckServices(settings.checks, dict(loaded.policy.limits), self.metrics)
-        self.spool = Spool(settings.spool_path)
+        self.spool = Spool(spool_shard(settings, worker))
         self.upstreams = Upstreams(settings)
         self.delivery = Delivery(self.spool, settings, self.upstreams, metrics=self.metrics)
         self.control = ControlServer(
@@ -82,12 +88,18 @@ class Relay:
                 self.tls[listener.name] = ListenerTLS(listener.tls_cert, listener.tls_key)
             tls = self.tls.get(listener.name)
             server = await start_listener(
-                listener, handler, self.limits, tls.context if tls else None
+                listener, handler, self.limits, tls.context if tls else None,
+                reuse_port=self.settings.workers > 1,
             )
             self.servers.append(server)
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
-                log.info("listening on %s:%d (listener %s)", host, port, listener.name)
+                log.info("listening on %s:%d (listener %s%s)", host, port, listener.name,
+                         f", worker {self.worker}" if self.settings.workers > 1 else "")
+        if self.worker != 0:
+            # Only worker 0 answers `policy-relay queue` and /metrics (its shard only).
+            self.notifier.ready(f"{queued} messages queued")
+            return
         await self.control.start()
         if self.settings.ops.metrics_listen:
             host, port = parse_hostport(self.settings.ops.metrics_listen)
@@ -166,7 +178,8 @@ class Relay:
             for task in (delivery, watchdog):
                 task.cancel()
             await asyncio.gather(delivery, watchdog, return_exceptions=True)
-            await self.control.stop()
+            if self.worker == 0:
+                await self.control.stop()
             if self.http is not None:
                 self.http.close()
             await self.upstreams.close()
@@ -184,6 +197,85 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+def spool_shard(settings: Settings, worker: int) -> Path:
+    """Worker 0 keeps spool_dir itself (so one process or many use the same queue);
+    worker N > 0 has its own spool in spool_dir/worker-N."""
+    return settings.spool_path if worker == 0 else settings.spool_path / f"worker-{worker}"
+
+
 def serve(loaded: Runtime, reload: Callable[[], Runtime]) -> None:
+    if loaded.settings.workers > 1:
+        Supervisor(loaded, reload).run()
+        return
+    run_worker(loaded, reload, 0)
+
+
+def run_worker(loaded: Runtime, reload: Callable[[], Runtime], worker: int) -> None:
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        runner.run(Relay(loaded, reload).run())
+        runner.run(Relay(loaded, reload, worker).run())
+
+
+class Supervisor:
+    """[server] workers > 1: the parent of the worker processes.
+
+    Each worker is a whole relay (listeners bound with SO_REUSEPORT, so the kernel
+    spreads connections over them, its own spool shard and delivery). The parent only
+    forwards SIGTERM/SIGINT and SIGHUP to every worker, restarts a worker that died
+    (after RESTART_PAUSE), and exits once all have stopped after a SIGTERM.
+    """
+
+    RESTART_PAUSE = 1.0
+
+    def __init__(self, loaded: Runtime, reload: Callable[[], Runtime]) -> None:
+        self.loaded = loaded
+        self.reload = reload
+        self.children: dict[int, int] = {}  # pid -> worker
+        self.stopping = False
+
+    def spawn(self, worker: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            self.children.clear()  # a signal before the reset below must not reach siblings
+            status = 0
+            try:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                if worker != 0:
+                    os.environ.pop("NOTIFY_SOCKET", None)  # worker 0 speaks for the service
+                run_worker(self.loaded, self.reload, worker)
+            except BaseException:
+                log.exception("worker %d failed", worker)
+                status = 1
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        self.children[pid] = worker
+        log.info("started worker %d (pid %d)", worker, pid)
+
+    def forward(self, signum: int, _frame: object = None) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+            signum = signal.SIGTERM
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self.forward)
+        for worker in range(self.loaded.settings.workers):
+            self.spawn(worker)
+        while self.children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            worker = self.children.pop(pid)
+            if self.stopping:
+                continue
+            log.error("worker %d (pid %d) exited with status %d; restarting it", worker, pid,
+                      os.waitstatus_to_exitcode(status))
+            time.sleep(self.RESTART_PAUSE)
+            if not self.stopping:
+                self.spawn(worker)
+        log.info("all workers stopped")

@@ -70,6 +70,7 @@ class Settings:
     max_auth_failures: int = 5
     min_free_space: int = 100 * 1024 * 1024
     max_data_memory: int = 256 * 1024 * 1024
+    workers: int = 1
     policies_dir: str = ""
     listeners: tuple[ListenerSettings, ...] = (
         ListenerSettings("smtp", *parse_hostport(DEFAULT_LISTEN)),
@@ -176,6 +177,7 @@ def _read(root: Table, source: str) -> Settings:
         max_auth_failures=server.integer("max_auth_failures", base.max_auth_failures, 1, 10000),
         min_free_space=server.size("min_free_space", base.min_free_space),
         max_data_memory=server.size("max_data_memory", base.max_data_memory, low=1024),
+        workers=server.integer("workers", base.workers, 1, 64),
         policies_dir=server.string("policies_dir", base.policies_dir),
         listeners=read_listeners(root) or base.listeners,
         upstreams=read_upstreams(root) or base.upstreams,

@@ -130,6 +130,11 @@ class Delivery:
         self._selecting = False
         self._offered: set[str] = set()
 
+    @property
+    def in_flight(self) -> frozenset[str]:
+        """Ids of the messages being delivered now."""
+        return frozenset(self._inflight)
+
     def wake(self) -> None:
         """New mail arrived (or a retry was forced): look at the queue now."""
         self._backlog += 1
@@ -138,6 +143,11 @@ class Delivery:
     def offer(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
         """A message the spool has just committed: with a worker free, start it at once
         with its bytes at hand (no trip back to the spool); else the loop finds it."""
+        if queue_id in self._inflight:
+            # A due() query that ran after the commit, but before the listener got
+            # here, has started it already. (It cannot have finished: its result's
+            # commit queues behind the one that is waking us up.)
+            return
         if self._stopping or len(self._inflight) >= self.settings.queue.delivery_workers:
             self.wake()
             return

@@ -949,8 +949,10 @@ async def start_listener(
     handler: InboundHandler,
     limits: ConnectionLimits,
     tls: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
 ) -> asyncio.Server:
-    """Bind one listener in the running event loop (not aiosmtpd's threaded Controller)."""
+    """Bind one listener in the running event loop (not aiosmtpd's threaded Controller);
+    with `reuse_port`, several worker processes share its port (SO_REUSEPORT)."""
 
     def factory() -> RelaySMTP:
         return RelaySMTP(handler, limits, tls)
@@ -959,6 +961,7 @@ async def start_listener(
     if listener.implicit_tls:
         return await loop.create_server(
             factory, host=listener.host, port=listener.port, ssl=tls,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT, reuse_port=reuse_port or None,
         )
-    return await loop.create_server(factory, host=listener.host, port=listener.port)
+    return await loop.create_server(factory, host=listener.host, port=listener.port,
+                                    reuse_port=reuse_port or None)
