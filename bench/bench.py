@@ -593,7 +593,7 @@ async def memory(workdir: Path, args: argparse.Namespace) -> dict[str, object]:
     out["rss_at_rest_mb"] = proc_status(relay.pid, "VmRSS") / 2**20
     writers = await open_idle(relay.port, args.idle_connections)
     await asyncio.sleep(2.0)
-    fds = len(os.listdir(f"/proc/{relay.pid}/fd"))
+    fds = sum(len(os.listdir(f"/proc/{p}/fd")) for p in process_tree(relay.pid))
     out["idle_connections"] = len(writers)
     out["relay_fds_with_idle"] = fds
     out["rss_idle_mb"] = proc_status(relay.pid, "VmRSS") / 2**20
@@ -674,7 +674,7 @@ def summarize_profile(raw: Path, top: int = 30) -> str:
 async def start_spy(workdir: Path, pid: int, name: str) -> tuple[subprocess.Popen[bytes], Path]:
     raw = workdir / f"profile-{name}.raw"
     spy = OWNED.start([str(VENV_BIN / "py-spy"), "record", "-p", str(pid), "-r", "200",
-                       "-f", "raw", "--threads", "-o", str(raw)],
+                       "-f", "raw", "--threads", "--subprocesses", "-o", str(raw)],
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     await asyncio.sleep(1.0)
     return spy, raw

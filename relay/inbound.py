@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ipaddress
 import logging
 import math
@@ -360,11 +361,21 @@ class RelaySMTP(SMTP):
         if self.limits.draining:
             self.close_with(replies.SHUTTING_DOWN)
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd re-creates its idle timer for every command; noting the time is
+        # enough while a timer is armed (it re-arms itself in _timeout_cb).
+        handle = self._timeout_handle
+        if duration is None and handle is not None and not handle.cancelled():
+            self._progress_at = self.loop.time()
+            return
+        super()._reset_timeout(duration)
+
     def _timeout_cb(self) -> None:
         # aiosmtpd resets its idle timer only on commands, so a long DATA would be cut
-        # off; a complete DATA line is progress. DATA only notes the time (re-arming a
-        # timer per chunk costs), and the timer checks it when it fires. A trickle of
-        # partial lines is no progress, and the session deadline bounds everything (A14).
+        # off; a complete DATA line is progress. Commands and DATA only note the time
+        # (re-arming a timer each time costs), and the timer checks it when it fires. A
+        # trickle of partial lines is no progress, and the session deadline bounds
+        # everything (A14).
         assert self.session is not None
         left = self._progress_at + self.settings.idle_timeout - self.loop.time()
         if left > 0 and not self._closing:
@@ -659,7 +670,13 @@ def received_header(
     )
     if len(envelope.rcpt_tos) == 1:
         line += f"\r\n\tfor <{header_safe(envelope.rcpt_tos[0])}>"
-    return f"{line}; {formatdate(when, localtime=True)}\r\n".encode("ascii")
+    return f"{line}; {_date(int(when))}\r\n".encode("ascii")
+
+
+@functools.lru_cache(maxsize=4)
+def _date(second: int) -> str:
+    # RFC 5322 date-time; to the second, so a few cached values serve every message.
+    return formatdate(second, localtime=True)
 
 
 def envelope_sender(envelope: Envelope) -> str:
