@@ -118,6 +118,10 @@ class Relay:
     async def _refresh_metrics(self) -> None:
         groups = {name: group.pools for name, group in self.upstreams.groups.items()}
         await self.metrics.refresh(self.spool, groups)
+        for name, pools in groups.items():
+            # A group is up while any of its hosts is not marked down by the breaker.
+            up = any(p.failures < p.settings.down_after_failures for p in pools)
+            self.metrics.upstream_up(name, up)
 
     async def reload(self) -> None:
         """SIGHUP: load and validate everything anew; keep the old runtime on any error."""

@@ -69,6 +69,7 @@ async def test_metrics_count_what_happened(tmp_path: Path, sink: Sink, start_rel
                  action="accept") == 2
     assert value(text, "relay_smtpd_connections_total", listener="smtp") == connections + 3
     assert value(text, "relay_config_last_reload_successful") == 1
+    assert value(text, "relay_upstream_up", upstream="default") == 1
     assert "127.0.0.1" not in text and "example.test" not in text
     assert scrape(port, "/healthz")[0] == 200
     assert scrape(port, "/readyz")[0] == 200
