@@ -19,11 +19,12 @@ from relay.config import Settings
 from relay.connlimits import ConnectionLimits
 from relay.control import ControlServer
 from relay.delivery import Delivery, Upstreams
-from relay.inbound import DataBudget, InboundHandler, start_listener
+from relay.inbound import InboundHandler, start_listener
 from relay.metrics import Metrics, readiness, start_http
 from relay.notify import Notifier, watchdog_task
 from relay.runtime import Runtime
 from relay.schema import parse_hostport
+from relay.smtpserver import DataBudget
 from relay.spool import Spool
 from relay.tlsconfig import ListenerTLS
 

@@ -11,12 +11,8 @@ from relay import config, replies, users
 from relay.address import problem
 from relay.connlimits import ConnectionLimits, client_key
 from relay.headers import header_safe, strip_forged_authentication_results
-from relay.inbound import (
-    AIOSMTPD_REPLIES,
-    command_line_problem,
-    received_header,
-    with_enhanced_code,
-)
+from relay.inbound import received_header
+from relay.smtpserver import AIOSMTPD_REPLIES, command_line_problem, with_enhanced_code
 
 # Every reply line aiosmtpd 1.4.6 (smtp.py) can send without an enhanced status code.
 AIOSMTPD_LINES = [

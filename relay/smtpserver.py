@@ -1,0 +1,720 @@
+"""The SMTP protocol for our listeners: aiosmtpd's SMTP with our limits, TLS, AUTH, PROXY, DATA."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import math
+import re
+import ssl
+from typing import TYPE_CHECKING, Any, AnyStr, cast
+
+from aiosmtpd.proxy_protocol import ProxyData
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+)
+
+from relay import replies, users
+from relay.checks import CheckServices
+from relay.config import Settings
+from relay.connlimits import ConnectionLimits
+from relay.headers import header_safe
+from relay.listeners import LOOPBACK_NETWORKS
+from relay.pipeline import SessionPolicy
+from relay.replies import Reply
+from relay.runtime import Runtime
+from relay.schema import IPNetwork
+
+if TYPE_CHECKING:
+    from relay.inbound import InboundHandler
+
+log = logging.getLogger("relay.inbound")
+
+# RFC 5321 section 4.5.3.1.4: a command line is at most 512 octets with its CRLF; RFC 1870
+# section 3 (SIZE) lets MAIL grow by 26 and RFC 6531 section 3.4 (SMTPUTF8) by 10 more.
+COMMAND_LINE = 510
+MAIL_LINE = COMMAND_LINE + 26 + 10
+
+# Verbs a client has little reason to repeat (Postfix smtpd_junk_command_limit is 100).
+# MAIL, RCPT and DATA are not capped: a pooled client sends many messages per connection.
+CALL_LIMITS = {"NOOP": 100, "RSET": 1000, "VRFY": 10, "EXPN": 10, "HELP": 10,
+               "HELO": 10, "EHLO": 10, "STARTTLS": 2, "*": 10**9}
+
+# DATA is read in chunks of whatever has arrived, up to this much at a time.
+DATA_CHUNK = 256 * 1024
+# RFC 5321 section 4.1.1.4: the message ends with CRLF "." CRLF, and only so; "\n.\n",
+# "\r.\r" and friends are content, which then fails the bare CR/LF check (smuggling).
+END_OF_DATA = b"\r\n.\r\n"
+
+_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+# aiosmtpd's own replies (by prefix) and the ones we send instead: all with an enhanced
+# status code (RFC 2034), in our table. Greeting, EHLO/HELO lines, 334 and 354 stay as is.
+AIOSMTPD_REPLIES: tuple[tuple[str, Reply], ...] = (
+    ("500 Command line too long", replies.LINE_TOO_LONG),
+    ("500 Line too long", replies.LINE_TOO_LONG),
+    ("500 Error: bad syntax", replies.BAD_SYNTAX),
+    ("500 Error: strict ASCII mode", replies.BAD_SYNTAX),
+    ("500 Error: command", replies.UNKNOWN_COMMAND),
+    ("501 ", replies.SYNTAX_ERROR),
+    ("502 ", replies.NOT_IMPLEMENTED),
+    ("503 Error: send", replies.SEND_HELO_FIRST),
+    ("503 Error: need MAIL", replies.NEED_MAIL),
+    ("503 Error: nested MAIL", replies.NESTED_MAIL),
+    ("503 Error: need RCPT", replies.NEED_RCPT),
+    ("503 Already authenticated", replies.ALREADY_AUTHENTICATED),
+    ("530 Must issue a STARTTLS", replies.TLS_REQUIRED),
+    ("552 ", replies.MESSAGE_TOO_BIG),
+    ("554 Command refused due to lack of security", replies.TLS_HANDSHAKE_FAILED),
+    ("555 ", replies.PARAMETERS_NOT_RECOGNIZED),
+    ("454 TLS not available", replies.TLS_NOT_AVAILABLE),
+    ("250 OK", replies.OK),
+    ("221 Bye", replies.BYE),
+    ("220 Ready to start TLS", replies.READY_FOR_TLS),
+    ("252 ", replies.CANNOT_VRFY),
+)
+
+
+def with_enhanced_code(line: str) -> str:
+    """Our reply for a line aiosmtpd sends itself, or the line when it needs none."""
+    if _ENHANCED.match(line):
+        return line
+    for prefix, reply in AIOSMTPD_REPLIES:
+        if line.startswith(prefix):
+            return str(reply)
+    if line[:1] in ("4", "5"):
+        log.warning("aiosmtpd reply without an enhanced status code: %r", line)
+    return line
+
+
+class BadCommandLine(Exception):
+    """A command line ended by a bare LF, or holding a control character or invalid UTF-8."""
+
+
+def command_line_problem(line: bytes) -> str | None:
+    # RFC 5321 section 2.3.8: CR and LF only as a CRLF pair; aiosmtpd itself would take a
+    # bare LF as the end of a command, and keep a CR or NUL inside the argument (A2, A3).
+    if not line.endswith(b"\n"):
+        return None  # end of stream, or an over-long line: aiosmtpd answers those
+    if not line.endswith(b"\r\n"):
+        return "bare LF"
+    if _CONTROL.search(line, 0, len(line) - 2):
+        return "control character"
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return "invalid UTF-8"
+    return None
+
+
+class _LineReader(asyncio.StreamReader):
+    """aiosmtpd's stream reader, watched: command lines are checked before aiosmtpd parses
+    them. DATA bypasses it (RelaySMTP.smtp_DATA reads chunks)."""
+
+    protocol: RelaySMTP
+    waiting_for_command = False
+    overrun = False
+
+    def unread(self, data: bytes | bytearray) -> None:
+        """Put back what DATA read past its end: pipelined commands (RFC 2920)."""
+        self._buffer[:0] = data  # type: ignore[attr-defined]
+
+    async def readuntil(self, separator: Any = b"\n") -> bytes:
+        self.protocol.before_command()
+        self.waiting_for_command = True
+        try:
+            line = await super().readuntil(separator)
+        except asyncio.LimitOverrunError:
+            # aiosmtpd skips the over-long line and reads on to its end; that tail (maybe
+            # just the LF of the CRLF) is no command of its own.
+            self.overrun = True
+            raise
+        finally:
+            self.waiting_for_command = False
+        if self.overrun:
+            self.overrun = False
+        elif why := command_line_problem(line):
+            raise BadCommandLine(why)
+        return line
+
+
+class RelaySession(Session):
+    """aiosmtpd's session, plus the configuration snapshot this session started with and
+    its policy state (created at the first MAIL, once PROXY and TLS have had their say)."""
+
+    runtime: Runtime
+    services: CheckServices
+    policy: SessionPolicy | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
+    # aiosmtpd sets login_data after AUTH and logs a deprecation warning each time.
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
+def client_address(session: Session) -> str:
+    peer = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) else "unknown"
+
+
+def in_networks(address: str, networks: tuple[IPNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's protocol with our limits, TLS, AUTH and PROXY handling.
+
+    Only what aiosmtpd gets wrong or leaves open is overridden: replies get enhanced
+    status codes (push), command lines are checked (the reader), timeouts say 421, AUTH
+    is checked against the users file off the event loop, addresses are taken verbatim
+    for our own strict check, and BDAT hangs up.
+    """
+
+    def __init__(
+        self, handler: InboundHandler, limits: ConnectionLimits, tls: ssl.SSLContext | None
+    ) -> None:
+        settings = handler.current().settings
+        listener = handler.listener
+        self.settings = settings
+        self.listener = listener
+        self.limits = limits
+        # The reader's limit bounds every line: RFC 5321 section 4.5.3.1.6 allows 1000
+        # octets with CRLF, plus one for the transparency dot of section 4.5.2.
+        self.line_length_limit = settings.max_line_length + 3
+        super().__init__(
+            handler,
+            hostname=settings.smtp_hostname,
+            ident="ESMTP",
+            data_size_limit=settings.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=tls if listener.tls == "starttls" else None,
+            require_starttls=listener.require_tls,
+            timeout=settings.idle_timeout,
+            auth_required=listener.auth == "required",
+            command_call_limit=CALL_LIMITS,
+            proxy_protocol_timeout=listener.proxy_timeout if listener.proxy_protocol else None,
+        )
+        # aiosmtpd keeps these in one class-level dict for all sessions and grows MAIL's
+        # entry on every EHLO; ours are per session and fixed.
+        self.command_size_limit = COMMAND_LINE
+        self.command_size_limits = collections.defaultdict(
+            lambda: COMMAND_LINE, {"MAIL": MAIL_LINE}
+        )
+        self._admitted: str | None = None
+        self._closing = False
+        self._errors = 0
+        self._deadline: asyncio.TimerHandle | None = None
+        # loop.time() of the last complete DATA line (see _timeout_cb).
+        self._progress_at = -math.inf
+        self._held = 0  # bytes of the message being read, counted in the DataBudget
+
+    # -- connection life ----------------------------------------------------------------
+
+    def _create_session(self) -> Session:
+        session = RelaySession(self.loop)
+        session.runtime = self.event_handler.current()
+        session.services = self.event_handler.services()
+        return session
+
+    def _cb_client_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        # aiosmtpd builds a plain StreamReader in SMTP.__init__; this is the one place to
+        # put our checks in front of its command loop without copying that loop.
+        reader.__class__ = _LineReader
+        cast(_LineReader, reader).protocol = self
+        super()._cb_client_connected(reader, writer)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        after_starttls = self._original_transport is not None
+        previous_peer = self.session.peer if self.session is not None else None
+        super().connection_made(transport)
+        session = self.session
+        assert session is not None
+        if after_starttls:
+            # RFC 3207 section 4.2 starts a new session, but the client is the same one,
+            # possibly as named by a PROXY header.
+            session.peer = previous_peer
+            return
+        real_peer = client_address(session)
+        if self.listener.implicit_tls:
+            session.ssl = {
+                "cipher": transport.get_extra_info("cipher"),
+                "ssl_object": transport.get_extra_info("ssl_object"),
+            }
+        # RFC 4954 section 4: no AUTH in plaintext, unless this listener allows it for
+        # loopback (judged by the real socket peer: that is the wire that could be sniffed).
+        self._auth_require_tls = not (
+            self.listener.implicit_tls
+            or (self.listener.auth_plaintext_loopback and in_networks(real_peer, LOOPBACK_NETWORKS))
+        )
+        self._deadline = self.loop.call_later(self.settings.session_timeout, self._expired)
+        self.limits.register(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._admitted is not None:
+            self.limits.release(self._admitted)
+            self._admitted = None
+            self.event_handler.metrics.connection_closed(self.listener.name)
+        self.limits.unregister(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        assert self.session is not None
+        peer = client_address(self.session)
+        if self.listener.proxy_protocol:
+            # A29: only the load balancer may tell us who the client is.
+            if not in_networks(peer, self.listener.proxy_networks):
+                log.warning("listener %s: PROXY header not accepted from [%s]; closed",
+                            self.listener.name, peer)
+                self.close_with(None)
+                return
+            # Admission waits for the PROXY header: the limits count the real client.
+        elif not self._admit():
+            return
+        try:
+            await super()._handle_client()
+        except asyncio.CancelledError:
+            # EOF while aiosmtpd waits for the PROXY header cancels it without closing
+            # the (half-open) connection; it would linger until the timeout.
+            self.close_with(None)
+            raise
+
+    def accept_proxy(self, proxy: ProxyData) -> bool:
+        """The PROXY header arrived: from now on the client is the address it names."""
+        assert self.session is not None
+        if isinstance(proxy.src_addr, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            log.info("listener %s: [%s] is a proxy for [%s]:%s", self.listener.name,
+                     client_address(self.session), proxy.src_addr, proxy.src_port)
+            self.session.peer = cast(Any, (str(proxy.src_addr), proxy.src_port or 0))
+        # else: PROXY v2 LOCAL or v1 UNKNOWN (health checks): the proxy is the client.
+        return self._admit()
+
+    def _admit(self) -> bool:
+        assert self.session is not None
+        address = client_address(self.session)
+        settings = self.settings
+        why = self.limits.admit(
+            address, settings.max_connections, settings.max_connections_per_client
+        )
+        if why is not None:
+            log.info("NOQUEUE: reject: CONNECT from [%s]: %s; %s listener=%s",
+                     address, replies.TOO_MANY_CONNECTIONS, why, self.listener.name)
+            self.close_with(replies.TOO_MANY_CONNECTIONS)
+            return False
+        self._admitted = address
+        self.event_handler.metrics.connection_opened(self.listener.name)
+        return True
+
+    def close_with(self, reply: Reply | None) -> None:
+        """Say `reply` (if any) and hang up; everything after it is dropped."""
+        if self._closing or self.transport is None:
+            return
+        self._closing = True
+        if reply is not None:
+            self._writer.write(f"{reply}\r\n".encode("ascii"))
+        self.transport.close()
+
+    def drain(self, force: bool) -> None:
+        """SIGTERM: a session waiting for a command gets 421 now, a busy one after its
+        current command (before_command), or now as well when `force`d."""
+        waiting = cast(_LineReader, self._reader).waiting_for_command
+        if force or waiting or self._admitted is None:  # None: still before the PROXY header
+            self.close_with(replies.SHUTTING_DOWN)
+
+    def before_command(self) -> None:
+        if self.limits.draining:
+            self.close_with(replies.SHUTTING_DOWN)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd re-creates its idle timer for every command; noting the time is
+        # enough while a timer is armed (it re-arms itself in _timeout_cb).
+        handle = self._timeout_handle
+        if duration is None and handle is not None and not handle.cancelled():
+            self._progress_at = self.loop.time()
+            return
+        super()._reset_timeout(duration)
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd resets its idle timer only on commands, so a long DATA would be cut
+        # off; a complete DATA line is progress. Commands and DATA only note the time
+        # (re-arming a timer each time costs), and the timer checks it when it fires. A
+        # trickle of partial lines is no progress, and the session deadline bounds
+        # everything (A14).
+        assert self.session is not None
+        left = self._progress_at + self.settings.idle_timeout - self.loop.time()
+        if left > 0 and not self._closing:
+            self._timeout_handle = self.loop.call_later(left, self._timeout_cb)
+            return
+        log.info("timeout: idle for %gs, [%s] listener=%s", self.settings.idle_timeout,
+                 client_address(self.session), self.listener.name)
+        self.close_with(replies.TIMEOUT)
+
+    def _expired(self) -> None:
+        assert self.session is not None
+        log.info("timeout: session longer than %gs, [%s] listener=%s",
+                 self.settings.session_timeout, client_address(self.session),
+                 self.listener.name)
+        self.close_with(replies.TIMEOUT)
+
+    # -- replies --------------------------------------------------------------------------
+
+    async def push(self, status: AnyStr) -> None:
+        if self._closing:
+            return
+        if isinstance(status, bytes):  # AUTH challenges ("334 ...")
+            await super().push(status)
+            return
+        line = with_enhanced_code(status)
+        await super().push(line)
+        self._count_error(line)
+
+    def _count_error(self, line: str) -> None:
+        # Postfix smtpd_hard_error_limit: every 4xx/5xx counts, except "too many
+        # recipients", which RFC 5321 section 4.5.3.1.10 makes part of normal flow.
+        if line[:1] not in ("4", "5") or line == str(replies.TOO_MANY_RECIPIENTS):
+            return
+        self._errors += 1
+        if self._errors >= self.settings.max_errors:
+            assert self.session is not None
+            log.info("too many errors (%d) from [%s] listener=%s", self._errors,
+                     client_address(self.session), self.listener.name)
+            self.close_with(replies.TOO_MANY_ERRORS)
+
+    async def handle_exception(self, error: Exception) -> str:
+        assert self.session is not None
+        if isinstance(error, BadCommandLine):
+            log.info("rejected command line from [%s]: %s", client_address(self.session), error)
+            return str(replies.BAD_COMMAND_LINE)
+        if isinstance(error, TLSSetupException):
+            # aiosmtpd closes the connection itself; nothing is sent.
+            log.info("TLS handshake failed with [%s]: %s", client_address(self.session),
+                     error.__cause__)
+            return str(replies.TLS_HANDSHAKE_FAILED)
+        return await super().handle_exception(error)
+
+    # -- commands -------------------------------------------------------------------------
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls_protocol is not None or self.listener.implicit_tls
+
+    @property
+    def auth_offered(self) -> bool:
+        return self.listener.auth != "off" and (self.tls_active or not self._auth_require_tls)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push(str(replies.SYNTAX_ERROR))
+            return
+        assert self.session is not None
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self.session.extended_smtp = True
+        self.session.host_name = hostname
+        lines = [self.hostname, f"SIZE {self.data_size_limit}", "8BITMIME", "PIPELINING",
+                 "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        if self.tls_context and not self.tls_active:
+            lines.append("STARTTLS")
+        if self.auth_offered:
+            lines.append("AUTH PLAIN LOGIN")
+        for line in lines[:-1]:
+            await self.push(f"250-{line}")
+        await self.push(f"250 {lines[-1]}")
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd reads DATA line by line (a readuntil, a bytearray and a timer reset
+        # per line, three copies of the message); this reads whatever has arrived and
+        # checks the message at once, with aiosmtpd's replies, limits and their order.
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        budget = self.event_handler.budget
+        if budget.exhausted:
+            self._over_budget(budget)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(str(replies.INSUFFICIENT_STORAGE))
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        status: Any = MISSING
+        try:
+            data, refusal = await self._read_data(budget)
+            if refusal is None and data is not None:
+                self.envelope.content = self.envelope.original_content = data
+                status = await self._call_handler_hook("DATA")
+        finally:
+            budget.release(self._held)
+            self._held = 0
+        if data is None:  # the connection is gone
+            return
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        if refusal is not None:
+            await self.push(str(refusal))
+            return
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_data(self, budget: DataBudget) -> tuple[bytes | None, Reply | None]:
+        """The message (dot-unstuffed) or the refusal due once its end was read; None
+        for the message when the connection closed first.
+
+        Like aiosmtpd, a message over the size limit or with a line over the reader's
+        limit is read to its end before the reply (RFC 5321 section 4.2.5), keeping
+        none of it; which limit was passed first decides the reply.
+        """
+        reader = cast(_LineReader, self._reader)
+        size_limit = self.data_size_limit or math.inf
+        # aiosmtpd's limit: a line of more than line_length_limit octets with its CRLF.
+        line_limit = self.line_length_limit - 2
+        # The CRLF that ended the DATA command: a message can end before its first line.
+        buf = bytearray(b"\r\n")
+        refusal: Reply | None = None
+        while True:
+            try:
+                chunk = await reader.read(DATA_CHUNK)
+            except asyncio.CancelledError:
+                if self.session is not None:
+                    log.info("connection lost during DATA from [%s]",
+                             client_address(self.session))
+                self._writer.close()
+                raise
+            if not chunk:
+                self._writer.close()
+                return None, None
+            if b"\n" in chunk:
+                self._progress_at = self.loop.time()
+            start = max(0, len(buf) - 4)
+            buf += chunk
+            end = buf.find(END_OF_DATA, start)
+            if end >= 0:
+                if len(buf) > end + 5:
+                    reader.unread(buf[end + 5 :])
+                del buf[end + 2 :]
+            if refusal is None:
+                # Until its end is seen, the message is at least len(buf) - 4 octets.
+                if (len(buf) - 2 if end >= 0 else len(buf) - 4) > size_limit:
+                    # RFC 1870 section 6: the message goes over the size limit.
+                    refusal = (replies.LINE_TOO_LONG if has_long_line(buf, line_limit)
+                               else replies.MESSAGE_TOO_BIG)
+                elif not budget.take(len(chunk)):
+                    self._over_budget(budget)
+                    refusal = replies.INSUFFICIENT_STORAGE
+                else:
+                    self._held += len(chunk)
+                if refusal is not None:  # read on to the end, keeping nothing
+                    budget.release(self._held)
+                    self._held = 0
+            if end >= 0:
+                break
+            if refusal is not None:
+                del buf[:-4]
+        if refusal is not None:
+            return b"", refusal
+        del buf[:2]
+        if has_long_line(buf, line_limit, exact=has_bare_line_ending(buf)):
+            return b"", replies.LINE_TOO_LONG
+        # RFC 5321 section 4.5.2: remove the transparency dot of lines starting with one.
+        if buf.startswith(b".") or b"\r\n." in buf:
+            buf[:0] = b"\r\n"
+            buf = buf.replace(b"\r\n.", b"\r\n")
+            del buf[:2]
+        return bytes(buf), None
+
+    def _over_budget(self, budget: DataBudget) -> None:
+        assert self.session is not None
+        log.info("NOQUEUE: reject: DATA from [%s]: %s; message data in memory over %d "
+                 "bytes listener=%s", client_address(self.session),
+                 replies.INSUFFICIENT_STORAGE, budget.limit, self.listener.name)
+        self.event_handler.metrics.rejected("data", replies.INSUFFICIENT_STORAGE.code)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.tls_active:
+            # aiosmtpd would start a second TLS layer inside the first.
+            await self.push(str(replies.TLS_ALREADY_ACTIVE))
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        assert self.session is not None
+        if self.listener.auth == "off":
+            await self.push(str(replies.AUTH_NOT_ENABLED))
+            return
+        if self.limits.auth_blocked(client_address(self.session),
+                                    self.settings.max_auth_failures):
+            self.close_with(replies.TOO_MANY_AUTH_FAILURES)
+            return
+        await super().smtp_AUTH(arg)
+
+    async def auth_PLAIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        return await self._verify("PLAIN", await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        return await self._verify("LOGIN", await super().auth_LOGIN(_, args))
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        # aiosmtpd calls this synchronously; we only keep the credentials here and check
+        # them in _verify, where the slow hash can run off the event loop.
+        return AuthResult(success=False, handled=False, auth_data=auth_data)
+
+    async def _verify(self, mechanism: str, result: AuthResult) -> AuthResult:
+        credentials = result.auth_data
+        if not isinstance(credentials, LoginPassword):
+            return result  # aborted, or bad base64: aiosmtpd has answered already
+        assert self.session is not None
+        client = client_address(self.session)
+        name = credentials.login.decode("utf-8", "replace")
+        try:
+            ok = await asyncio.to_thread(
+                users.check, self.listener.users_file, credentials.login, credentials.password
+            )
+        except OSError as exc:
+            log.error("cannot read users file %s: %s", self.listener.users_file, exc.strerror)
+            return AuthResult(success=False, handled=False, message=str(replies.AUTH_UNAVAILABLE))
+        if ok:
+            self.limits.auth_succeeded(client)
+            log.info("AUTH %s ok: user=%s client=[%s] listener=%s", mechanism,
+                     header_safe(name), client, self.listener.name)
+            return AuthResult(success=True, auth_data=name)
+        log.info("AUTH %s failed: user=%s client=[%s] listener=%s", mechanism,
+                 header_safe(name), client, self.listener.name)
+        if self.limits.auth_failed(client, self.settings.max_auth_failures):
+            self.close_with(replies.TOO_MANY_AUTH_FAILURES)
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=str(replies.AUTH_FAILED))
+
+    async def smtp_HELP(self, arg: str) -> None:
+        await self.push(str(replies.HELP))
+
+    async def smtp_VRFY(self, arg: str) -> None:
+        # RFC 5321 section 3.5.3: 252 when we will not verify.
+        await self.push(str(replies.CANNOT_VRFY if arg else replies.SYNTAX_ERROR))
+
+    async def smtp_BDAT(self, arg: str) -> None:
+        # A19: CHUNKING is not offered; the chunk that follows would be read as commands.
+        self.close_with(replies.BDAT_NOT_SUPPORTED)
+
+    async def smtp_GET(self, arg: str) -> None:
+        # A29: a cross-protocol request (HTTP to the SMTP port); hang up at once.
+        self.close_with(replies.NOT_SMTP)
+
+    smtp_POST = smtp_HEAD = smtp_PUT = smtp_CONNECT = smtp_GET
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # RFC 5321 section 4.1.2: Path = "<" [ A-d-l ":" ] Mailbox ">". We take what is
+        # inside the brackets verbatim and relay.address judges it; aiosmtpd's parser would
+        # strip source routes and rewrite comments and quotes first (A8, A15).
+        if not arg:
+            return "", ""
+        arg = arg.lstrip()
+        end = arg.find(">")
+        if not arg.startswith("<") or end < 0:
+            return None, None
+        address, rest = arg[1:end], arg[end + 1 :]
+        if rest and not rest.startswith(" "):
+            return None, None
+        return address or "<>", rest
+
+
+
+def has_bare_line_ending(data: bytes | bytearray) -> bool:
+    """True if DATA holds a CR or LF outside a CRLF pair, or a NUL.
+
+    aiosmtpd 1.4.6 no longer splits messages on "\\n.\\r\\n" but leaves bare CR and LF in
+    the content; passed on, they are the raw material of SMTP smuggling (RFC 5321
+    section 2.3.8: CR and LF only as a pair).
+    """
+    crlf = data.count(b"\r\n")
+    return b"\0" in data or data.count(b"\r") != crlf or data.count(b"\n") != crlf
+
+
+def longest_line(data: bytes | bytearray) -> int:
+    """Octets in the longest line of `data`, CRLF not counted."""
+    return max(map(len, data.split(b"\r\n")), default=0)
+
+
+def has_long_line(data: bytes | bytearray, limit: int, exact: bool = False) -> bool:
+    """True if a line of `data` has more than `limit` octets before its CRLF; a last
+    line without CRLF counts only once it is that long.
+
+    Steps from window to window (rfind in C) instead of splitting the message into
+    lines. That takes every LF as a line end: with bare CR or LF in `data`, pass
+    `exact` to split on CRLF only.
+    """
+    if exact:
+        return any(len(line) > limit for line in data.split(b"\r\n"))
+    end, start = len(data), 0
+    while end - start > limit + 1:
+        # The line starting here ends within the window if it is short enough; every
+        # line between here and the window's last LF is shorter still.
+        last_lf = data.rfind(b"\n", start, start + limit + 2)
+        if last_lf < 0:
+            return True
+        start = last_lf + 1
+    return end - start > limit and data.find(b"\n", start) < 0
+
+
+class DataBudget:
+    """Message bytes that the sessions of this process hold in memory at once.
+
+    A DATA that would take it over `limit` is read to its end, kept nowhere, and
+    answered "452 4.3.1" (RFC 5321 section 4.5.3.1.9): the client tries again later.
+    The bytes count from the first chunk until the message is spooled or refused.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def __repr__(self) -> str:
+        return f"<DataBudget {self.held}/{self.limit}>"
+
+    @property
+    def exhausted(self) -> bool:
+        return self.held >= self.limit
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.held -= size
+
+
+def declared_size(options: list[str]) -> int:
+    """The RFC 1870 SIZE= value of MAIL, 0 when absent (aiosmtpd has checked the syntax)."""
+    for option in options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
