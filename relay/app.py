@@ -17,7 +17,7 @@ from relay import config
 from relay.checks import CheckServices
 from relay.config import Settings
 from relay.connlimits import ConnectionLimits
-from relay.control import ControlServer
+from relay.control import ControlError, ControlServer
 from relay.delivery import Delivery, Upstreams
 from relay.inbound import InboundHandler, start_listener
 from relay.metrics import Metrics, readiness, start_http
@@ -103,15 +103,25 @@ class Relay:
             # Only worker 0 answers `policy-relay queue` and /metrics (its shard only).
             self.notifier.ready(f"{queued} messages queued")
             return
-        await self.control.start()
+        # The operator's endpoints matter less than mail: a relay that cannot open them
+        # (a stale socket of another relay, a port in use) says so and keeps serving.
+        try:
+            await self.control.start()
+        except (ControlError, OSError) as exc:
+            log.error("control socket %s unavailable, queue commands will not work: %s",
+                      self.settings.ops.control_socket_path, exc)
         if self.settings.ops.metrics_listen:
             host, port = parse_hostport(self.settings.ops.metrics_listen)
-            self.http = await start_http(self.metrics, host, port, readiness({
-                "listeners": lambda: bool(self.servers),
-                "spool": lambda: os.access(self.settings.spool_path, os.W_OK),
-                "policy": lambda: self.runtime.policy is not None,
-            }), self._refresh_metrics)
-            log.info("metrics on http://%s:%d/metrics", host, port)
+            try:
+                self.http = await start_http(self.metrics, host, port, readiness({
+                    "listeners": lambda: bool(self.servers),
+                    "spool": lambda: os.access(self.settings.spool_path, os.W_OK),
+                    "policy": lambda: self.runtime.policy is not None,
+                }), self._refresh_metrics)
+            except OSError as exc:
+                log.error("metrics endpoint %s:%d unavailable: %s", host, port, exc)
+            else:
+                log.info("metrics on http://%s:%d/metrics", host, port)
         self.metrics.reload_succeeded()
         log.info("spool %s holds %d messages", self.settings.spool_path, queued)
         self.notifier.ready(f"{queued} messages queued")

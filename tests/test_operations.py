@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from conftest import RelayProcess, Sink, free_port, run_cli, wait_until
+from conftest import RelayProcess, Sink, free_port, relay_config, run_cli, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 MESSAGE = b"From: a@example.test\r\nSubject: ops\r\n\r\nbody\r\n"
@@ -151,3 +151,25 @@ async def test_json_log_format_carries_the_same_fields(sink: Sink, start_relay):
     assert delivery["relay"] == f"127.0.0.1:{sink.port}"
     assert delivery["reply"].startswith("250 ")
     assert all({"time", "level", "logger", "message"} <= e.keys() for e in entries)
+
+
+async def test_a_busy_control_socket_or_metrics_port_does_not_stop_mail(
+    tmp_path: Path, sink: Sink, start_relay
+):
+    metrics_port = free_port()
+    first = start_relay(sink.port, metrics=f"127.0.0.1:{metrics_port}")
+    other = tmp_path / "second"
+    other.mkdir()
+    port = free_port()
+    text = relay_config(sink.port, port, other / "spool", metrics=f"127.0.0.1:{metrics_port}")
+    # The same control socket as the first relay, and the same metrics port.
+    text = text.replace(str(other / "control.sock"), str(first.control_socket))
+    second = RelayProcess(other, text, port).start()
+    try:
+        await send(second.port)
+        sink.wait_messages(1)
+        log = second.log_text()
+        assert "queue commands will not work: another relay is listening" in log
+        assert f"metrics endpoint 127.0.0.1:{metrics_port} unavailable" in log
+    finally:
+        second.stop()

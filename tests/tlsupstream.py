@@ -109,6 +109,12 @@ spool_dir = "{spool}"
 minimal_backoff = "0.3s"
 maximal_backoff = "1s"
 {queue}
+
+[metrics]
+listen = ""
+
+[control]
+socket = "{spool.parent / 'control.sock'}"
 """
 
 
