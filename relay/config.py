@@ -58,7 +58,7 @@ class Settings:
     relay_networks: tuple[IPNetwork, ...] = LOOPBACK
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 1000
-    # Inbound limits (relay/inbound.py, relay/connlimits.py).
+    # Inbound limits (relay/smtpserver.py, relay/inbound.py, relay/connlimits.py).
     max_line_length: int = 998
     max_header_size: int = 100 * 1024
     max_hops: int = 50
