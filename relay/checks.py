@@ -7,10 +7,9 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from relay import dkim as dkimlib
-from relay.address import domain_of
 from relay.dns import DnsSettings, Resolver
 from relay.metrics import Metrics
 from relay.ratelimit import Limiter, LimitSpec, redis_client
@@ -258,12 +257,3 @@ class SessionChecks:
     def backend_failed(self, name: str) -> bool:
         return any(c.backend_error and c.over for (n, _), c in self._charges.items() if n == name)
 
-
-def fields_for(**values: Any) -> dict[str, str]:
-    """Rate-limit key fields from envelope values, with derived domains."""
-    fields = {k: str(v) for k, v in values.items() if v is not None}
-    if "sender" in fields:
-        fields["sender_domain"] = domain_of(fields["sender"]) if fields["sender"] else ""
-    if "recipient" in fields:
-        fields["recipient_domain"] = domain_of(fields["recipient"])
-    return fields

@@ -295,14 +295,6 @@ class Spool:
 
         return await self._run(select)
 
-    async def next_due_time(self) -> float | None:
-        row = await self._run(
-            lambda: self.db.execute(
-                "SELECT MIN(next_attempt) FROM message WHERE state = 'queued'"
-            ).fetchone()
-        )
-        return None if row[0] is None else float(row[0])
-
     async def get(self, queue_id: str) -> QueuedMessage | None:
         found = await self._run(self._select, "id = ?", (queue_id,), 1, set())
         return found[0] if found else None
