@@ -238,6 +238,21 @@ class RelayProcess:
             return list(db.execute("SELECT address, state, reply FROM recipient"))
 
 
+@contextlib.contextmanager
+def relay_with_sink(directory: Path, extra: str = "") -> Iterator[tuple[RelayProcess, Sink]]:
+    """A relay and its own upstream sink, for a module of tests that share them."""
+    sink = Sink()
+    sink.start()
+    port = free_port()
+    relay = RelayProcess(directory, relay_config(sink.port, port, directory / "spool", extra),
+                         port)
+    try:
+        yield relay.start(), sink
+    finally:
+        relay.stop()
+        sink.stop()
+
+
 @pytest.fixture
 def start_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     started: list[RelayProcess] = []

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RelayProcess, Sink, free_port, relay_config, wait_until
+from conftest import RelayProcess, Sink, free_port, relay_config, relay_with_sink, wait_until
 from smtpraw import RawSMTP
 
 from relay.smtpserver import has_long_line, longest_line
@@ -27,12 +27,8 @@ def start(directory: Path, sink: Sink, extra: str) -> RelayProcess:
 
 @pytest.fixture(scope="module")
 def relay_and_sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RelayProcess, Sink]]:
-    sink = Sink()
-    sink.start()
-    relay = start(tmp_path_factory.mktemp("data"), sink, 'max_message_size = "4M"')
-    yield relay, sink
-    relay.stop()
-    sink.stop()
+    with relay_with_sink(tmp_path_factory.mktemp("data"), 'max_message_size = "4M"') as both:
+        yield both
 
 
 @pytest.fixture

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from conftest import RelayProcess, Sink, free_port, relay_config, wait_until
+from conftest import RelayProcess, Sink, relay_with_sink, wait_until
 from smtpraw import RawSMTP
 
 LIMITS = """
@@ -25,15 +24,8 @@ BODY = b"From: app@example.test\r\nSubject: hello\r\n\r\nHello.\r\n"
 @pytest.fixture(scope="module")
 def relay_and_sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RelayProcess, Sink]]:
     """One relay for the whole module: every test opens its own session."""
-    directory: Path = tmp_path_factory.mktemp("hostile")
-    sink = Sink()
-    sink.start()
-    port = free_port()
-    relay = RelayProcess(directory, relay_config(sink.port, port, directory / "spool", LIMITS),
-                         port).start()
-    yield relay, sink
-    relay.stop()
-    sink.stop()
+    with relay_with_sink(tmp_path_factory.mktemp("hostile"), LIMITS) as both:
+        yield both
 
 
 @pytest.fixture
