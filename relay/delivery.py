@@ -356,7 +356,7 @@ class Delivery:
                            now=now)
         envelope = Envelope(sender="", recipients=(message.sender,), client_address="",
                             helo=hostname, listener="bounce", received_at=now,
-                            route=message.route)
+                            route=message.route, smtputf8=not message.sender.isascii())
         try:
             await self.spool.store(dsn_id, envelope, dsn)
         except Exception:
@@ -421,7 +421,8 @@ class Delivery:
                 async with pool.borrow() as conn:
                     while batch:
                         sent = await transmit(conn, message.sender,
-                                              [recipients[i] for i in batch], data, pool.settings)
+                                              [recipients[i] for i in batch], data,
+                                              pool.settings, message.smtputf8)
                         for i, result in zip(batch, sent, strict=True):
                             if not result.again:
                                 got[i] = result

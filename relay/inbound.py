@@ -208,6 +208,7 @@ class InboundHandler:
             received_at=self.clock(),
             route=verdict.route or "default",
             hold=verdict.action == "hold",
+            smtputf8=bool(envelope.smtp_utf8),
         )
         if verdict.action == "discard":
             # Accepted and dropped, as the rule says; the client cannot tell.

@@ -354,6 +354,7 @@ async def transmit(
     recipients: Sequence[str],
     data: bytes,
     settings: UpstreamSettings,
+    smtputf8: bool = False,
 ) -> list[RecipientResult]:
     """Run MAIL, RCPT... and DATA on `conn`; one result per recipient, in order.
 
@@ -368,9 +369,15 @@ async def transmit(
     """
     client = conn.client
     timeout = settings.command_timeout
+    mail = b"MAIL FROM:<%s>" % sender.encode("utf-8")
+    if smtputf8:
+        if not client.supports_extension("smtputf8"):
+            # RFC 6531 section 3.2: never downgrade; the sender gets a non-delivery notice.
+            failed = RecipientResult(553, "553 5.6.7 upstream does not support SMTPUTF8")
+            return [failed] * len(recipients)
+        mail += b" SMTPUTF8"
     try:
-        reply = await client.execute_command(b"MAIL FROM:<%s>" % sender.encode("ascii"),
-                                             timeout=timeout)
+        reply = await client.execute_command(mail, timeout=timeout)
     except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
         # An upstream may drop an idle connection just as we reuse it (F8).
         if conn.messages > 0:
@@ -385,7 +392,7 @@ async def transmit(
 
     results: list[RecipientResult | None] = []
     for index, rcpt in enumerate(recipients):
-        reply = await client.execute_command(b"RCPT TO:<%s>" % rcpt.encode("ascii"),
+        reply = await client.execute_command(b"RCPT TO:<%s>" % rcpt.encode("utf-8"),
                                              timeout=timeout)
         if reply.code in (250, 251):
             results.append(None)  # accepted for now; the final-dot reply decides

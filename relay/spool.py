@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS message (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL,
     last_error TEXT NOT NULL DEFAULT '',
+    smtputf8 INTEGER NOT NULL DEFAULT 0,
     data BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS recipient (
@@ -67,7 +68,7 @@ CREATE INDEX IF NOT EXISTS message_due ON message (state, next_attempt);
 
 _MESSAGE_COLUMNS = (
     "id, sender, client_address, helo, listener, sasl_username, received_at, size, "
-    "state, route, attempts, next_attempt, last_error"
+    "state, route, attempts, next_attempt, last_error, smtputf8"
 )
 
 _COLUMN_NAMES = tuple(name.strip() for name in _MESSAGE_COLUMNS.split(","))
@@ -86,6 +87,8 @@ class Envelope:
     received_at: float = 0.0
     route: str = "default"
     hold: bool = False
+    # RFC 6531: the message needs SMTPUTF8 upstream (UTF-8 addresses or headers).
+    smtputf8: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,7 @@ class QueuedMessage:
     attempts: int
     next_attempt: float
     last_error: str
+    smtputf8: bool
     recipients: tuple[Recipient, ...]
 
     @property
@@ -136,7 +140,7 @@ def fresh(queue_id: str, envelope: Envelope, size: int) -> QueuedMessage:
         helo=envelope.helo, listener=envelope.listener,
         sasl_username=envelope.sasl_username, received_at=envelope.received_at, size=size,
         state="hold" if envelope.hold else "queued", route=envelope.route, attempts=0,
-        next_attempt=envelope.received_at, last_error="",
+        next_attempt=envelope.received_at, last_error="", smtputf8=envelope.smtputf8,
         recipients=tuple(Recipient(i, address, "pending", "")
                          for i, address in enumerate(envelope.recipients)),
     )
@@ -262,12 +266,13 @@ class Spool:
         db = self.db
         db.execute(
             "INSERT INTO message (id, sender, client_address, helo, listener, "
-            "sasl_username, received_at, size, state, route, next_attempt, data) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "sasl_username, received_at, size, state, route, next_attempt, smtputf8, data) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 queue_id, env.sender, env.client_address, env.helo, env.listener,
                 env.sasl_username, env.received_at, len(data),
-                "hold" if env.hold else "queued", env.route, env.received_at, data,
+                "hold" if env.hold else "queued", env.route, env.received_at,
+                int(env.smtputf8), data,
             ),
         )
         db.executemany(
@@ -325,7 +330,9 @@ class Spool:
                     (row[0],),
                 )
             )
-            result.append(QueuedMessage(**dict(zip(_COLUMN_NAMES, row, strict=True)),
+            fields = dict(zip(_COLUMN_NAMES, row, strict=True))
+            fields["smtputf8"] = bool(fields["smtputf8"])
+            result.append(QueuedMessage(**fields,
                                         recipients=recipients))
             if len(result) == limit:
                 break

@@ -100,7 +100,8 @@ class _CountingSMTP(SMTP):
 class Sink(Controller):
     """aiosmtpd in a thread of the test process, playing the upstream smarthost."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, utf8: bool = False) -> None:
+        self.utf8 = utf8
         self.handler = SinkHandler()
         super().__init__(self.handler, hostname="127.0.0.1", port=port or free_port(),
                          ready_timeout=5)
@@ -112,7 +113,8 @@ class Sink(Controller):
         self.handler.transports.clear()
 
     def factory(self) -> SMTP:
-        return _CountingSMTP(self.handler, hostname="sink.test", decode_data=False)
+        return _CountingSMTP(self.handler, hostname="sink.test", decode_data=False,
+                             enable_SMTPUTF8=self.utf8)
 
     def close_connections(self) -> None:
         """Drop every client connection, as an upstream's idle timeout does."""

@@ -111,3 +111,35 @@ def test_interrupted_data_leaves_nothing_behind(sink: Sink, start_relay):
     send_raw(relay.port, [b"QUIT\r\n"])  # the relay is still serving
     assert relay.queue_rows() == []
     assert sink.handler.messages == []
+
+
+def utf8_session(port: int) -> bytes:
+    return send_raw(port, [
+        b"EHLO client.test\r\n",
+        "MAIL FROM:<jörg@exämple.test> SMTPUTF8\r\n".encode(),
+        "RCPT TO:<zoë@dest.test>\r\n".encode(),
+        b"DATA\r\n", "Subject: grüße\r\n\r\nhallo\r\n.\r\n".encode(), b"QUIT\r\n",
+    ])
+
+
+def test_smtputf8_mail_goes_upstream_with_smtputf8(start_relay):
+    sink = Sink(utf8=True)
+    sink.start()
+    try:
+        relay = start_relay(sink.port)
+        assert b"250 2.0.0 Ok: queued as" in utf8_session(relay.port)
+        [got] = sink.wait_messages(1)
+        assert (got.sender, got.recipients) == ("jörg@exämple.test", ["zoë@dest.test"])
+        assert b"with UTF8SMTP id" in got.data
+        assert "Subject: grüße".encode() in got.data
+    finally:
+        sink.stop()
+
+
+def test_smtputf8_mail_is_never_downgraded(sink: Sink, start_relay):
+    relay = start_relay(sink.port)  # this sink does not offer SMTPUTF8
+    assert b"250 2.0.0 Ok: queued as" in utf8_session(relay.port)
+    wait_until(lambda: "status=bounced (553 5.6.7 upstream does not support SMTPUTF8)"
+               in relay.log_text(), what="the permanent failure")
+    # The bounce to jörg@ needs SMTPUTF8 too and cannot go either; nothing else arrived.
+    assert sink.handler.messages == []
