@@ -12,7 +12,7 @@ from typing import Any
 
 from relay.checks import CheckSettings, read_check_settings
 from relay.listeners import DEFAULT_LISTEN, ListenerSettings, read_listeners
-from relay.schema import Errors, IPNetwork, Table, parse_hostport
+from relay.schema import Errors, IPNetwork, Table, parse_duration, parse_hostport
 from relay.smarthosts import UpstreamSettings, read_upstreams
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -215,8 +215,6 @@ def _read_ops(root: Table) -> OpsSettings:
 
 
 def _read_queue(table: Table) -> QueueSettings:
-    from relay.schema import parse_duration
-
     base = QueueSettings()
     schedule = []
     for item in table.strings("retry_schedule", ()):

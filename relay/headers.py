@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import re
 
 _AUTH_RESULTS = re.compile(rb"^authentication-results[ \t]*:", re.IGNORECASE)
@@ -60,3 +62,13 @@ def header_stats(message: bytes) -> tuple[int, int]:
     """(size of the header section in bytes, number of Received: fields)."""
     fields, _ = split_fields(message)
     return sum(len(f) for f in fields), sum(1 for f in fields if _RECEIVED.match(f))
+
+
+def header_fields(message: bytes) -> tuple[tuple[str, str], ...]:
+    """(name, decoded value) of each header field, for matching only: never re-serialised.
+
+    Only the header section is parsed, however long the body."""
+    end = message.find(b"\r\n\r\n")
+    block = message if end < 0 else message[: end + 2]
+    parsed = email.parser.BytesHeaderParser(policy=email.policy.SMTP).parsebytes(block)
+    return tuple((name, str(value)) for name, value in parsed.items())

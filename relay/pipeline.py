@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email.parser
-import email.policy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from email.utils import getaddresses
 
 from relay import dkim as dkimlib
 from relay.checks import CheckServices, SessionChecks
+from relay.headers import header_fields
 from relay.policy import Decision, Facts, Policy, Stage, evaluate
 from relay.replies import Reply
 from relay.spf import received_spf_header
@@ -189,19 +188,6 @@ def _domain(address: str) -> str:
 
 def _header_text(value: str) -> str:
     return "".join(c if c == "\t" or " " <= c != "\x7f" else "?" for c in value)
-
-
-def header_block(message: bytes) -> bytes:
-    end = message.find(b"\r\n\r\n")
-    return message if end < 0 else message[: end + 2]
-
-
-def header_fields(message: bytes) -> tuple[tuple[str, str], ...]:
-    """(name, decoded value) of each header field, for matching only: never re-serialised."""
-    parsed = email.parser.BytesHeaderParser(policy=email.policy.SMTP).parsebytes(
-        header_block(message)
-    )
-    return tuple((name, str(value)) for name, value in parsed.items())
 
 
 def from_domain(message: bytes) -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from relay.headers import header_fields
 from relay.policy import StaticChecks, load_policy
-from relay.policy.dryrun import headers_of, run_cases, run_dry
+from relay.policy.dryrun import run_cases, run_dry
 
 SHIPPED = Path(__file__).parent.parent / "policies"
 # What config.toml contributes by default: [server] relay_networks.
@@ -162,7 +163,7 @@ def test_without_delay_reject_a_connect_reject_ends_the_session(tmp_path: Path) 
 
 def test_message_headers_are_decoded_for_matching_and_hold_exits_0(tmp_path: Path) -> None:
     message = b"Subject: =?utf-8?q?Ihre_Rechnung?=\r\nFrom: a@example.com\r\n\r\nbody\r\n"
-    assert headers_of(message) == (("Subject", "Ihre Rechnung"), ("From", "a@example.com"))
+    assert header_fields(message) == (("Subject", "Ihre Rechnung"), ("From", "a@example.com"))
     text, status = run_dry(
         load_policy(policy_dir(tmp_path)),
         client_address="192.0.2.1",

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import email.parser
-import email.policy
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from relay.headers import header_fields
 from relay.policy.engine import Decision, Facts, StaticChecks, evaluate
 from relay.policy.match import DKIM_RESULTS, SPF_RESULTS
 from relay.policy.rules import Policy, Stage
@@ -60,12 +59,6 @@ class Outcome:
         return _EXIT[self.action]
 
 
-def headers_of(message: bytes) -> tuple[tuple[str, str], ...]:
-    """The header fields of `message`, decoded, for matching only (never re-serialised)."""
-    parsed = email.parser.BytesHeaderParser(policy=email.policy.SMTP).parsebytes(message)
-    return tuple((name, str(value)) for name, value in parsed.items())
-
-
 async def simulate(policy: Policy, envelope: Envelope, checks: StaticChecks) -> Outcome:
     """Run connect, helo, mail, each rcpt and data like `exim -bh`, collecting the report."""
     out: list[str] = []
@@ -99,24 +92,17 @@ async def simulate(policy: Policy, envelope: Envelope, checks: StaticChecks) -> 
         out.append(f"  -> {decision.action} (rule {decision.rule}): {decision.reply}")
         return True
 
+    # Each stage knows what the one before knew, and more (as in a real session).
     facts = base
     decision = await stage("connect", f"connect client_address={base.client_address}", facts)
     if answer("connect", decision):
         return finish(decision)
-    facts = Facts(base.client_address, base.listener, envelope.helo, tls=base.tls)
+    facts = replace(facts, helo_name=envelope.helo)
     decision = await stage("helo", f"helo {envelope.helo or '(none)'}", facts)
     if answer("helo", decision):
         return finish(decision)
     declared = len(message) if message is not None else None
-    facts = Facts(
-        base.client_address,
-        base.listener,
-        envelope.helo,
-        envelope.auth_user,
-        sender=sender,
-        size=declared,
-        tls=base.tls,
-    )
+    facts = replace(facts, sasl_username=envelope.auth_user, sender=sender, size=declared)
     auth = f" auth={envelope.auth_user}" if envelope.auth_user else ""
     size = f" SIZE={declared}" if declared is not None else ""
     decision = await stage("mail", f"mail from=<{sender}>{auth}{size}", facts)
@@ -126,17 +112,7 @@ async def simulate(policy: Policy, envelope: Envelope, checks: StaticChecks) -> 
     accepted: list[str] = []
     first_refusal: Decision | None = None
     for recipient in envelope.recipients:
-        rcpt = Facts(
-            base.client_address,
-            base.listener,
-            envelope.helo,
-            envelope.auth_user,
-            sender=sender,
-            recipient=recipient,
-            recipients=tuple(accepted),
-            size=declared,
-            tls=base.tls,
-        )
+        rcpt = replace(facts, recipient=recipient, recipients=tuple(accepted))
         decision = await stage("rcpt", f"rcpt to=<{recipient}>", rcpt)
         answer("rcpt", decision)
         if decision.refused:
@@ -150,18 +126,8 @@ async def simulate(policy: Policy, envelope: Envelope, checks: StaticChecks) -> 
         out.append("no recipient accepted: no DATA")
         return finish(first_refusal)
 
-    headers = headers_of(message) if message is not None else ()
-    facts = Facts(
-        base.client_address,
-        base.listener,
-        envelope.helo,
-        envelope.auth_user,
-        sender=sender,
-        recipients=tuple(accepted),
-        size=len(message) if message is not None else 0,
-        headers=headers,
-        tls=base.tls,
-    )
+    headers = header_fields(message) if message is not None else ()
+    facts = replace(facts, recipients=tuple(accepted), size=declared or 0, headers=headers)
     decision = await stage("data", f"data size={facts.size} headers={len(headers)}", facts)
     for name, value in decision.add_headers:
         out.append(f"  adds header {name}: {value}")
