@@ -268,8 +268,11 @@ class Supervisor:
             self.children.clear()  # a signal before the reset below must not reach siblings
             status = 0
             try:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
+                # SIGHUP's default action terminates: a reload forwarded before the
+                # worker's event loop handles it (Relay.run) must not kill the worker.
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 if worker != 0:
                     os.environ.pop("NOTIFY_SOCKET", None)  # worker 0 speaks for the service
                 run_worker(self.loaded, self.reload, worker)

@@ -29,7 +29,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+    poll: float = 0.05,
+) -> Any:
     """Poll `predicate` until it returns something truthy; bounded in time."""
     deadline = time.monotonic() + timeout
     while True:
@@ -38,7 +41,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(poll)
 
 
 def port_open(port: int) -> bool:
@@ -199,12 +202,14 @@ class RelayProcess:
     def spool_db(self) -> Path:
         return self.directory / "spool" / "spool.db"
 
-    def start(self) -> RelayProcess:
+    def start(self, wait: bool = True) -> RelayProcess:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "relay", "serve", "--config", str(self.config)],
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.directory, env=self.env,
             )
+        if not wait:
+            return self
         wait_until(lambda: self.proc is not None and (self.proc.poll() is not None
                                                       or port_open(self.port)),
                    10, "the relay to listen")
@@ -267,6 +272,7 @@ def start_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
         sections: str = "",
         env: dict[str, str] | None = None,
         metrics: str = "",
+        wait: bool = True,
     ) -> RelayProcess:
         port = port or free_port()
         text = relay_config(
@@ -274,7 +280,7 @@ def start_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
         )
         relay = RelayProcess(tmp_path, text + sections, port, env)
         started.append(relay)
-        return relay.start()
+        return relay.start(wait)
 
     yield start
     for relay in started:

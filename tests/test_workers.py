@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import sqlite3
-import time
 from pathlib import Path
 
 import aiosmtplib
@@ -30,6 +29,11 @@ def alive(pid: int) -> bool:
     # A zombie is dead for our purposes: the supervisor has not reaped it yet.
     status = Path(f"/proc/{pid}/status")
     return status.exists() and "zombie" not in status.read_text()
+
+
+def listening(relay: RelayProcess, worker: int) -> int:
+    """How many times worker `worker` has logged that it is listening."""
+    return len(re.findall(rf"listening on .*, worker {worker}\)", relay.log_text()))
 
 
 async def send_many(port: int, count: int) -> None:
@@ -63,11 +67,13 @@ async def test_a_worker_that_dies_is_replaced_and_nothing_queued_is_lost(
     sink: Sink, start_relay, tmp_path: Path
 ):
     relay = start_relay(sink.port, extra="workers = 2")
-    wait_until(lambda: len(worker_pids(relay)) == 2, what="two workers")
+    # Kill worker 1 once it serves: its "listening" line is the one its successor repeats.
+    wait_until(lambda: listening(relay, 1) == 1 and listening(relay, 0) == 1,
+               what="both workers listening")
     first = worker_pids(relay)[1]
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: worker_pids(relay).get(1, first) != first, what="worker 1 restarted")
-    wait_until(lambda: relay.log_text().count("worker 1)") >= 2, what="worker 1 listening")
+    wait_until(lambda: listening(relay, 1) == 2, what="the new worker 1 listening")
     await send_many(relay.port, 10)
     assert len(sink.wait_messages(10)) == 10
     relay.stop()
@@ -78,9 +84,22 @@ async def test_a_worker_that_dies_is_replaced_and_nothing_queued_is_lost(
 
 async def test_sighup_reaches_every_worker(sink: Sink, start_relay):
     relay = start_relay(sink.port, extra="workers = 2")
-    wait_until(lambda: len(worker_pids(relay)) == 2, what="two workers")
-    time.sleep(0.5)
+    wait_until(lambda: listening(relay, 0) == 1 and listening(relay, 1) == 1,
+               what="both workers listening")
     assert relay.proc is not None
     relay.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: relay.log_text().count("reloaded configuration") == 2,
                what="both workers reloaded")
+    assert "exited with status" not in relay.log_text()
+
+
+async def test_sighup_while_workers_start_reloads_and_kills_none(sink: Sink, start_relay):
+    """A SIGHUP forwarded to a worker that has not yet installed its own handler must not
+    kill it (the default action of SIGHUP is to terminate)."""
+    relay = start_relay(sink.port, extra="workers = 2", wait=False)
+    wait_until(lambda: len(worker_pids(relay)) == 2, what="two workers forked", poll=0.001)
+    assert relay.proc is not None
+    relay.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: listening(relay, 0) >= 1 and listening(relay, 1) >= 1,
+               what="both workers listening")
+    assert "exited with status" not in relay.log_text()
