@@ -14,19 +14,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from relay import config
-from relay.checks import CheckServices
+from relay.checks.services import CheckServices
 from relay.config import Settings
-from relay.connlimits import ConnectionLimits
-from relay.control import ControlError, ControlServer
-from relay.delivery import Delivery, Upstreams
-from relay.inbound import InboundHandler, start_listener
-from relay.metrics import Metrics, readiness, start_http
-from relay.notify import Notifier, watchdog_task
+from relay.inbound.connlimits import ConnectionLimits
+from relay.inbound.handler import InboundHandler, start_listener
+from relay.inbound.protocol import DataBudget
+from relay.inbound.tls import ListenerTLS
+from relay.ops.metrics import Metrics, readiness, start_http
+from relay.ops.notify import Notifier, watchdog_task
+from relay.outbound.delivery import Delivery, Upstreams
+from relay.queue.control import ControlError, ControlServer
+from relay.queue.spool import Spool
 from relay.runtime import Runtime
 from relay.schema import parse_hostport
-from relay.smtpserver import DataBudget
-from relay.spool import Spool
-from relay.tlsconfig import ListenerTLS
 
 log = logging.getLogger("relay")
 

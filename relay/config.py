@@ -10,10 +10,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from relay.checks import CheckSettings, read_check_settings
-from relay.listeners import DEFAULT_LISTEN, ListenerSettings, read_listeners
+from relay.checks.services import CheckSettings, read_check_settings
+from relay.inbound.listeners import DEFAULT_LISTEN, ListenerSettings, read_listeners
+from relay.outbound.smarthosts import UpstreamSettings, read_upstreams
 from relay.schema import Errors, IPNetwork, Table, parse_duration, parse_hostport
-from relay.smarthosts import UpstreamSettings, read_upstreams
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import wait_until
 from tlsupstream import Relays, UpstreamSink
 
-from relay import bounce
+from relay.queue import bounce
 
 MESSAGE = (b"From: a@example.test\r\nTo: b@dest.test\r\nSubject: bounce me\r\n"
            b"Message-ID: <orig@example.test>\r\n\r\nthe body stays home\r\n")

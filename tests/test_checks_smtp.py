@@ -14,8 +14,8 @@ import pytest
 from conftest import ROOT, RelayProcess, Sink, run_cli
 from dnsserver import DnsServer, dnsmasq, split_txt
 
-from relay.dkim import SigningKey, generate_key, load_key, sign, verify_dkim
-from relay.dns import DnsSettings, Resolver
+from relay.checks.dkim import SigningKey, generate_key, load_key, sign, verify_dkim
+from relay.checks.dns import DnsSettings, Resolver
 
 # pass.test allows 127.0.0.1 (the relay's test clients); fail.test only 192.0.2.1, the
 # "egress" address of the egress-mode test.

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from relay import control
-from relay.control import ControlError, ControlServer
-from relay.queuecli import EX_UNAVAILABLE, add_queue_parser, run_queue_async
-from relay.spool import Envelope, Outcome, Spool
+from relay.cli.queue import EX_UNAVAILABLE, add_queue_parser, run_queue_async
+from relay.queue import control
+from relay.queue.control import ControlError, ControlServer
+from relay.queue.spool import Envelope, Outcome, Spool
 
 NOW = time.time()
 MESSAGE = b"From: a@example.com\r\nSubject: hello\r\n\r\nBody line\r\n"

@@ -10,8 +10,8 @@ from pathlib import Path
 from conftest import Sink, relay_config
 
 from relay import config
-from relay.delivery import Delivery, Upstreams
-from relay.spool import Envelope, Spool
+from relay.outbound.delivery import Delivery, Upstreams
+from relay.queue.spool import Envelope, Spool
 
 MESSAGE = b"From: a@example.test\r\nSubject: offer\r\n\r\nbody\r\n"
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from dkim.canonicalization import CanonicalizationPolicy
 from dnsserver import DnsServer, TxtValue, dnsmasq, split_txt
 
-from relay.dkim import (
+from relay.checks.dkim import (
     DEFAULT_SIGNED_HEADERS,
     MAX_SIGNATURES,
     DkimOutcome,
@@ -29,8 +29,8 @@ from relay.dkim import (
     sign,
     verify_dkim,
 )
-from relay.dns import DnsSettings, Resolver
-from relay.spf import SpfOutcome
+from relay.checks.dns import DnsSettings, Resolver
+from relay.checks.spf import SpfOutcome
 
 DOMAIN = "example.test"
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from dnsserver import DnsServer, TxtValue, dnsmasq, split_txt
 
-from relay.dns import DnsSettings, DnsTempError, Resolver
+from relay.checks.dns import DnsSettings, DnsTempError, Resolver
 
 LONG = "v=DKIM1; k=rsa; p=" + "A" * 600
 

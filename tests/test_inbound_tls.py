@@ -18,7 +18,7 @@ import trustme
 from conftest import ROOT, RelayProcess, Sink, free_port, wait_until
 from smtpraw import RawSMTP
 
-from relay import users
+from relay.inbound import users
 
 PASSWORD = "correct horse"
 MESSAGE = b"From: app@example.test\r\nTo: ops@dest.test\r\nSubject: tls\r\n\r\nHello.\r\n"

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 from aiosmtpd.smtp import Envelope, Session
 
-from relay import config, replies, users
+from relay import config, replies
 from relay.address import problem
-from relay.connlimits import ConnectionLimits, client_key
 from relay.headers import header_safe, strip_forged_authentication_results
-from relay.inbound import received_header
-from relay.smtpserver import AIOSMTPD_REPLIES, command_line_problem, with_enhanced_code
+from relay.inbound import users
+from relay.inbound.connlimits import ConnectionLimits, client_key
+from relay.inbound.handler import received_header
+from relay.inbound.protocol import AIOSMTPD_REPLIES, command_line_problem, with_enhanced_code
 
 # Every reply line aiosmtpd 1.4.6 (smtp.py) can send without an enhanced status code.
 AIOSMTPD_LINES = [

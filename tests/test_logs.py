@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from relay.logs import JsonFormatter, fields_of
+from relay.ops.logs import JsonFormatter, fields_of
 
 
 def test_delivery_line_fields():

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.metrics import MAX_REQUEST, Metrics, readiness, start_http
-from relay.spool import Envelope, Outcome, Spool
+from relay.ops.metrics import MAX_REQUEST, Metrics, readiness, start_http
+from relay.queue.spool import Envelope, Outcome, Spool
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.notify import Notifier, watchdog_task
+from relay.ops.notify import Notifier, watchdog_task
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from conftest import RelayProcess, free_port, wait_until
 from tlsupstream import CertAuthority, Relays, UpstreamSink, spread
 
 from relay import config
-from relay.delivery import UnknownRoute, retry_delay, route
-from relay.shaping import Shaper, is_throttle
-from relay.spool import Envelope
+from relay.outbound.delivery import UnknownRoute, retry_delay, route
+from relay.outbound.shaping import Shaper, is_throttle
+from relay.queue.spool import Envelope
 
 MESSAGE = b"From: a@example.test\r\nSubject: outbound\r\n\r\nbody\r\n"
 
@@ -103,8 +103,8 @@ async def test_equal_hosts_share_the_messages(relays: Relays, sinks: list[Upstre
 
 def test_weights_and_priorities_order_the_candidates():
     settings = config.load(None)
-    from relay.outbound import HostGroup
-    from relay.smarthosts import UpstreamSettings
+    from relay.outbound.pool import HostGroup
+    from relay.outbound.smarthosts import UpstreamSettings
 
     group = HostGroup(UpstreamSettings(
         "default", hosts=(("a", 25), ("b", 25), ("c", 25)), ranks=((10, 3), (10, 1), (20, 1))

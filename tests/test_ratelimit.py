@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 from redisserver import RedisServer
 
-from relay.ratelimit import (
+from relay.checks.ratelimit import (
     Limiter,
     LimitSpec,
     LocalBuckets,

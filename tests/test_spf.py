@@ -10,8 +10,8 @@ import pytest
 import spf
 from dnsserver import DnsServer, dnsmasq
 
-from relay.dns import DnsSettings, Resolver
-from relay.spf import SpfOutcome, check_spf, received_spf_header
+from relay.checks.dns import DnsSettings, Resolver
+from relay.checks.spf import SpfOutcome, check_spf, received_spf_header
 
 CLIENT = "127.0.0.1"
 INCLUDES = 11  # one more than RFC 7208 section 4.6.4's limit of 10 DNS-querying terms

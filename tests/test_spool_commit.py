@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import Envelope, Outcome, Spool, SpoolError
+from relay.queue.spool import Envelope, Outcome, Spool, SpoolError
 
 MESSAGE = b"From: a@example.test\r\nSubject: commit\r\n\r\nbody\r\n"
 

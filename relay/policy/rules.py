@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from relay.checks.ratelimit import LimitSpec, parse_limit
 from relay.config import ConfigError
 from relay.policy import match
-from relay.ratelimit import LimitSpec, parse_limit
 from relay.replies import Reply
 from relay.schema import Errors, Table
 

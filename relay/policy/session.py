@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import getaddresses
 
-from relay import dkim as dkimlib
-from relay.checks import CheckServices, SessionChecks
+from relay.checks import dkim as dkimlib
+from relay.checks.services import CheckServices, SessionChecks
+from relay.checks.spf import received_spf_header
 from relay.headers import header_fields
 from relay.policy import Decision, Facts, Policy, Stage, evaluate
 from relay.replies import Reply
-from relay.spf import received_spf_header
 
 log = logging.getLogger("relay.policy")
 

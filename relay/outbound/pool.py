@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiosmtplib
 
-from relay.smarthosts import Smarthost, UpstreamSettings
+from relay.outbound.smarthosts import Smarthost, UpstreamSettings
 
 log = logging.getLogger("relay.outbound")
 

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from relay import dkim as dkimlib
-from relay.dns import DnsSettings, Resolver
-from relay.metrics import Metrics
-from relay.ratelimit import Limiter, LimitSpec, redis_client
+from relay.checks import dkim as dkimlib
+from relay.checks.dns import DnsSettings, Resolver
+from relay.checks.ratelimit import Limiter, LimitSpec, redis_client
+from relay.checks.spf import SpfOutcome, check_spf
+from relay.ops.metrics import Metrics
 from relay.schema import Table, parse_hostport
-from relay.spf import SpfOutcome, check_spf
 
 log = logging.getLogger("relay.checks")
 

@@ -11,10 +11,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import aiosmtplib
 
-from relay import bounce
 from relay.config import QueueSettings, Settings
-from relay.metrics import Metrics
-from relay.outbound import (
+from relay.ops.metrics import Metrics
+from relay.outbound.pool import (
     CONNECTION_ERRORS,
     HostGroup,
     HostPool,
@@ -22,9 +21,10 @@ from relay.outbound import (
     StaleConnection,
     transmit,
 )
-from relay.shaping import Shaper, is_throttle
-from relay.smarthosts import UpstreamSettings
-from relay.spool import Envelope, Outcome, QueuedMessage, Spool, fresh, new_queue_id
+from relay.outbound.shaping import Shaper, is_throttle
+from relay.outbound.smarthosts import UpstreamSettings
+from relay.queue import bounce
+from relay.queue.spool import Envelope, Outcome, QueuedMessage, Spool, fresh, new_queue_id
 
 log = logging.getLogger("relay.delivery")
 

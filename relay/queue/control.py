@@ -46,9 +46,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from relay.metrics import QUEUE_STATES, queue_name
-from relay.ratelimit import Limiter
-from relay.spool import MessageState, QueuedMessage, Spool
+from relay.checks.ratelimit import Limiter
+from relay.ops.metrics import QUEUE_STATES, queue_name
+from relay.queue.spool import MessageState, QueuedMessage, Spool
 
 log = logging.getLogger("relay.control")
 

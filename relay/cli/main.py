@@ -8,11 +8,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from relay import __version__, config, dkimcli, runtime
-from relay.configdump import dump
-from relay.dkimcli import add_dkim_parser
-from relay.logs import setup_logging
-from relay.queuecli import add_limits_parser, add_queue_parser, run_limits, run_queue
+from relay import __version__, config, runtime
+from relay.cli import dkim as dkimcli
+from relay.cli.dkim import add_dkim_parser
+from relay.cli.queue import add_limits_parser, add_queue_parser, run_limits, run_queue
+from relay.ops.configdump import dump
+from relay.ops.logs import setup_logging
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus
 EX_USAGE = 64
@@ -185,7 +186,7 @@ def _config_dump(args: argparse.Namespace) -> int:
 
 
 def _passwd(args: argparse.Namespace) -> int:
-    from relay.users import passwd_command
+    from relay.inbound.users import passwd_command
 
     return passwd_command(args.config, args.file, args.user)
 
@@ -223,7 +224,7 @@ def live_checks(
     loaded: runtime.Runtime, client: str, helo: str, sender: str, message: bytes | None
 ) -> tuple[str, tuple[str, str]]:
     """SPF and DKIM results as the running relay would compute them (real DNS)."""
-    from relay.checks import CheckServices, SessionChecks
+    from relay.checks.services import CheckServices, SessionChecks
 
     async def run() -> tuple[str, tuple[str, str]]:
         services = CheckServices(loaded.settings.checks, {})

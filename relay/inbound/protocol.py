@@ -21,19 +21,20 @@ from aiosmtpd.smtp import (
     TLSSetupException,
 )
 
-from relay import replies, users
-from relay.checks import CheckServices
+from relay import replies
+from relay.checks.services import CheckServices
 from relay.config import Settings
-from relay.connlimits import ConnectionLimits
 from relay.headers import header_safe
-from relay.listeners import LOOPBACK_NETWORKS
-from relay.pipeline import SessionPolicy
+from relay.inbound import users
+from relay.inbound.connlimits import ConnectionLimits
+from relay.inbound.listeners import LOOPBACK_NETWORKS
+from relay.policy.session import SessionPolicy
 from relay.replies import Reply
 from relay.runtime import Runtime
 from relay.schema import IPNetwork
 
 if TYPE_CHECKING:
-    from relay.inbound import InboundHandler
+    from relay.inbound.handler import InboundHandler
 
 log = logging.getLogger("relay.inbound")
 

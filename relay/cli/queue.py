@@ -37,8 +37,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from relay import control
-from relay.metrics import QUEUE_STATES
+from relay.ops.metrics import QUEUE_STATES
+from relay.queue import control
 
 EX_UNAVAILABLE = 69  # sysexits.h
 EX_NOPERM = 77

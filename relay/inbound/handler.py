@@ -16,16 +16,12 @@ from aiosmtpd.smtp import Envelope, Session
 
 from relay import replies
 from relay.address import problem
-from relay.checks import CheckServices
+from relay.checks.services import CheckServices
 from relay.config import Settings
-from relay.connlimits import ConnectionLimits
 from relay.headers import header_safe, header_stats, strip_forged_authentication_results
-from relay.listeners import ListenerSettings
-from relay.metrics import Metrics
-from relay.pipeline import SessionPolicy
-from relay.replies import Reply
-from relay.runtime import Runtime
-from relay.smtpserver import (
+from relay.inbound.connlimits import ConnectionLimits
+from relay.inbound.listeners import ListenerSettings
+from relay.inbound.protocol import (
     DataBudget,
     RelaySession,
     RelaySMTP,
@@ -35,8 +31,12 @@ from relay.smtpserver import (
     has_long_line,
     longest_line,
 )
-from relay.spool import Envelope as StoredEnvelope
-from relay.spool import Spool, new_queue_id
+from relay.ops.metrics import Metrics
+from relay.policy.session import SessionPolicy
+from relay.queue.spool import Envelope as StoredEnvelope
+from relay.queue.spool import Spool, new_queue_id
+from relay.replies import Reply
+from relay.runtime import Runtime
 
 log = logging.getLogger("relay.inbound")
 

@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from relay import dkim
-from relay.dns import Resolver
+from relay.checks import dkim
+from relay.checks.dns import Resolver
 from relay.runtime import Runtime
 
 # RFC 1035 section 3.3.14: one character-string in a TXT record holds at most 255 octets.

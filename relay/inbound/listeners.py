@@ -5,8 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from relay.inbound.tls import load_problem
 from relay.schema import IPNetwork, Table, parse_hostport
-from relay.tlsconfig import load_problem
 
 DEFAULT_LISTEN = "127.0.0.1:2525"
 LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (

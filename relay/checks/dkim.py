@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.canonicalization import CanonicalizationPolicy
 
-from relay.dns import DnsTempError, Resolver
-from relay.spf import SpfOutcome
+from relay.checks.dns import DnsTempError, Resolver
+from relay.checks.spf import SpfOutcome
 
 # RFC 8601 section 2.7.1 result values for the dkim method.
 DkimResult = Literal["pass", "fail", "neutral", "policy", "none", "temperror", "permerror"]

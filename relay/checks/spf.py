@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 import dns.rdata
 import spf
 
-from relay.dns import DnsTempError, Resolver
+from relay.checks.dns import DnsTempError, Resolver
 
 SpfResult = Literal["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"]
 SpfIdentity = Literal["mailfrom", "helo"]

@@ -1,0 +1,1 @@
+"""The `policy-relay` command line: serve, check, test, and the operator's tools."""

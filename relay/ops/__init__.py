@@ -1,0 +1,1 @@
+"""Operations: metrics, systemd notification, logging, the configuration dump."""

@@ -1,0 +1,1 @@
+"""Delivery to the upstream smarthosts: settings, connection pools, shaping, the delivery loop."""
