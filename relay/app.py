@@ -16,9 +16,10 @@ from pathlib import Path
 from relay import config
 from relay.checks.services import CheckServices
 from relay.config import Settings
+from relay.inbound.budget import DataBudget
 from relay.inbound.connlimits import ConnectionLimits
-from relay.inbound.handler import InboundHandler, start_listener
-from relay.inbound.protocol import DataBudget
+from relay.inbound.context import ListenerContext
+from relay.inbound.handler import start_listener
 from relay.inbound.tls import ListenerTLS
 from relay.ops.metrics import Metrics, readiness, start_http
 from relay.ops.notify import Notifier, watchdog_task
@@ -83,17 +84,15 @@ class Relay:
         await self.spool.open()
         queued = await self.spool.count()
         for listener in self.settings.listeners:
-            handler = InboundHandler(
-                listener, self.current, self.current_services, self.spool,
-                self.delivery.offer, self.metrics, budget=self.budget,
-            )
             if listener.tls != "none":
                 self.tls[listener.name] = ListenerTLS(listener.tls_cert, listener.tls_key)
             tls = self.tls.get(listener.name)
-            server = await start_listener(
-                listener, handler, self.limits, tls.context if tls else None,
-                reuse_port=self.settings.workers > 1,
+            context = ListenerContext(
+                listener, self.current, self.current_services, self.spool,
+                self.delivery.offer, self.metrics, self.limits, self.budget,
+                tls.context if tls else None,
             )
+            server = await start_listener(context, reuse_port=self.settings.workers > 1)
             self.servers.append(server)
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]

@@ -10,20 +10,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from relay.checks.services import CheckSettings, read_check_settings
+from relay.checks.settings import CheckSettings, read_check_settings
 from relay.inbound.listeners import DEFAULT_LISTEN, ListenerSettings, read_listeners
 from relay.outbound.smarthosts import UpstreamSettings, read_upstreams
+from relay.schema import ConfigError as ConfigError
 from relay.schema import Errors, IPNetwork, Table, parse_duration, parse_hostport
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-
-
-class ConfigError(Exception):
-    """Raised with every error found, one per line, when settings cannot be loaded."""
-
-    def __init__(self, messages: list[str]) -> None:
-        super().__init__("\n".join(messages))
-        self.messages = messages
 
 
 @dataclass(frozen=True, slots=True)

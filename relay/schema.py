@@ -18,6 +18,14 @@ _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+class ConfigError(Exception):
+    """Raised with every error found, one per line, when settings cannot be loaded."""
+
+    def __init__(self, messages: list[str]) -> None:
+        super().__init__("\n".join(messages))
+        self.messages = messages
+
+
 @dataclass
 class Errors:
     """Every problem found while loading, each already prefixed with file and key."""

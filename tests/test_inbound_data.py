@@ -12,7 +12,7 @@ import pytest
 from conftest import RelayProcess, Sink, free_port, relay_config, relay_with_sink, wait_until
 from smtpraw import RawSMTP
 
-from relay.inbound.protocol import has_long_line, longest_line
+from relay.message import has_long_line, longest_line
 
 HELLO = b"EHLO client.test\r\n"
 ENVELOPE = b"MAIL FROM:<app@example.test>\r\nRCPT TO:<user@dest.test>\r\nDATA\r\n"

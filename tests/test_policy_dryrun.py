@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Any
+
+from relay.config import Settings
 from relay.headers import header_fields
-from relay.policy import StaticChecks, load_policy
-from relay.policy.dryrun import run_cases, run_dry
+from relay.policy import Policy, StaticChecks, load_policy
+from relay.policy.dryrun import Client, run_cases, run_dry
+from relay.runtime import Runtime
 
 SHIPPED = Path(__file__).parent.parent / "policies"
 # What config.toml contributes by default: [server] relay_networks.
@@ -54,6 +58,18 @@ action = "accept"
 """
 
 
+def runtime(policy: Policy) -> Runtime:
+    return Runtime(Settings(hostname="relay.test"), policy)
+
+
+def dry(policy: Policy, checks: StaticChecks | None = None, **client: Any) -> tuple[str, int]:
+    client.setdefault("recipients", client.pop("recipients", ()))
+    outcome = run_dry(runtime(policy), Client(**{**client,
+                                                  "recipients": tuple(client["recipients"])}),
+                      checks)
+    return outcome.text, outcome.exit_status
+
+
 def policy_dir(tmp_path: Path, delay_reject: bool = True) -> Path:
     directory = tmp_path / "policies"
     directory.mkdir()
@@ -63,7 +79,7 @@ def policy_dir(tmp_path: Path, delay_reject: bool = True) -> Path:
 
 
 def test_stranger_gets_relay_access_denied_at_rcpt_and_exit_5() -> None:
-    text, status = run_dry(
+    text, status = dry(
         load_policy(SHIPPED, builtin_lists=CONFIG_LISTS),
         client_address="203.0.113.9",
         helo="app1",
@@ -103,8 +119,8 @@ def test_stranger_gets_relay_access_denied_at_rcpt_and_exit_5() -> None:
         end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith(" "))
         return lines[start + 1 : end]
 
-    assert stage("connect")[-3:] == [networks, waits, "  -> continue: 220 ready"]
-    assert stage("helo")[-3:] == [networks, waits, "  -> continue: 250 Ok"]
+    assert stage("connect")[-3:] == [networks, waits, "  -> continue: 220 relay.test ESMTP"]
+    assert stage("helo")[-3:] == [networks, waits, "  -> continue: 250 relay.test"]
     assert stage("mail")[-5:] == [
         networks, unauthenticated, apps, "  no terminal rule matched: continue",
         "  -> continue: 250 2.1.0 Ok",
@@ -122,18 +138,18 @@ def test_stranger_gets_relay_access_denied_at_rcpt_and_exit_5() -> None:
 
 
 def test_relay_networks_relay_with_exit_0() -> None:
-    text, status = run_dry(
+    text, status = dry(
         load_policy(SHIPPED, builtin_lists=CONFIG_LISTS),
         client_address="::1",
         sender="<>",
         recipients=["b@example.net"],
     )
     assert status == 0
-    assert text.endswith("result: accept (rule relay-networks): client sees 250 2.0.0 Ok: queued\n")
+    assert text.endswith("result: accept (rule relay-networks): client sees 250 2.0.0 Ok: queued as <dry-run>\n")
 
 
 def test_declared_size_tempfails_with_exit_4(tmp_path: Path) -> None:
-    text, status = run_dry(
+    text, status = dry(
         load_policy(policy_dir(tmp_path)),
         client_address="192.0.2.1",
         sender="a@example.com",
@@ -147,7 +163,7 @@ def test_declared_size_tempfails_with_exit_4(tmp_path: Path) -> None:
 
 
 def test_without_delay_reject_a_connect_reject_ends_the_session(tmp_path: Path) -> None:
-    text, status = run_dry(
+    text, status = dry(
         load_policy(policy_dir(tmp_path, delay_reject=False)),
         client_address="203.0.113.66",
         sender="a@example.com",
@@ -164,7 +180,7 @@ def test_without_delay_reject_a_connect_reject_ends_the_session(tmp_path: Path) 
 def test_message_headers_are_decoded_for_matching_and_hold_exits_0(tmp_path: Path) -> None:
     message = b"Subject: =?utf-8?q?Ihre_Rechnung?=\r\nFrom: a@example.com\r\n\r\nbody\r\n"
     assert header_fields(message) == (("Subject", "Ihre Rechnung"), ("From", "a@example.com"))
-    text, status = run_dry(
+    text, status = dry(
         load_policy(policy_dir(tmp_path)),
         client_address="192.0.2.1",
         sender="a@example.com",
@@ -174,11 +190,11 @@ def test_message_headers_are_decoded_for_matching_and_hold_exits_0(tmp_path: Pat
     assert status == 0
     assert '  rule "invoices" [hold]: matched\n' in text
     assert "  adds header X-DKIM: none\n" in text
-    assert text.endswith("result: hold (rule invoices): client sees 250 2.0.0 Ok: queued\n")
+    assert text.endswith("result: hold (rule invoices): client sees 250 2.0.0 Ok: queued as <dry-run>\n")
 
 
 def test_checks_given_on_the_command_line_decide(tmp_path: Path) -> None:
-    text, status = run_dry(
+    text, status = dry(
         load_policy(policy_dir(tmp_path)),
         client_address="192.0.2.1",
         sender="a@example.com",
@@ -195,7 +211,7 @@ def test_partly_refused_recipients_still_deliver_to_the_rest(tmp_path: Path) -> 
     (tmp_path / "10.toml").write_text(
         '[[rule]]\nname = "ok"\nmatch.recipient_domain = "example.net"\naction = "accept"\n'
     )
-    text, status = run_dry(
+    text, status = dry(
         load_policy(tmp_path),
         client_address="192.0.2.1",
         sender="a@example.com",
@@ -246,7 +262,7 @@ expect = "hold"
 def test_cases_file_all_pass(tmp_path: Path) -> None:
     (tmp_path / "cases.toml").write_text(CASES)
     (tmp_path / "invoice.eml").write_bytes(b"Subject: Rechnung 7\r\n\r\nx\r\n")
-    text, status = run_cases(load_policy(policy_dir(tmp_path)), tmp_path / "cases.toml")
+    text, status = run_cases(runtime(load_policy(policy_dir(tmp_path))), tmp_path / "cases.toml")
     assert (text, status) == (
         "ok   app server relays: accept (rule apps): 250\n"
         "ok   newsletter is discarded: discard (rule sink): 250\n"
@@ -265,7 +281,7 @@ def test_cases_file_reports_failures_with_the_trace(tmp_path: Path) -> None:
         'to = ["c@d.example"]\nexpect = "reject"\nexpect_code = 550\n'
     )
     text, status = run_cases(
-        load_policy(SHIPPED, builtin_lists=CONFIG_LISTS), tmp_path / "cases.toml"
+        runtime(load_policy(SHIPPED, builtin_lists=CONFIG_LISTS)), tmp_path / "cases.toml"
     )
     assert status == 1
     lines = text.splitlines()
@@ -284,7 +300,7 @@ def test_cases_file_errors_are_all_reported(tmp_path: Path) -> None:
         '[[case]]\nname = "a"\nclient_address = "192.0.2.1"\nto = "x@y.example"\n'
         'expect = "bounce"\nspf = "maybe"\nmessage = "missing.eml"\n'
     )
-    text, status = run_cases(load_policy(SHIPPED, builtin_lists=CONFIG_LISTS), cases)
+    text, status = run_cases(runtime(load_policy(SHIPPED, builtin_lists=CONFIG_LISTS)), cases)
     assert status == 1
     assert text == (
         f'{cases}: case "a": from: required\n'

@@ -21,7 +21,8 @@ def load(tmp_path: Path, text: str, files: dict[str, str] | None = None) -> Poli
     return load_policy(tmp_path)
 
 
-HEADERS = (("Subject", "Your invoice 42"), ("From", "Billing <a@example.com>"), ("X-Empty", ""))
+MESSAGE = (b"Subject: Your invoice 42\r\nFrom: Billing <a@example.com>\r\nX-Empty:\r\n\r\n"
+           b"body\r\n")
 BASE: dict[str, Any] = {
     "client_address": "192.0.2.10",
     "listener": "smtp",
@@ -31,7 +32,7 @@ BASE: dict[str, Any] = {
     "recipient": "b@example.net",
     "recipients": (),
     "size": 1000,
-    "headers": HEADERS,
+    "message": MESSAGE,
     "tls": False,
 }
 
@@ -169,7 +170,7 @@ def facts_for(stage: Stage, overrides: dict[str, Any]) -> Facts:
     elif known == 4 and "recipients" not in overrides:
         values["recipients"] = ("b@example.net",)
     if known < 4:
-        values["headers"] = None
+        values["message"] = None
         values["size"] = overrides.get("size") if known >= 2 else None
     return Facts(**values)
 
@@ -287,7 +288,7 @@ action = "accept"
         sender="a@example.com",
         recipients=("b@example.net", "c@example.net"),
         size=10,
-        headers=(("List-Unsubscribe", "<mailto:u@example.com>"),),
+        message=b"List-Unsubscribe: <mailto:u@example.com>\r\n\r\n",
     )
     decision = await evaluate(policy, "data", facts, StaticChecks(dkim=("fail", "x.org")))
     assert (decision.action, decision.rule, decision.reply) == ("accept", "apps", None)
@@ -405,7 +406,7 @@ async def test_pending_reject_is_tested_at_data_and_does_not_block(tmp_path: Pat
     decision = await evaluate(policy, "rcpt", RCPT, StaticChecks())
     assert (decision.action, decision.rule) == ("accept", "apps")
     data = Facts(
-        "192.0.2.10", sender="a@example.com", recipients=("b@example.net",), headers=HEADERS
+        "192.0.2.10", sender="a@example.com", recipients=("b@example.net",), message=MESSAGE
     )
     decision = await evaluate(policy, "data", data, StaticChecks())
     assert (decision.action, str(decision.reply)) == ("reject", "550 5.7.1 No invoices")

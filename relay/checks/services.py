@@ -1,131 +1,22 @@
-"""The checks policies ask for (SPF, DKIM, rate limits): settings, services, lazy results."""
+"""The checks policies ask for (SPF, DKIM, rate limits): shared services and per-session results."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
+from dataclasses import dataclass
 
+from relay.address import domain_of
 from relay.checks import dkim as dkimlib
-from relay.checks.dns import DnsSettings, Resolver
+from relay.checks.dns import Resolver
 from relay.checks.ratelimit import Limiter, LimitSpec, redis_client
+from relay.checks.settings import CheckSettings
 from relay.checks.spf import SpfOutcome, check_spf
 from relay.ops.metrics import Metrics
-from relay.schema import Table, parse_hostport
+from relay.policy.engine import Facts
 
 log = logging.getLogger("relay.checks")
-
-SpfMode = Literal["client", "egress"]
-
-
-@dataclass(frozen=True, slots=True)
-class CheckSettings:
-    """[dns], [spf], [dkim], [ratelimit] and the Authentication-Results authserv-id."""
-
-    dns: DnsSettings = field(default_factory=DnsSettings)
-    # RFC 8601 section 2.5; "" = the relay's hostname.
-    authserv_id: str = ""
-    spf_mode: SpfMode = "client"
-    spf_egress_addresses: tuple[str, ...] = ()
-    spf_timeout: float = 20.0
-    dkim_verify_timeout: float = 10.0
-    dkim_sign_headers: tuple[str, ...] = dkimlib.DEFAULT_SIGNED_HEADERS
-    dkim_keys: tuple[dkimlib.SigningKey, ...] = field(default=(), repr=False)
-    redis_url: str = ""
-    redis_key_prefix: str = "policy-relay:"
-    redis_timeout: float = 0.25
-    on_backend_error: Literal["local", "tempfail", "allow"] = "local"
-
-    def signing_keys(self, domain: str) -> tuple[dkimlib.SigningKey, ...]:
-        domain = domain.lower().rstrip(".")
-        return tuple(k for k in self.dkim_keys if k.domain == domain)
-
-
-def read_check_settings(root: Table) -> CheckSettings:
-    base = CheckSettings()
-    dns_table = root.table("dns")
-    nameservers = []
-    for item in dns_table.strings("nameservers", ()):
-        try:
-            nameservers.append(parse_hostport(item, default_port=53))
-        except ValueError:
-            dns_table.error("nameservers", f'expected "ADDRESS" or "ADDRESS:PORT", got {item!r}')
-    dns = DnsSettings(
-        nameservers=tuple(nameservers),
-        timeout=dns_table.duration("timeout", base.dns.timeout, low=0.05),
-        attempts=dns_table.integer("attempts", base.dns.attempts, 1, 10),
-    )
-    dns_table.finish()
-
-    spf = root.table("spf")
-    mode = spf.string("mode", base.spf_mode, ("client", "egress"))
-    egress = spf.strings("egress_addresses", ())
-    if mode == "egress" and not egress:
-        spf.error("egress_addresses", 'must name the egress address(es) when mode = "egress"')
-    spf_timeout = spf.duration("timeout", base.spf_timeout, low=0.1)
-    spf.finish()
-
-    dkim = root.table("dkim")
-    verify_timeout = dkim.duration("verify_timeout", base.dkim_verify_timeout, low=0.1)
-    headers = dkim.strings("sign_headers", base.dkim_sign_headers)
-    keys = _read_dkim_keys(dkim)
-    dkim.finish()
-
-    limits = root.table("ratelimit")
-    results = root.table("authentication_results")
-    settings = CheckSettings(
-        dns=dns,
-        authserv_id=results.string("authserv_id", ""),
-        spf_mode=mode,  # type: ignore[arg-type]
-        spf_egress_addresses=egress,
-        spf_timeout=spf_timeout,
-        dkim_verify_timeout=verify_timeout,
-        dkim_sign_headers=headers,
-        dkim_keys=keys,
-        redis_url=limits.string("redis_url", base.redis_url),
-        redis_key_prefix=limits.string("key_prefix", base.redis_key_prefix),
-        redis_timeout=limits.duration("redis_timeout", base.redis_timeout, low=0.01),
-        on_backend_error=limits.string(  # type: ignore[arg-type]
-            "on_backend_error", base.on_backend_error, ("local", "tempfail", "allow")
-        ),
-    )
-    limits.finish()
-    results.finish()
-    return settings
-
-
-def _read_dkim_keys(dkim: Table) -> tuple[dkimlib.SigningKey, ...]:
-    """Keys from [[dkim.key]] entries and from key_directory/<domain>/<selector>.key."""
-    keys: list[dkimlib.SigningKey] = []
-    directory = dkim.string("key_directory", "")
-    if directory:
-        base = Path(directory)
-        if not base.is_dir():
-            dkim.error("key_directory", f"not a directory: {directory}")
-        else:
-            for path in sorted(base.glob("*/*.key")):
-                try:
-                    keys.append(dkimlib.load_key(path, path.parent.name.lower(), path.stem))
-                except ValueError as exc:
-                    dkim.error("key_directory", str(exc))
-    for table in dkim.table_list("key"):
-        domain = table.string("domain", "").lower()
-        selector = table.string("selector", "")
-        key_file = table.string("key_file", "")
-        for name, value in (("domain", domain), ("selector", selector), ("key_file", key_file)):
-            if not value:
-                table.error(name, "required")
-        if domain and selector and key_file:
-            try:
-                keys.append(dkimlib.load_key(key_file, domain, selector))
-            except ValueError as exc:
-                table.error("key_file", str(exc))
-        table.finish()
-    return tuple(keys)
-
 
 class CheckServices:
     """The long-lived parts the checks share: resolver, SPF thread pool, rate limiter."""
@@ -164,51 +55,42 @@ class LimitCharge:
 class SessionChecks:
     """Check results for one SMTP session, each computed at most once.
 
-    Implements the policy engine's Checks protocol. SPF is per transaction (MAIL FROM
-    identity); DKIM is per message; a limit charges its bucket once per unit it counts:
-    once per session (connection), per transaction (message), per recipient, or with
-    the message size at end of data (byte).
+    Implements the policy engine's Checks protocol: each check gets the facts it needs as
+    arguments. SPF is per transaction (MAIL FROM identity); DKIM is per message; a limit
+    charges its bucket once per unit it counts: once per session (connection), per
+    transaction (message), per recipient, or with the message size at DATA (byte).
     """
 
-    def __init__(self, services: CheckServices, client_address: str) -> None:
-        self.services = services
-        self.client_address = client_address
-        self.fields: dict[str, str] = {"client_address": client_address}
-        self.stage = "connect"
-        self.size = 0
-        self.message: bytes | None = None
+    def __init__(self, current: Callable[[], CheckServices]) -> None:
+        self.current = current
+        self.services = current()
         self.spf_outcome: SpfOutcome | None = None
         self.dkim_outcome: dkimlib.DkimOutcome | None = None
-        self._spf_task: asyncio.Task[SpfOutcome] | None = None
         self._charges: dict[tuple[str, str], LimitCharge] = {}
-        self.helo = ""
-        self.sender = ""
 
     def new_transaction(self) -> None:
-        """MAIL FROM: the SPF identity and the per-message and per-recipient charges reset."""
+        """MAIL FROM: the SPF identity and the per-message and per-recipient charges reset;
+        the transaction uses the services in force now (a reload may have replaced them)."""
+        self.services = self.current()
         self.spf_outcome = None
-        self._spf_task = None
         self.dkim_outcome = None
-        self.message = None
         self._charges = {k: v for k, v in self._charges.items() if k[1] == "session"}
-        for name in ("recipient", "recipient_domain"):
-            self.fields.pop(name, None)
 
-    async def spf(self) -> str:
+    async def spf(self, facts: Facts) -> str:
         if self.spf_outcome is None:
-            self.spf_outcome = await self._run_spf()
+            self.spf_outcome = await self._run_spf(facts)
         return self.spf_outcome.result
 
-    async def _run_spf(self) -> SpfOutcome:
+    async def _run_spf(self, facts: Facts) -> SpfOutcome:
         settings = self.services.settings
         addresses = (
             settings.spf_egress_addresses if settings.spf_mode == "egress"
-            else (self.client_address,)
+            else (facts.client_address,)
         )
         worst: SpfOutcome | None = None
         for ip in addresses:
             outcome = await check_spf(
-                self.services.resolver, ip, self.sender, self.helo,
+                self.services.resolver, ip, facts.sender or "", facts.helo_name,
                 timeout=settings.spf_timeout, executor=self.services.executor,
             )
             # egress mode: every egress address must pass for the sender to be safe.
@@ -219,17 +101,17 @@ class SessionChecks:
         assert worst is not None
         return worst
 
-    async def dkim(self) -> tuple[str, str]:
+    async def dkim(self, facts: Facts) -> tuple[str, str]:
         if self.dkim_outcome is None:
-            if self.message is None:
+            if facts.message is None:
                 return "none", ""
             self.dkim_outcome = await dkimlib.verify_dkim(
-                self.services.resolver, self.message,
+                self.services.resolver, facts.message,
                 timeout=self.services.settings.dkim_verify_timeout,
             )
         return self.dkim_outcome.result, self.dkim_outcome.domain
 
-    async def over_limit(self, name: str) -> tuple[bool, float]:
+    async def over_limit(self, name: str, stage: str, facts: Facts) -> tuple[bool, float]:
         limiter = self.services.limiter
         spec = limiter.specs[name]
         if spec.count == "connection":
@@ -237,17 +119,17 @@ class SessionChecks:
         elif spec.count == "message":
             unit, cost = "message", 1
         elif spec.count == "recipient":
-            if self.stage != "rcpt":
+            if stage != "rcpt":
                 return False, 0.0  # each recipient was charged (and refused) at its RCPT
-            unit, cost = "rcpt:" + self.fields.get("recipient", ""), 1
+            unit, cost = "rcpt:" + (facts.recipient or ""), 1
         else:
-            if self.stage != "data":
+            if stage != "data":
                 return False, 0.0
-            unit, cost = "data", max(1, self.size)
+            unit, cost = "data", max(1, facts.size or 0)
         charge = self._charges.get((name, unit))
         if charge is None:
             fallbacks = limiter.fallbacks
-            result = await limiter.check(name, self.fields, cost)
+            result = await limiter.check(name, limit_fields(facts), cost)
             if limiter.fallbacks != fallbacks and self.services.metrics is not None:
                 self.services.metrics.ratelimit_fallback()
             charge = LimitCharge(not result.allowed, result.retry_after, result.backend_error)
@@ -257,3 +139,18 @@ class SessionChecks:
     def backend_failed(self, name: str) -> bool:
         return any(c.backend_error and c.over for (n, _), c in self._charges.items() if n == name)
 
+
+def limit_fields(facts: Facts) -> dict[str, str]:
+    """The values a limit's bucket key may be made of (relay.checks.ratelimit.KEY_FIELDS)."""
+    sender = facts.sender or ""
+    fields = {
+        "client_address": facts.client_address,
+        "listener": facts.listener,
+        "sasl_username": facts.sasl_username,
+        "sender": sender,
+        "sender_domain": domain_of(sender) if sender else "",
+    }
+    if facts.recipient is not None:
+        fields["recipient"] = facts.recipient
+        fields["recipient_domain"] = domain_of(facts.recipient)
+    return fields

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_flags(test)
     test.add_argument("--client-address", metavar="IP", default="127.0.0.1")
-    test.add_argument("--helo", default="", metavar="NAME")
+    test.add_argument("--helo", default="localhost", metavar="NAME")
     test.add_argument("--auth-user", default="", metavar="USER", help="as if logged in")
     test.add_argument("--from", dest="sender", default=None, metavar="ADDRESS",
                       help='envelope sender; "<>" for the null sender')
@@ -62,13 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--message", type=Path, metavar="FILE", help="message for DATA rules")
     test.add_argument("--listener", default="smtp", metavar="NAME")
     test.add_argument("--tls", action="store_true", help="as if the session used TLS")
+    test.add_argument("--smtputf8", action="store_true",
+                      help="send MAIL with SMTPUTF8 (RFC 6531), for non-ASCII addresses")
     test.add_argument("--spf", default="none", metavar="RESULT", help="SPF result to assume")
     test.add_argument("--dkim", default="none", metavar="RESULT", help="DKIM result to assume")
     test.add_argument("--over-limit", action="append", default=[], metavar="LIMIT",
                       help="treat this limit as exceeded (repeatable)")
     test.add_argument("--live-checks", action="store_true",
-                      help="look SPF and DKIM up for real, with the configured resolver "
-                      "(instead of --spf/--dkim)")
+                      help="run the relay's own checks: SPF and DKIM over the configured "
+                      "resolver, limits in fresh in-memory buckets (instead of --spf, "
+                      "--dkim and --over-limit)")
+    test.add_argument("--json", action="store_true",
+                      help="print each command and its reply as one JSON object")
     test.add_argument("--cases", type=Path, metavar="FILE",
                       help="run the [[case]] tables of this TOML file instead")
     test.set_defaults(run=_test)
@@ -150,31 +154,30 @@ def _check(args: argparse.Namespace) -> int:
 
 def _test(args: argparse.Namespace) -> int:
     from relay.policy import StaticChecks
-    from relay.policy.dryrun import run_cases, run_dry
+    from relay.policy.dryrun import Client, run_cases, run_dry
 
     loaded = _load(args)
     if loaded is None:
         return EX_CONFIG
     if args.cases is not None:
-        text, status = run_cases(loaded.policy, args.cases)
-    else:
-        if args.sender is None or not args.recipients:
-            print("policy-relay test: --from and at least one --to are required "
-                  "(or --cases FILE)", file=sys.stderr)
-            return EX_USAGE
-        message = args.message.read_bytes() if args.message else None
-        spf, dkim = args.spf, (args.dkim, "")
-        if args.live_checks:
-            spf, dkim = live_checks(loaded, args.client_address, args.helo, args.sender, message)
-            print(f"live checks: spf={spf} dkim={dkim[0]}{' ' + dkim[1] if dkim[1] else ''}")
-        checks = StaticChecks(spf=spf, dkim=dkim, over_limits=frozenset(args.over_limit))
-        text, status = run_dry(
-            loaded.policy, client_address=args.client_address, sender=args.sender,
-            recipients=args.recipients, helo=args.helo, listener=args.listener,
-            auth_user=args.auth_user, tls=args.tls, message=message, checks=checks,
-        )
-    print(text, end="")
-    return status
+        text, status = run_cases(loaded, args.cases)
+        print(text, end="")
+        return status
+    if args.sender is None or not args.recipients:
+        print("policy-relay test: --from and at least one --to are required "
+              "(or --cases FILE)", file=sys.stderr)
+        return EX_USAGE
+    client = Client(
+        args.client_address, args.sender, tuple(args.recipients), helo=args.helo,
+        listener=args.listener, auth_user=args.auth_user, tls=args.tls,
+        smtputf8=args.smtputf8,
+        message=args.message.read_bytes() if args.message else None,
+    )
+    checks = StaticChecks(spf=args.spf, dkim=(args.dkim, ""),
+                          over_limits=frozenset(args.over_limit))
+    outcome = run_dry(loaded, client, checks, live=args.live_checks)
+    print(outcome.json() if args.json else outcome.text, end="\n" if args.json else "")
+    return outcome.exit_status
 
 
 def _config_dump(args: argparse.Namespace) -> int:
@@ -218,25 +221,6 @@ def _dkim(args: argparse.Namespace) -> int:
     args.policies = None
     loaded = _load(args)
     return EX_CONFIG if loaded is None else dkimcli.check(loaded)
-
-
-def live_checks(
-    loaded: runtime.Runtime, client: str, helo: str, sender: str, message: bytes | None
-) -> tuple[str, tuple[str, str]]:
-    """SPF and DKIM results as the running relay would compute them (real DNS)."""
-    from relay.checks.services import CheckServices, SessionChecks
-
-    async def run() -> tuple[str, tuple[str, str]]:
-        services = CheckServices(loaded.settings.checks, {})
-        try:
-            checks = SessionChecks(services, client)
-            checks.helo, checks.sender = helo, "" if sender == "<>" else sender
-            checks.message = message
-            return await checks.spf(), await checks.dkim()
-        finally:
-            await services.close()
-
-    return asyncio.run(run())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,38 +5,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
-import ssl
-import time
-from collections.abc import Callable
 from email.utils import formatdate
 
 from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import Envelope, Session
 
 from relay import replies
-from relay.address import problem
-from relay.checks.services import CheckServices
-from relay.config import Settings
-from relay.headers import header_safe, header_stats, strip_forged_authentication_results
-from relay.inbound.connlimits import ConnectionLimits
-from relay.inbound.listeners import ListenerSettings
-from relay.inbound.protocol import (
-    DataBudget,
-    RelaySession,
-    RelaySMTP,
-    client_address,
-    declared_size,
-    has_bare_line_ending,
-    has_long_line,
-    longest_line,
-)
-from relay.ops.metrics import Metrics
-from relay.policy.session import SessionPolicy
+from relay.checks.services import SessionChecks
+from relay.headers import header_safe
+from relay.inbound.context import ListenerContext
+from relay.inbound.protocol import RelaySMTP, client_address, declared_size
+from relay.policy.session import PolicySession, Refusal
 from relay.queue.spool import Envelope as StoredEnvelope
-from relay.queue.spool import Spool, new_queue_id
+from relay.queue.spool import new_queue_id
 from relay.replies import Reply
-from relay.runtime import Runtime
 
 log = logging.getLogger("relay.inbound")
 
@@ -78,134 +60,86 @@ def envelope_sender(envelope: Envelope) -> str:
 class InboundHandler:
     """aiosmtpd handler for one listener; each handle_<VERB> returns the reply line.
 
-    The handler checks what no policy may allow (syntax, limits, smuggling); whether a
-    client may relay, and what happens to its mail, is the policy's decision
-    (relay.pipeline runs it at MAIL, each RCPT and the end of DATA).
+    What a command gets for an answer is decided by the session model
+    (relay.policy.session), the same one `policy-relay test` runs; this handler feeds it
+    the commands, logs refusals, and stores what it accepts.
     """
 
-    def __init__(
-        self,
-        listener: ListenerSettings,
-        current: Callable[[], Runtime],
-        services: Callable[[], CheckServices],
-        spool: Spool,
-        on_queued: Callable[[str, StoredEnvelope, bytes], None],
-        metrics: Metrics,
-        clock: Callable[[], float] = time.time,
-        budget: DataBudget | None = None,
-    ) -> None:
-        self.listener = listener
-        # One budget for all listeners of the process (relay.app passes it in).
-        self.budget = budget or DataBudget(current().settings.max_data_memory)
-        self.current = current
-        self.services = services
-        self.spool = spool
-        self.on_queued = on_queued
-        self.metrics = metrics
-        self.clock = clock
+    def __init__(self, context: ListenerContext) -> None:
+        self.context = context
+        self.listener = context.listener
 
-    def _policy(self, server: RelaySMTP, session: RelaySession) -> SessionPolicy:
-        if session.policy is None:
-            session.policy = SessionPolicy(
-                session.runtime.policy, session.services, session.settings.smtp_hostname,
-                self.listener.name, client_address(session),
-                on_decision=lambda stage, d: self.metrics.decision(stage, d.rule, d.action),
-            )
-        return session.policy
+    def start_session(self, client: str, tls: bool) -> PolicySession:
+        """A session's policy state, created once the client is known (after PROXY)."""
+        context = self.context
+        return PolicySession(
+            context.current, SessionChecks(context.services), client, self.listener.name,
+            on_decision=lambda stage, d: context.metrics.decision(stage, d.rule, d.action),
+            on_refusal=lambda refusal: self._log_refusal(client, refusal),
+        )
 
     async def handle_PROXY(
-        self, server: RelaySMTP, session: RelaySession, envelope: Envelope, proxy: ProxyData
+        self, server: RelaySMTP, session: Session, envelope: Envelope, proxy: ProxyData
     ) -> bool:
-        return server.accept_proxy(proxy)
+        return await server.accept_proxy(proxy)
+
+    async def helo(self, server: RelaySMTP, name: str) -> Reply | None:
+        """EHLO or HELO: None to answer as usual, or the policy's refusal."""
+        return await server.policy().helo(name, server.tls_active)
+
+    async def handle_HELO(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str
+    ) -> str:
+        refusal = await self.helo(server, hostname)
+        if refusal is not None:
+            return str(refusal)
+        session.host_name = hostname  # aiosmtpd sets it only when there is no hook
+        return f"250 {server.hostname}"
 
     async def handle_MAIL(
-        self, server: RelaySMTP, session: RelaySession, envelope: Envelope, address: str,
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,
         options: list[str],
     ) -> str:
         sender = "" if address == "<>" else address
-        if sender and not sender.isascii() and not envelope.smtp_utf8:
-            return self._refuse(session, "MAIL", replies.NEEDS_SMTPUTF8, f"from=<{sender}>")
-        if sender and (why := problem(sender, utf8=envelope.smtp_utf8)):
-            return self._refuse(
-                session, "MAIL", replies.BAD_SENDER_SYNTAX, f"from=<{sender}> {why}"
-            )
         size = declared_size(options)
-        if why := self._storage_short(session.settings, size):
-            return self._refuse(session, "MAIL", replies.INSUFFICIENT_STORAGE, why)
-        reply = await self._policy(server, session).mail(
-            sender, sasl_username(session), size or None, server.tls_active
+        reply = await server.policy().mail(
+            sender, size=size or None, smtputf8=bool(envelope.smtp_utf8),
+            sasl_username=sasl_username(session), tls=server.tls_active,
         )
-        if reply is not None:
-            return self._refuse(session, "MAIL", reply, f"from=<{sender}>")
-        # Keep aiosmtpd's "<>": it checks mail_from for truth before accepting RCPT.
-        envelope.mail_from = address
-        envelope.mail_options.extend(options)
-        return str(replies.SENDER_OK)
+        if reply.code == replies.SENDER_OK.code:
+            # Keep aiosmtpd's "<>": it checks mail_from for truth before accepting RCPT.
+            envelope.mail_from = address
+            envelope.mail_options.extend(options)
+        return str(reply)
 
     async def handle_RCPT(
-        self, server: RelaySMTP, session: RelaySession, envelope: Envelope, address: str,
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str,
         options: list[str],
     ) -> str:
-        settings = session.settings
-        if not address.isascii() and not envelope.smtp_utf8:
-            return self._refuse(session, "RCPT", replies.NEEDS_SMTPUTF8, f"to=<{address}>")
-        if why := problem(address, utf8=envelope.smtp_utf8):
-            return self._refuse(
-                session, "RCPT", replies.BAD_RECIPIENT_SYNTAX, f"to=<{address}> {why}"
-            )
-        if len(envelope.rcpt_tos) >= settings.max_recipients:
-            return self._refuse(session, "RCPT", replies.TOO_MANY_RECIPIENTS, f"to=<{address}>")
-        decision = await self._policy(server, session).rcpt(address, tuple(envelope.rcpt_tos))
-        if decision.refused and decision.reply is not None:
-            self._count_limit(session, decision.rule)
-            return self._refuse(
-                session, "RCPT", decision.reply,
-                f"from=<{envelope.mail_from}> to=<{address}> helo=<{session.host_name}>",
-                decision.rule,
-            )
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(options)
-        return str(replies.RECIPIENT_OK)
+        reply = await server.policy().rcpt(address)
+        if reply.code == replies.RECIPIENT_OK.code:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(options)
+        return str(reply)
 
     async def handle_DATA(
-        self, server: RelaySMTP, session: RelaySession, envelope: Envelope
+        self, server: RelaySMTP, session: Session, envelope: Envelope
     ) -> str:
-        data: bytes = envelope.original_content or b""
-        sender = f"from=<{envelope.mail_from}>"
-        if has_bare_line_ending(data):
-            return self._refuse(session, "DATA", replies.BAD_LINE_ENDING, sender)
-        settings = session.settings
-        if has_long_line(data, settings.max_line_length):
-            # RelaySMTP's check on the wire allows one octet more, for a dot-stuffed line.
-            return self._refuse(session, "DATA", replies.LINE_TOO_LONG,
-                                f"{sender} line of {longest_line(data)} octets")
-        header_size, hops = header_stats(data)
-        if header_size > settings.max_header_size:
-            return self._refuse(session, "DATA", replies.HEADER_TOO_BIG,
-                                f"{sender} header size {header_size}")
-        if hops >= settings.max_hops:
-            # RFC 5321 section 6.3: count Received: fields to break mail loops.
-            return self._refuse(session, "DATA", replies.TOO_MANY_HOPS, f"{sender} hops {hops}")
-        our_id = settings.checks.authserv_id or settings.smtp_hostname
-        data, forged = strip_forged_authentication_results(data, our_id)
+        policy = server.policy()
         queue_id = new_queue_id()
-        if forged:
-            log.info("%s: removed %d Authentication-Results header(s) claiming to be ours",
-                     queue_id, forged)
-        policy = self._policy(server, session)
-        verdict = await policy.data(tuple(envelope.rcpt_tos), data)
+        verdict = await policy.data(envelope.original_content or b"", queue_id)
         self._count_checks(policy)
-        if verdict.action in ("reject", "tempfail") and verdict.reply is not None:
-            self._count_limit(session, verdict.rule)
-            return self._refuse(session, "DATA", verdict.reply, sender, verdict.rule)
+        if verdict.refused and verdict.reply is not None:
+            return str(verdict.reply)
+        context = self.context
         stored = StoredEnvelope(
-            sender=envelope_sender(envelope),
-            recipients=tuple(envelope.rcpt_tos),
-            client_address=client_address(session),
-            helo=session.host_name or "",
+            sender=policy.facts.sender or "",
+            recipients=policy.recipients,
+            client_address=policy.facts.client_address,
+            helo=policy.facts.helo_name,
             listener=self.listener.name,
-            sasl_username=sasl_username(session),
-            received_at=self.clock(),
+            sasl_username=policy.facts.sasl_username,
+            received_at=context.clock(),
             route=verdict.route or "default",
             hold=verdict.action == "hold",
             smtputf8=bool(envelope.smtp_utf8),
@@ -216,15 +150,15 @@ class InboundHandler:
                      queue_id, stored.client_address, stored.sender, len(stored.recipients),
                      verdict.rule)
             return str(replies.queued(queue_id))
-        received = received_header(session, envelope, settings.smtp_hostname, queue_id,
-                                   stored.received_at)
-        message = received + verdict.prepend + data
+        received = received_header(session, envelope, policy.runtime.settings.smtp_hostname,
+                                   queue_id, stored.received_at)
+        message = received + verdict.prepend + verdict.message
         try:
-            await self.spool.store(queue_id, stored, message)
+            await context.spool.store(queue_id, stored, message)
         except Exception:
             log.exception("%s: cannot write to the spool", queue_id)
             return str(replies.QUEUE_WRITE_ERROR)
-        self.metrics.message_received(self.listener.name)
+        context.metrics.message_received(self.listener.name)
         log.info(
             "%s: client=[%s], from=<%s>, size=%d, nrcpt=%d, listener=%s, rule=%s%s",
             queue_id, stored.client_address, stored.sender, len(message),
@@ -232,7 +166,7 @@ class InboundHandler:
             ", hold" if stored.hold else "",
         )
         if not stored.hold:
-            self.on_queued(queue_id, stored, message)
+            context.on_queued(queue_id, stored, message)
         return str(replies.queued(queue_id))
 
     async def handle_exception(self, error: Exception) -> str:
@@ -241,61 +175,43 @@ class InboundHandler:
         log.error("internal error in SMTP session", exc_info=error)
         return str(replies.LOCAL_ERROR)
 
-    def _count_checks(self, policy: SessionPolicy) -> None:
-        if policy.checks.spf_outcome is not None:
-            self.metrics.spf_result(policy.checks.spf_outcome.result)
-        if policy.checks.dkim_outcome is not None:
-            self.metrics.dkim_result(policy.checks.dkim_outcome.result)
+    def _count_checks(self, policy: PolicySession) -> None:
+        checks = policy.checks
+        assert isinstance(checks, SessionChecks)
+        if checks.spf_outcome is not None:
+            self.context.metrics.spf_result(checks.spf_outcome.result)
+        if checks.dkim_outcome is not None:
+            self.context.metrics.dkim_result(checks.dkim_outcome.result)
 
-    def _count_limit(self, session: RelaySession, rule_name: str) -> None:
-        limit = session.runtime.policy.over_limit_of(rule_name)
-        if limit is not None:
-            self.metrics.ratelimit_exceeded(limit)
-
-    def _storage_short(self, settings: Settings, declared: int) -> str | None:
-        # Postfix queue_minfree: refuse at MAIL (452 4.3.1) rather than fail after DATA.
-        try:
-            st = os.statvfs(settings.spool_path)
-        except OSError as exc:
-            return f"cannot stat the spool: {exc.strerror}"
-        free = st.f_bavail * st.f_frsize
-        if free < settings.min_free_space + declared:
-            return f"free space {free} below {settings.min_free_space} + size {declared}"
-        return None
-
-    def _refuse(
-        self, session: RelaySession, stage: str, reply: Reply, detail: str, rule: str = ""
-    ) -> str:
+    def _log_refusal(self, client: str, refusal: Refusal) -> None:
         log.info(
             "NOQUEUE: reject: %s from [%s]: %s; %s listener=%s%s",
-            stage, client_address(session), reply, detail, self.listener.name,
-            f" rule={rule}" if rule else "",
+            refusal.stage, client, refusal.reply, refusal.detail, self.listener.name,
+            f" rule={refusal.rule}" if refusal.rule else "",
         )
-        self.metrics.rejected(stage.lower(), reply.code)
-        return str(reply)
+        metrics = self.context.metrics
+        metrics.rejected(refusal.stage.lower(), refusal.reply.code)
+        if refusal.limit is not None:
+            metrics.ratelimit_exceeded(refusal.limit)
 
 
 def sasl_username(session: Session) -> str:
     return str(session.auth_data or "") if session.authenticated else ""
 
 
-async def start_listener(
-    listener: ListenerSettings,
-    handler: InboundHandler,
-    limits: ConnectionLimits,
-    tls: ssl.SSLContext | None = None,
-    reuse_port: bool = False,
-) -> asyncio.Server:
+async def start_listener(context: ListenerContext, reuse_port: bool = False) -> asyncio.Server:
     """Bind one listener in the running event loop (not aiosmtpd's threaded Controller);
     with `reuse_port`, several worker processes share its port (SO_REUSEPORT)."""
+    handler = InboundHandler(context)
+    listener = context.listener
 
     def factory() -> RelaySMTP:
-        return RelaySMTP(handler, limits, tls)
+        return RelaySMTP(context, handler)
 
     loop = asyncio.get_running_loop()
     if listener.implicit_tls:
         return await loop.create_server(
-            factory, host=listener.host, port=listener.port, ssl=tls,
+            factory, host=listener.host, port=listener.port, ssl=context.tls,
             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT, reuse_port=reuse_port or None,
         )
     return await loop.create_server(factory, host=listener.host, port=listener.port,

@@ -8,8 +8,7 @@ import ipaddress
 import logging
 import math
 import re
-import ssl
-from typing import TYPE_CHECKING, Any, AnyStr, cast
+from typing import Any, AnyStr, Protocol, cast
 
 from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import (
@@ -22,19 +21,15 @@ from aiosmtpd.smtp import (
 )
 
 from relay import replies
-from relay.checks.services import CheckServices
-from relay.config import Settings
 from relay.headers import header_safe
 from relay.inbound import users
-from relay.inbound.connlimits import ConnectionLimits
+from relay.inbound.budget import DataBudget
+from relay.inbound.context import ListenerContext
 from relay.inbound.listeners import LOOPBACK_NETWORKS
-from relay.policy.session import SessionPolicy
+from relay.message import has_bare_line_ending, has_long_line
+from relay.policy.session import PolicySession
 from relay.replies import Reply
-from relay.runtime import Runtime
 from relay.schema import IPNetwork
-
-if TYPE_CHECKING:
-    from relay.inbound.handler import InboundHandler
 
 log = logging.getLogger("relay.inbound")
 
@@ -148,18 +143,8 @@ class _LineReader(asyncio.StreamReader):
 
 
 class RelaySession(Session):
-    """aiosmtpd's session, plus the configuration snapshot this session started with and
-    its policy state (created at the first MAIL, once PROXY and TLS have had their say)."""
+    """aiosmtpd's session, without the deprecation warning its AUTH logs every time."""
 
-    runtime: Runtime
-    services: CheckServices
-    policy: SessionPolicy | None = None
-
-    @property
-    def settings(self) -> Settings:
-        return self.runtime.settings
-
-    # aiosmtpd sets login_data after AUTH and logs a deprecation warning each time.
     @property
     def login_data(self) -> Any:
         return self._login_data
@@ -167,6 +152,14 @@ class RelaySession(Session):
     @login_data.setter
     def login_data(self, value: Any) -> None:
         self._login_data = value
+
+
+class SessionHandler(Protocol):
+    """What the protocol asks of its handler besides aiosmtpd's handle_<VERB> hooks."""
+
+    def start_session(self, client: str, tls: bool) -> PolicySession: ...
+
+    async def helo(self, server: RelaySMTP, name: str) -> Reply | None: ...
 
 
 def client_address(session: Session) -> str:
@@ -193,14 +186,17 @@ class RelaySMTP(SMTP):
     for our own strict check, and BDAT hangs up.
     """
 
-    def __init__(
-        self, handler: InboundHandler, limits: ConnectionLimits, tls: ssl.SSLContext | None
-    ) -> None:
-        settings = handler.current().settings
-        listener = handler.listener
+    def __init__(self, context: ListenerContext, handler: SessionHandler) -> None:
+        settings = context.current().settings
+        listener = context.listener
+        tls = context.tls
+        self.context = context
+        self.handler = handler
         self.settings = settings
         self.listener = listener
-        self.limits = limits
+        self.limits = context.limits
+        # The policy's view of this session, from the moment the client is known.
+        self._policy: PolicySession | None = None
         # The reader's limit bounds every line: RFC 5321 section 4.5.3.1.6 allows 1000
         # octets with CRLF, plus one for the transparency dot of section 4.5.2.
         self.line_length_limit = settings.max_line_length + 3
@@ -235,10 +231,26 @@ class RelaySMTP(SMTP):
     # -- connection life ----------------------------------------------------------------
 
     def _create_session(self) -> Session:
-        session = RelaySession(self.loop)
-        session.runtime = self.event_handler.current()
-        session.services = self.event_handler.services()
-        return session
+        return RelaySession(self.loop)
+
+    def policy(self) -> PolicySession:
+        """The session model; it lives as long as the connection (across STARTTLS).
+
+        A method, not a property: aiosmtpd's constructor reads every attribute."""
+        assert self._policy is not None, "no command is read before the connect stage"
+        return self._policy
+
+    async def _connect_stage(self) -> bool:
+        """Run the policy's connect stage for the admitted client; False if it refused
+        (the client has been told and the connection closed)."""
+        assert self.session is not None
+        self._policy = self.handler.start_session(client_address(self.session),
+                                                  self.listener.implicit_tls)
+        refusal = await self._policy.connect(self.listener.implicit_tls)
+        if refusal is not None:
+            self.close_with(refusal)
+            return False
+        return True
 
     def _cb_client_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -281,7 +293,7 @@ class RelaySMTP(SMTP):
         if self._admitted is not None:
             self.limits.release(self._admitted)
             self._admitted = None
-            self.event_handler.metrics.connection_closed(self.listener.name)
+            self.context.metrics.connection_closed(self.listener.name)
         self.limits.unregister(self)
         super().connection_lost(error)
 
@@ -296,7 +308,7 @@ class RelaySMTP(SMTP):
                 self.close_with(None)
                 return
             # Admission waits for the PROXY header: the limits count the real client.
-        elif not self._admit():
+        elif not self._admit() or not await self._connect_stage():
             return
         try:
             await super()._handle_client()
@@ -306,7 +318,7 @@ class RelaySMTP(SMTP):
             self.close_with(None)
             raise
 
-    def accept_proxy(self, proxy: ProxyData) -> bool:
+    async def accept_proxy(self, proxy: ProxyData) -> bool:
         """The PROXY header arrived: from now on the client is the address it names."""
         assert self.session is not None
         if isinstance(proxy.src_addr, ipaddress.IPv4Address | ipaddress.IPv6Address):
@@ -314,7 +326,7 @@ class RelaySMTP(SMTP):
                      client_address(self.session), proxy.src_addr, proxy.src_port)
             self.session.peer = cast(Any, (str(proxy.src_addr), proxy.src_port or 0))
         # else: PROXY v2 LOCAL or v1 UNKNOWN (health checks): the proxy is the client.
-        return self._admit()
+        return self._admit() and await self._connect_stage()
 
     def _admit(self) -> bool:
         assert self.session is not None
@@ -329,7 +341,7 @@ class RelaySMTP(SMTP):
             self.close_with(replies.TOO_MANY_CONNECTIONS)
             return False
         self._admitted = address
-        self.event_handler.metrics.connection_opened(self.listener.name)
+        self.context.metrics.connection_opened(self.listener.name)
         return True
 
     def close_with(self, reply: Reply | None) -> None:
@@ -435,6 +447,10 @@ class RelaySMTP(SMTP):
             return
         assert self.session is not None
         self._set_rset_state()  # type: ignore[no-untyped-call]
+        refusal = await self.handler.helo(self, hostname)
+        if refusal is not None:
+            await self.push(str(refusal))
+            return
         self.session.extended_smtp = True
         self.session.host_name = hostname
         lines = [self.hostname, f"SIZE {self.data_size_limit}", "8BITMIME", "PIPELINING",
@@ -460,7 +476,7 @@ class RelaySMTP(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
-        budget = self.event_handler.budget
+        budget = self.context.budget
         if budget.exhausted:
             self._over_budget(budget)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
@@ -555,7 +571,7 @@ class RelaySMTP(SMTP):
         log.info("NOQUEUE: reject: DATA from [%s]: %s; message data in memory over %d "
                  "bytes listener=%s", client_address(self.session),
                  replies.INSUFFICIENT_STORAGE, budget.limit, self.listener.name)
-        self.event_handler.metrics.rejected("data", replies.INSUFFICIENT_STORAGE.code)
+        self.context.metrics.rejected("data", replies.INSUFFICIENT_STORAGE.code)
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self.tls_active:
@@ -644,72 +660,6 @@ class RelaySMTP(SMTP):
             return None, None
         return address or "<>", rest
 
-
-
-def has_bare_line_ending(data: bytes | bytearray) -> bool:
-    """True if DATA holds a CR or LF outside a CRLF pair, or a NUL.
-
-    aiosmtpd 1.4.6 no longer splits messages on "\\n.\\r\\n" but leaves bare CR and LF in
-    the content; passed on, they are the raw material of SMTP smuggling (RFC 5321
-    section 2.3.8: CR and LF only as a pair).
-    """
-    crlf = data.count(b"\r\n")
-    return b"\0" in data or data.count(b"\r") != crlf or data.count(b"\n") != crlf
-
-
-def longest_line(data: bytes | bytearray) -> int:
-    """Octets in the longest line of `data`, CRLF not counted."""
-    return max(map(len, data.split(b"\r\n")), default=0)
-
-
-def has_long_line(data: bytes | bytearray, limit: int, exact: bool = False) -> bool:
-    """True if a line of `data` has more than `limit` octets before its CRLF; a last
-    line without CRLF counts only once it is that long.
-
-    Steps from window to window (rfind in C) instead of splitting the message into
-    lines. That takes every LF as a line end: with bare CR or LF in `data`, pass
-    `exact` to split on CRLF only.
-    """
-    if exact:
-        return any(len(line) > limit for line in data.split(b"\r\n"))
-    end, start = len(data), 0
-    while end - start > limit + 1:
-        # The line starting here ends within the window if it is short enough; every
-        # line between here and the window's last LF is shorter still.
-        last_lf = data.rfind(b"\n", start, start + limit + 2)
-        if last_lf < 0:
-            return True
-        start = last_lf + 1
-    return end - start > limit and data.find(b"\n", start) < 0
-
-
-class DataBudget:
-    """Message bytes that the sessions of this process hold in memory at once.
-
-    A DATA that would take it over `limit` is read to its end, kept nowhere, and
-    answered "452 4.3.1" (RFC 5321 section 4.5.3.1.9): the client tries again later.
-    The bytes count from the first chunk until the message is spooled or refused.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-
-    def __repr__(self) -> str:
-        return f"<DataBudget {self.held}/{self.limit}>"
-
-    @property
-    def exhausted(self) -> bool:
-        return self.held >= self.limit
-
-    def take(self, size: int) -> bool:
-        if self.held + size > self.limit:
-            return False
-        self.held += size
-        return True
-
-    def release(self, size: int) -> None:
-        self.held -= size
 
 
 def declared_size(options: list[str]) -> int:

@@ -1,44 +1,56 @@
-"""`policy-relay test`: walk an envelope through every stage and show what each rule did."""
+"""`policy-relay test`: a session through the relay's own session model, stage by stage,
+reported with what each rule did and what the client would hear."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from relay import replies
+from relay.checks.services import CheckServices, SessionChecks
 from relay.headers import header_fields
-from relay.policy.engine import Decision, Facts, StaticChecks, evaluate
+from relay.policy.engine import Decision, StaticChecks
 from relay.policy.match import DKIM_RESULTS, SPF_RESULTS
-from relay.policy.rules import Policy, Stage
+from relay.policy.session import PolicySession, TransactionChecks
 from relay.replies import Reply
+from relay.runtime import Runtime
 
 # Exit statuses of `policy-relay test`, by the class of what the client would hear.
 EXIT_ACCEPT, EXIT_TEMPFAIL, EXIT_REJECT = 0, 4, 5
 _EXIT = {"accept": 0, "hold": 0, "discard": 0, "tempfail": 4, "reject": 5}
-# What an accepting stage answers; the real session sends these from relay.replies too.
-_ACCEPTED = {
-    "connect": "220 ready",
-    "helo": "250 Ok",
-    "mail": "250 2.1.0 Ok",
-    "rcpt": "250 2.1.5 Ok",
-    "data": "250 2.0.0 Ok: queued",
-}
+# The relay names the queue id only once the message is stored; a dry run stores nothing.
+DRY_RUN_ID = "<dry-run>"
+START_DATA = "354 End data with <CR><LF>.<CR><LF>"
 
 
 @dataclass(frozen=True, slots=True)
-class Envelope:
-    """One simulated SMTP transaction. sender "" (or "<>") is the null sender."""
+class Client:
+    """One simulated SMTP session. sender "" (or "<>") is the null sender; message None
+    sends an empty message (then size and header rules see nothing)."""
 
     client_address: str
     sender: str
     recipients: tuple[str, ...]
-    helo: str = ""
-    listener: str = ""
+    helo: str = "localhost"
+    listener: str = "smtp"
     auth_user: str = ""
     tls: bool = False
+    smtputf8: bool = False
     message: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One command of the session (\"\" for the greeting, "." for the message) and its reply."""
+
+    stage: str
+    command: str
+    reply: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +58,10 @@ class Outcome:
     """What the client ends up hearing, why, and the stage-by-stage report."""
 
     action: str  # accept | hold | discard | reject | tempfail
-    reply: Reply | None
+    reply: Reply | None  # the refusal, None when the message was taken
     rule: str
     text: str
+    steps: tuple[Step, ...]
 
     @property
     def code(self) -> int:
@@ -58,104 +71,161 @@ class Outcome:
     def exit_status(self) -> int:
         return _EXIT[self.action]
 
+    def json(self) -> str:
+        return json.dumps({
+            "steps": [{"stage": s.stage, "command": s.command, "reply": s.reply}
+                      for s in self.steps],
+            "action": self.action,
+            "rule": self.rule,
+            "reply": str(self.reply) if self.reply is not None else self.steps[-1].reply,
+            "exit_status": self.exit_status,
+        }, indent=1)
 
-async def simulate(policy: Policy, envelope: Envelope, checks: StaticChecks) -> Outcome:
-    """Run connect, helo, mail, each rcpt and data like `exim -bh`, collecting the report."""
+
+def _action(reply: Reply) -> str:
+    return "tempfail" if reply.is_temporary else "reject"
+
+
+def _refusal(decision: Decision | None, reply: Reply) -> tuple[str, Reply, str]:
+    """(action, reply, rule) of a refused command: the policy's, or the server's own."""
+    if decision is not None and decision.refused:
+        return decision.action, reply, decision.rule
+    return _action(reply), reply, ""
+
+
+async def simulate(runtime: Runtime, client: Client, checks: TransactionChecks) -> Outcome:
+    """Run the session model through connect, helo, mail, each rcpt and data, as the relay
+    would for this client, like `exim -bh`; collect the report."""
     out: list[str] = []
-    sender = "" if envelope.sender == "<>" else envelope.sender
-    message = envelope.message
-    base = Facts(envelope.client_address, listener=envelope.listener, tls=envelope.tls)
+    steps: list[Step] = []
+    settings = runtime.settings
+    hostname = settings.smtp_hostname
+    listener = next((x for x in settings.listeners if x.name == client.listener), None)
+    implicit_tls = listener is not None and listener.implicit_tls
+    session = PolicySession(lambda: runtime, checks, client.client_address, client.listener,
+                            trace=True)
+    delay = runtime.policy.delay_reject
 
-    async def stage(name: Stage, title: str, facts: Facts) -> Decision:
-        out.append(title)
-        decision = await evaluate(policy, name, facts, checks, trace=True)
-        out.extend(f"  {line}" for line in decision.trace)
-        for rule, text in decision.would:
-            out.append(f'  log: rule "{rule}" {text}')
-        return decision
-
-    def finish(decision: Decision) -> Outcome:
-        action = decision.action if decision.action != "continue" else "accept"
-        reply = decision.reply if decision.refused else None
-        heard = str(reply) if reply is not None else _ACCEPTED["data"]
-        out.append(f"result: {action} (rule {decision.rule or '-'}): client sees {heard}")
-        return Outcome(action, reply, decision.rule, "\n".join(out) + "\n")
-
-    def answer(name: Stage, decision: Decision) -> bool:
-        """Report a stage's answer; True when the session ends here."""
-        if not decision.refused:
-            out.append(f"  -> {decision.action}: {_ACCEPTED[name]}")
-            return False
-        if policy.delay_reject and name in ("connect", "helo", "mail"):
+    def report(stage: str, command: str, refusal: Reply | None, normal: str) -> bool:
+        """Record a command's reply and the walk behind it; True when it was refused."""
+        decision: Decision | None = session.last_decision
+        if decision is not None:
+            out.extend(f"  {line}" for line in decision.trace)
+            out.extend(f'  log: rule "{rule}" {text}' for rule, text in decision.would)
+        heard = str(refusal) if refusal is not None else normal
+        steps.append(Step(stage, command, heard))
+        if refusal is not None:
+            why = f"rule {decision.rule}" if decision is not None else "the server's own check"
+            action = decision.action if decision is not None else _action(refusal)
+            out.append(f"  -> {action} ({why}): {refusal}")
+        elif decision is not None and decision.refused and delay:
             out.append(f"  -> {decision.action} (rule {decision.rule}), delayed to RCPT")
-            return False
-        out.append(f"  -> {decision.action} (rule {decision.rule}): {decision.reply}")
-        return True
-
-    # Each stage knows what the one before knew, and more (as in a real session).
-    facts = base
-    decision = await stage("connect", f"connect client_address={base.client_address}", facts)
-    if answer("connect", decision):
-        return finish(decision)
-    facts = replace(facts, helo_name=envelope.helo)
-    decision = await stage("helo", f"helo {envelope.helo or '(none)'}", facts)
-    if answer("helo", decision):
-        return finish(decision)
-    declared = len(message) if message is not None else None
-    facts = replace(facts, sasl_username=envelope.auth_user, sender=sender, size=declared)
-    auth = f" auth={envelope.auth_user}" if envelope.auth_user else ""
-    size = f" SIZE={declared}" if declared is not None else ""
-    decision = await stage("mail", f"mail from=<{sender}>{auth}{size}", facts)
-    if answer("mail", decision):
-        return finish(decision)
-
-    accepted: list[str] = []
-    first_refusal: Decision | None = None
-    for recipient in envelope.recipients:
-        rcpt = replace(facts, recipient=recipient, recipients=tuple(accepted))
-        decision = await stage("rcpt", f"rcpt to=<{recipient}>", rcpt)
-        answer("rcpt", decision)
-        if decision.refused:
-            first_refusal = first_refusal or decision
         else:
-            accepted.append(recipient)
-    if not accepted:
+            action = decision.action if decision is not None else "accept"
+            out.append(f"  -> {action}: {heard}")
+        return refusal is not None
+
+    def finish(action: str, reply: Reply | None, rule: str) -> Outcome:
+        heard = str(reply) if reply is not None else steps[-1].reply
+        if isinstance(checks, SessionChecks):  # --live-checks: what the lookups said
+            spf, dkim = checks.spf_outcome, checks.dkim_outcome
+            out.append(f"checks: spf={spf.result if spf else '-'} "
+                       f"dkim={dkim.result if dkim else '-'} (- = not needed by any rule)")
+        out.append(f"result: {action} (rule {rule or '-'}): client sees {heard}")
+        return Outcome(action, reply, rule, "\n".join(out) + "\n", tuple(steps))
+
+    def refused(reply: Reply) -> Outcome:
+        return finish(*_refusal(session.last_decision, reply))
+
+    out.append(f"connect client_address={client.client_address}")
+    refusal = await session.connect(implicit_tls)
+    if report("connect", "", refusal, f"220 {hostname} ESMTP"):
+        assert refusal is not None
+        return refused(refusal)
+    tls = implicit_tls
+    helos = [client.helo]
+    if client.tls and not implicit_tls:
+        helos.append(client.helo)  # RFC 3207 section 4.2: EHLO again after STARTTLS
+    for index, helo in enumerate(helos):
+        if index:
+            steps.append(Step("helo", "STARTTLS", str(replies.READY_FOR_TLS)))
+            out.append("starttls")
+            tls = True
+        out.append(f"helo {helo}")
+        refusal = await session.helo(helo, tls)
+        if report("helo", f"EHLO {helo}", refusal, f"250 {hostname}"):
+            assert refusal is not None
+            return refused(refusal)
+    if client.auth_user:
+        steps.append(Step("auth", "AUTH PLAIN", str(replies.AUTH_OK)))
+        out.append(f"auth {client.auth_user}")
+
+    sender = "" if client.sender == "<>" else client.sender
+    message = client.message
+    declared = len(message) if message is not None else None
+    command = f"MAIL FROM:<{sender}>" + (f" SIZE={declared}" if declared is not None else "")
+    command += " SMTPUTF8" if client.smtputf8 else ""
+    auth = f" auth={client.auth_user}" if client.auth_user else ""
+    out.append(f"mail from=<{sender}>{auth}" + (f" SIZE={declared}" if declared else ""))
+    reply = await session.mail(sender, size=declared, smtputf8=client.smtputf8,
+                               sasl_username=client.auth_user, tls=tls)
+    if report("mail", command, None if reply.is_success else reply, str(reply)):
+        return refused(reply)
+
+    # The first refusal speaks for the session when no recipient is accepted.
+    first_refusal: tuple[str, Reply, str] | None = None
+    for recipient in client.recipients:
+        out.append(f"rcpt to=<{recipient}>")
+        reply = await session.rcpt(recipient)
+        if report("rcpt", f"RCPT TO:<{recipient}>", None if reply.is_success else reply,
+                  str(reply)) and first_refusal is None:
+            first_refusal = _refusal(session.last_decision, reply)
+    if not session.recipients:
         if first_refusal is None:
             out.append("no recipients")
-            return Outcome("reject", None, "", "\n".join(out) + "\n")
+            return Outcome("reject", None, "", "\n".join(out) + "\n", tuple(steps))
         out.append("no recipient accepted: no DATA")
-        return finish(first_refusal)
+        return finish(*first_refusal)
 
-    headers = header_fields(message) if message is not None else ()
-    facts = replace(facts, recipients=tuple(accepted), size=declared or 0, headers=headers)
-    decision = await stage("data", f"data size={facts.size} headers={len(headers)}", facts)
-    for name, value in decision.add_headers:
+    data = message if message is not None else b""
+    steps.append(Step("data", "DATA", START_DATA))
+    out.append(f"data size={len(data)} headers={len(header_fields(data)) if data else 0}")
+    verdict = await session.data(data, DRY_RUN_ID)
+    if verdict.refused and verdict.reply is not None:
+        report("data", ".", verdict.reply, "")
+        return refused(verdict.reply)
+    decision = session.last_decision
+    for name, value in decision.add_headers if decision is not None else ():
         out.append(f"  adds header {name}: {value}")
-    if decision.route is not None:
-        out.append(f"  route: {decision.route}")
-    return finish(decision)
+    if verdict.route is not None:
+        out.append(f"  route: {verdict.route}")
+    report("data", ".", None, str(replies.queued(DRY_RUN_ID)))
+    return finish(verdict.action, None, verdict.rule)
 
 
 def run_dry(
-    policy: Policy,
-    *,
-    client_address: str,
-    sender: str,
-    recipients: tuple[str, ...] | list[str],
-    helo: str = "",
-    listener: str = "",
-    auth_user: str = "",
-    tls: bool = False,
-    message: bytes | None = None,
-    checks: StaticChecks | None = None,
-) -> tuple[str, int]:
-    """The report of `policy-relay test` and its exit status: 0 accepted (also hold and
-    discard), 4 tempfail, 5 reject. Runs its own event loop: call it from sync code."""
-    envelope = Envelope(
-        client_address, sender, tuple(recipients), helo, listener, auth_user, tls, message
-    )
-    outcome = asyncio.run(simulate(policy, envelope, checks or StaticChecks()))
-    return outcome.text, outcome.exit_status
+    runtime: Runtime, client: Client, checks: StaticChecks | None = None, *, live: bool = False
+) -> Outcome:
+    """The outcome of `policy-relay test`: its report, its JSON and its exit status (0
+    accepted, also hold and discard; 4 tempfail; 5 reject). Runs its own event loop: call
+    it from sync code.
+
+    `live` runs the relay's own checks (SPF and DKIM over the configured resolver) instead
+    of the fixed results of `checks`; limits then count in fresh in-memory buckets, so a
+    dry run never charges the running relay's (Redis) buckets.
+    """
+    if not live:
+        return asyncio.run(simulate(runtime, client, checks or StaticChecks()))
+
+    async def run() -> Outcome:
+        settings = dataclasses.replace(runtime.settings.checks, redis_url="")
+        services = CheckServices(settings, dict(runtime.policy.limits))
+        try:
+            return await simulate(runtime, client, SessionChecks(lambda: services))
+        finally:
+            await services.close()
+
+    return asyncio.run(run())
 
 
 # --- test cases ----------------------------------------------------------------------------
@@ -184,7 +254,7 @@ _EXPECT = ("accept", "reject", "tempfail", "hold", "discard")
 @dataclass(frozen=True, slots=True)
 class _Case:
     name: str
-    envelope: Envelope
+    client: Client
     checks: StaticChecks
     expect: str
     expect_code: int | None
@@ -257,22 +327,22 @@ def _read_case(index: int, raw: Any, base: Path, source: str, errors: list[str])
         rule = None
     if len(errors) > before:
         return None
-    envelope = Envelope(
+    client = Client(
         client_address=text("client_address"),
         sender=text("from"),
         recipients=tuple(recipients),
-        helo=text("helo"),
-        listener=text("listener"),
+        helo=text("helo", "localhost"),
+        listener=text("listener", "smtp"),
         auth_user=text("auth_user"),
         tls=tls,
         message=message,
     )
     checks = StaticChecks(spf=spf, dkim=(dkim, text("dkim_domain")), over_limits=frozenset(over))
-    return _Case(text("name"), envelope, checks, expect, code, rule)
+    return _Case(text("name"), client, checks, expect, code, rule)
 
 
-def run_cases(policy: Policy, cases_file: Path) -> tuple[str, int]:
-    """Run every `[[case]]` of a TOML file against `policy`: exit 0 when all pass, else 1.
+def run_cases(runtime: Runtime, cases_file: Path) -> tuple[str, int]:
+    """Run every `[[case]]` of a TOML file through the session model: exit 0 when all pass, else 1.
 
     A case: name, client_address, helo, listener, auth_user, tls, from ("<>" for the null
     sender), to (list), message (path relative to the cases file), spf, dkim, dkim_domain,
@@ -301,7 +371,7 @@ def run_cases(policy: Policy, cases_file: Path) -> tuple[str, int]:
         return "\n".join(errors) + "\n", 1
 
     async def run_all() -> list[tuple[_Case, Outcome]]:
-        return [(c, await simulate(policy, c.envelope, c.checks)) for c in cases if c]
+        return [(c, await simulate(runtime, c.client, c.checks)) for c in cases if c]
 
     out: list[str] = []
     failed = 0

@@ -54,16 +54,10 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from relay.policy.match import (
-    AddressMatcher,
-    ChoiceMatcher,
-    DomainMatcher,
-    NetworkMatcher,
-    NumberMatcher,
-    TextMatcher,
-    parse_ip,
-)
-from relay.policy.rules import DATA, RCPT, STAGES, Condition, Policy, Rule, Stage
+from relay.headers import header_fields
+from relay.policy.fields import DATA, FIELDS, RCPT, Field
+from relay.policy.match import parse_ip
+from relay.policy.rules import STAGES, Condition, Policy, Rule, Stage
 from relay.replies import Reply
 
 _STAGE_INDEX = {name: index for index, name in enumerate(STAGES)}
@@ -76,7 +70,7 @@ class Facts:
     sender: None = not known yet, "" = the null sender. recipient: the recipient being
     decided at rcpt. recipients: at rcpt those accepted before this one; at data all
     accepted ones. size: the SIZE= declared at MAIL (None if not declared), the real size at
-    data. headers: (name, decoded value) pairs at data, in message order.
+    data. message: the message as received, at data.
     """
 
     client_address: str
@@ -87,7 +81,7 @@ class Facts:
     recipient: str | None = None
     recipients: tuple[str, ...] = ()
     size: int | None = None
-    headers: tuple[tuple[str, str], ...] | None = None
+    message: bytes | None = None
     tls: bool = False
 
 
@@ -115,13 +109,14 @@ class Decision:
 
 
 class Checks(Protocol):
-    """The lazy checks a walk may need; the caller runs each at most once per transaction."""
+    """The lazy checks a walk may need, given the facts they need as arguments; the
+    caller runs each at most once per transaction (per recipient, for recipient limits)."""
 
-    async def spf(self) -> str: ...
+    async def spf(self, facts: Facts) -> str: ...
 
-    async def dkim(self) -> tuple[str, str]: ...
+    async def dkim(self, facts: Facts) -> tuple[str, str]: ...
 
-    async def over_limit(self, name: str) -> tuple[bool, float]: ...
+    async def over_limit(self, name: str, stage: Stage, facts: Facts) -> tuple[bool, float]: ...
 
 
 class StaticChecks:
@@ -142,22 +137,26 @@ class StaticChecks:
         self._retry_after = retry_after
         self.calls: list[str] = []
 
-    async def spf(self) -> str:
+    def new_transaction(self) -> None:
+        """Nothing to reset: the results are fixed."""
+
+    async def spf(self, facts: Facts) -> str:
         self.calls.append("spf")
         return self._spf
 
-    async def dkim(self) -> tuple[str, str]:
+    async def dkim(self, facts: Facts) -> tuple[str, str]:
         self.calls.append("dkim")
         return self._dkim
 
-    async def over_limit(self, name: str) -> tuple[bool, float]:
+    async def over_limit(self, name: str, stage: Stage, facts: Facts) -> tuple[bool, float]:
         self.calls.append(f"over_limit:{name}")
         over = name in self._over_limits
         return over, self._retry_after if over else 0.0
 
 
 class _Context:
-    """One walk's view of the facts, with the values derived from them computed once."""
+    """One walk's view of the facts (relay.policy.fields.View), with the values derived
+    from them computed once."""
 
     __slots__ = (
         "_dkim",
@@ -169,18 +168,20 @@ class _Context:
         "facts",
         "recipients",
         "stage",
+        "stage_name",
     )
 
-    def __init__(self, facts: Facts, stage: int, checks: Checks) -> None:
+    def __init__(self, facts: Facts, stage: Stage, checks: Checks) -> None:
         self.facts = facts
-        self.stage = stage
+        self.stage_name = stage
+        self.stage = _STAGE_INDEX[stage]
         self.checks = checks
-        if stage == RCPT:
+        if self.stage == RCPT:
             self.recipients: tuple[str, ...] = (
                 (facts.recipient,) if facts.recipient is not None else ()
             )
         else:
-            self.recipients = facts.recipients if stage > RCPT else ()
+            self.recipients = facts.recipients if self.stage > RCPT else ()
         self._ip: tuple[int, int] | bool | None = False  # False = not parsed yet
         self._spf: str | None = None
         self._dkim: tuple[str, str] | None = None
@@ -188,10 +189,30 @@ class _Context:
         self._headers: dict[str, list[str]] | None = None
 
     @property
+    def client_address(self) -> str:
+        return self.facts.client_address
+
+    @property
     def ip(self) -> tuple[int, int] | None:
         if self._ip is False:
             self._ip = parse_ip(self.facts.client_address.strip())  # "unix:" -> None
         return self._ip if not isinstance(self._ip, bool) else None
+
+    @property
+    def listener(self) -> str:
+        return self.facts.listener
+
+    @property
+    def tls(self) -> bool:
+        return self.facts.tls
+
+    @property
+    def helo_name(self) -> str:
+        return self.facts.helo_name
+
+    @property
+    def sasl_username(self) -> str:
+        return self.facts.sasl_username
 
     @property
     def sender(self) -> str:
@@ -208,8 +229,9 @@ class _Context:
     def headers(self, name: str) -> list[str]:
         if self._headers is None:
             table: dict[str, list[str]] = {}
-            for header, value in self.facts.headers or ():
-                table.setdefault(header.lower(), []).append(value)
+            if self.facts.message is not None:
+                for header, value in header_fields(self.facts.message):
+                    table.setdefault(header.lower(), []).append(value)
             self._headers = table
         return self._headers.get(name, [])
 
@@ -221,12 +243,12 @@ class _Context:
 
     async def spf(self) -> str:
         if self._spf is None:
-            self._spf = (await self.checks.spf()).lower()
+            self._spf = (await self.checks.spf(self.facts)).lower()
         return self._spf
 
     async def dkim(self) -> tuple[str, str]:
         if self._dkim is None:
-            result, domain = await self.checks.dkim()
+            result, domain = await self.checks.dkim(self.facts)
             self._dkim = (result.lower(), domain.lower())
         return self._dkim
 
@@ -234,55 +256,13 @@ class _Context:
         if self._limits is None:
             self._limits = {}
         if name not in self._limits:
-            self._limits[name] = await self.checks.over_limit(name)
+            self._limits[name] = await self.checks.over_limit(name, self.stage_name, self.facts)
         return self._limits[name]
 
 
-def _sender_domain(sender: str) -> str:
-    return sender.rpartition("@")[2] if "@" in sender else ""
-
-
-def _test(cond: Condition, ctx: _Context) -> bool:
-    """A cheap (synchronous) condition."""
-    field, m = cond.field, cond.matcher
-    if isinstance(m, NetworkMatcher):
-        return m.matches(ctx.ip)
-    if isinstance(m, AddressMatcher):
-        if field == "sender":
-            return m.matches(ctx.sender)
-        return any(m.matches(r) for r in ctx.recipients)
-    if isinstance(m, DomainMatcher):
-        if field == "sender_domain":
-            return m.matches(_sender_domain(ctx.sender))
-        return any(m.matches(_sender_domain(r)) for r in ctx.recipients)
-    if isinstance(m, TextMatcher):
-        if field == "header":
-            return any(m.matches(v) for v in ctx.headers(cond.arg))
-        if field == "helo_name":
-            return m.matches(ctx.facts.helo_name)
-        if field == "listener":
-            return m.matches(ctx.facts.listener)
-        return m.matches(ctx.facts.sasl_username)
-    if isinstance(m, NumberMatcher):
-        return m.matches(ctx.size if field == "size" else ctx.recipient_count)
-    if isinstance(m, ChoiceMatcher):  # tls; spf and dkim are lazy
-        return m.matches(ctx.facts.tls)
-    raise AssertionError(f"no test for {field}")
-
-
-async def _test_lazy(cond: Condition, ctx: _Context) -> bool:
-    if cond.field == "over_limit":
-        return (await ctx.over_limit(cond.arg))[0]
-    m = cond.matcher
-    if cond.field == "spf":
-        assert isinstance(m, ChoiceMatcher)
-        return m.matches(await ctx.spf())
-    result, domain = await ctx.dkim()
-    if cond.field == "dkim":
-        assert isinstance(m, ChoiceMatcher)
-        return m.matches(result)
-    assert isinstance(m, DomainMatcher)
-    return bool(domain) and m.matches(domain)
+async def _test(cond: Condition, ctx: _Context) -> bool:
+    values = await FIELDS[cond.field].read(ctx, cond.arg)
+    return any(cond.matcher.matches(v) for v in values)
 
 
 async def _judge(rule: Rule, ctx: _Context, known_only: bool) -> Condition | None:
@@ -294,12 +274,12 @@ async def _judge(rule: Rule, ctx: _Context, known_only: bool) -> Condition | Non
     for cond in rule.match:
         if known_only and not ctx.known(cond):
             continue
-        if not (await _test_lazy(cond, ctx) if cond.lazy else _test(cond, ctx)):
+        if not await _test(cond, ctx):
             return cond
     for cond in rule.unless:
         if known_only and not ctx.known(cond):
             continue
-        if await _test_lazy(cond, ctx) if cond.lazy else _test(cond, ctx):
+        if await _test(cond, ctx):
             return cond
     return None
 
@@ -324,84 +304,41 @@ def _clean(value: str) -> str:
 
 
 async def _values(fields: frozenset[str], ctx: _Context, rule: Rule | None) -> dict[str, str]:
-    facts = ctx.facts
     values: dict[str, str] = {}
-    first = ctx.recipients[0] if ctx.recipients else ""
-    for field in fields:
-        if field == "spf":
-            value = await ctx.spf()
-        elif field in ("dkim", "dkim_domain"):
-            result, domain = await ctx.dkim()
-            value = result if field == "dkim" else domain
-        elif field == "retry_after":
+    for name in fields:
+        if name == "retry_after":
             limit = rule.over_limit if rule is not None else None
             seconds = (await ctx.over_limit(limit))[1] if limit else 0.0
             value = str(math.ceil(seconds)) if math.isfinite(seconds) else "later"
-        elif field == "rule":
+        elif name == "rule":
             value = rule.name if rule is not None else "final_action"
-        elif field == "sender":
-            value = ctx.sender
-        elif field == "sender_domain":
-            value = _sender_domain(ctx.sender)
-        elif field == "recipient":
-            value = first
-        elif field == "recipient_domain":
-            value = _sender_domain(first)
-        elif field == "recipient_count":
-            value = str(ctx.recipient_count)
-        elif field == "size":
-            value = str(ctx.size)
-        elif field == "tls":
-            value = "yes" if facts.tls else "no"
         else:
-            value = str(getattr(facts, field))
-        values[field] = _clean(value)
+            text = FIELDS[name].text
+            assert text is not None  # the loader allows only fields that have a text
+            value = await text(ctx)
+        values[name] = _clean(value)
     return values
 
 
-def _subject(cond: Condition, ctx: _Context) -> str:
+async def _subject(cond: Condition, ctx: _Context) -> str:
     """The value a condition was tested against, for traces (checks are cached by now)."""
-    field = cond.field
-    if field in ("recipient", "recipient_domain"):
-        values = [r if field == "recipient" else _sender_domain(r) for r in ctx.recipients]
-        return values[0] if len(values) == 1 else "any of " + ", ".join(values)
-    if field == "header":
-        found = ctx.headers(cond.arg)
-        return " | ".join(found) if found else "(no such header)"
-    if field == "sender":
-        return ctx.sender or "<>"
-    if field == "sender_domain":
-        return _sender_domain(ctx.sender) or '""'
-    if field == "recipient_count":
-        return str(ctx.recipient_count)
-    if field == "size":
-        return str(ctx.size)
-    if field == "tls":
-        return "true" if ctx.facts.tls else "false"
-    if field == "spf":
-        return ctx._spf or ""
-    if field in ("dkim", "dkim_domain"):
-        result, domain = ctx._dkim or ("", "")
-        return result if field == "dkim" else domain or '""'
-    if field == "over_limit":
-        over = (ctx._limits or {}).get(cond.arg, (False, 0.0))[0]
-        return "over" if over else "not over"
-    return str(getattr(ctx.facts, field)) or '""'
+    field: Field = FIELDS[cond.field]
+    return field.show(ctx, await field.read(ctx, cond.arg))
 
 
-def _why(cond: Condition, ctx: _Context) -> str:
+async def _why(cond: Condition, ctx: _Context) -> str:
     if cond.field == "over_limit":
         return f"over_limit {cond.spec}: not over"
     if cond.key.startswith("unless."):
-        return f"{cond.key}: {_subject(cond, ctx)} matches {cond.spec}"
-    return f"{cond.key}: {_subject(cond, ctx)} does not match {cond.spec}"
+        return f"{cond.key}: {await _subject(cond, ctx)} matches {cond.spec}"
+    return f"{cond.key}: {await _subject(cond, ctx)} does not match {cond.spec}"
 
 
 async def evaluate(
     policy: Policy, stage: Stage, facts: Facts, checks: Checks, *, trace: bool = False
 ) -> Decision:
     """Walk `policy` at `stage` (see the module docstring). With trace, say why per rule."""
-    ctx = _Context(facts, _STAGE_INDEX[stage], checks)
+    ctx = _Context(facts, stage, checks)
     lines: list[str] | None = [] if trace else None
     headers: list[tuple[str, str]] | None = None
     would: list[tuple[str, str]] | None = None
@@ -429,7 +366,7 @@ async def evaluate(
             blocker = await _judge(rule, ctx, known_only=True)
             if blocker is not None:
                 if lines is not None:
-                    lines.append(f"{label}: cannot match: {_why(blocker, ctx)}")
+                    lines.append(f"{label}: cannot match: {await _why(blocker, ctx)}")
                 continue
             if lines is not None:
                 lines.append(
@@ -441,7 +378,7 @@ async def evaluate(
         blocker = await _judge(rule, ctx, known_only=False)
         if blocker is not None:
             if lines is not None:
-                lines.append(f"{label}: no match: {_why(blocker, ctx)}")
+                lines.append(f"{label}: no match: {await _why(blocker, ctx)}")
             continue
 
         if rule.terminal:

@@ -7,6 +7,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from relay.schema import parse_size
 
@@ -173,9 +174,10 @@ class ChoiceMatcher:
         return value in self.values
 
 
-Matcher = (
-    TextMatcher | DomainMatcher | AddressMatcher | NetworkMatcher | NumberMatcher | ChoiceMatcher
-)
+class Matcher(Protocol):
+    """A compiled condition: does one value of its field match?"""
+
+    def matches(self, value: Any) -> bool: ...
 
 
 # --- building -------------------------------------------------------------------------------
@@ -364,23 +366,3 @@ Builder = (
     | ChoiceBuilder
     | BoolBuilder
 )
-
-
-def builder(field: str) -> Builder:
-    """A fresh builder for the values of `field` (a name from rules.FIELDS)."""
-    if field == "client_address":
-        return NetworkBuilder()
-    if field in ("sender", "recipient"):
-        return AddressBuilder(null_allowed=field == "sender")
-    if field in ("sender_domain", "recipient_domain", "dkim_domain"):
-        return DomainBuilder()
-    if field in ("recipient_count", "size"):
-        return NumberBuilder(sizes=field == "size")
-    if field == "spf":
-        return ChoiceBuilder(SPF_RESULTS)
-    if field == "dkim":
-        return ChoiceBuilder(DKIM_RESULTS)
-    if field == "tls":
-        return BoolBuilder()
-    # helo_name, listener, sasl_username, header."Name"
-    return TextBuilder(field)

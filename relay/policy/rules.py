@@ -11,42 +11,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 from relay.checks.ratelimit import LimitSpec, parse_limit
-from relay.config import ConfigError
 from relay.policy import match
+from relay.policy.fields import CONDITION_FIELDS, CONNECT, DATA, FIELDS, MAIL, RCPT
 from relay.replies import Reply
-from relay.schema import Errors, Table
+from relay.schema import ConfigError, Errors, Table
 
 Stage = Literal["connect", "helo", "mail", "rcpt", "data"]
 STAGES: tuple[Stage, ...] = ("connect", "helo", "mail", "rcpt", "data")
-CONNECT, HELO, MAIL, RCPT, DATA = range(5)
-
-# The stage at which each field is first known. tls is a mail-stage field, not a connect
-# one: STARTTLS comes after EHLO, so only at MAIL FROM is the session's TLS state final.
-FIELDS: dict[str, int] = {
-    "client_address": CONNECT,
-    "listener": CONNECT,
-    "helo_name": HELO,
-    "tls": MAIL,
-    "sasl_username": MAIL,
-    "sender": MAIL,
-    "sender_domain": MAIL,
-    "spf": MAIL,
-    "size": MAIL,  # the SIZE= declared at MAIL FROM; when absent, the real size at DATA
-    "recipient": RCPT,
-    "recipient_domain": RCPT,
-    "recipient_count": RCPT,
-    "header": DATA,
-    "dkim": DATA,
-    "dkim_domain": DATA,
-}
-# Fields whose value comes from a (possibly slow) check: tested after the cheap ones.
-LAZY_FIELDS = frozenset({"spf", "dkim", "dkim_domain", "over_limit"})
 # A limit is consulted at the stage where the thing it counts is known.
 LIMIT_STAGES = {"connection": CONNECT, "message": MAIL, "recipient": RCPT, "byte": DATA}
 
 PLACEHOLDERS = frozenset(
     {
-        *(f for f in FIELDS if f != "header"),
+        *(name for name, f in FIELDS.items() if f.text is not None),
         "retry_after",  # seconds until the rule's over_limit bucket has room again
         "rule",
     }
@@ -106,11 +83,11 @@ class ReplyTemplate:
 class Condition:
     """One `match.<field>` or `unless.<field>` entry (or a rule's `over_limit`)."""
 
-    field: str  # a key of FIELDS, or "over_limit"
+    field: str  # a key of relay.policy.fields.FIELDS
     arg: str  # lower-case header name for "header", limit name for "over_limit"
     key: str  # as written in the file, for messages: 'match.header."X-Foo"'
     spec: str  # the values as written, for traces
-    matcher: match.Matcher | None  # None for over_limit
+    matcher: match.Matcher
     stage: int
     lazy: bool
 
@@ -413,10 +390,11 @@ class _Loader:
                 self.used_limits.add(over_limit)
                 spec = limits.get(over_limit)
                 stage = LIMIT_STAGES[spec.count] if spec is not None else RCPT
+                over = match.BoolBuilder()
+                over.add(True)
                 conditions.append(
-                    Condition(
-                        "over_limit", over_limit, "over_limit", f'"{over_limit}"', None, stage, True
-                    )
+                    Condition("over_limit", over_limit, "over_limit", f'"{over_limit}"',
+                              over.build(), stage, True)
                 )
         # Cheap tests first: a lazy check (SPF, DKIM, a limit) runs only when the rest match.
         conditions.sort(key=lambda c: c.lazy)
@@ -523,8 +501,8 @@ class _Loader:
                         result.append(cond)
                 continue
             key = f"{which}.{field}"
-            if field not in FIELDS:
-                t.error(key, f"unknown field (known: {', '.join(FIELDS)})")
+            if field not in CONDITION_FIELDS:
+                t.error(key, f"unknown field (known: {', '.join(CONDITION_FIELDS)})")
                 continue
             cond = self.condition(t, key, field, "", value)
             if cond is not None:
@@ -538,7 +516,7 @@ class _Loader:
         if not values:
             t.error(key, "an empty list matches nothing")
             return None
-        build = match.builder(field)
+        build = FIELDS[field].build()
         ok = True
         for item in values:
             if isinstance(item, str) and item.startswith("@"):
@@ -567,7 +545,8 @@ class _Loader:
         if not ok:
             return None
         spec = _show(value)
-        return Condition(field, arg, key, spec, build.build(), FIELDS[field], field in LAZY_FIELDS)
+        info = FIELDS[field]
+        return Condition(field, arg, key, spec, build.build(), info.stage, info.lazy)
 
     # --- replies and templates ------------------------------------------------------------
 

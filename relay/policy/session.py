@@ -1,8 +1,15 @@
-"""Policy decisions for one SMTP session: facts, lazy checks, timeouts, the decision log line.
+"""One SMTP session as the relay decides it: connect, helo, mail, rcpt, data, each answered
+with the reply the client hears.
 
-The pipeline owns what a check must not: the time bound, exception capture (a bug in a
-check or the engine is a 451, never a 5xx and never a traceback to the client), and the
-one log line per decision. Checks only compute outcomes; rules decide actions.
+The live relay (relay.inbound) and the dry run (relay.policy.dryrun) drive this same model,
+so `policy-relay test` says what the relay does. It holds everything decided before and
+around the policy (address syntax, SMTPUTF8, size, recipient and storage limits, the
+message checks at DATA) as well as the policy walks, and it owns what a check must not:
+the time bound, exception capture (a bug in a check or the engine is a 451, never a 5xx
+and never a traceback to the client) and the record of every refusal.
+
+Facts are kept once, here; the checks receive them as arguments. A transaction runs on the
+configuration in force at its MAIL: a reload applies from the next MAIL of an open session.
 """
 
 from __future__ import annotations
@@ -10,16 +17,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import getaddresses
+from pathlib import Path
+from typing import Protocol
 
+from relay import replies
+from relay.address import domain_of, problem
 from relay.checks import dkim as dkimlib
-from relay.checks.services import CheckServices, SessionChecks
+from relay.checks.services import SessionChecks
 from relay.checks.spf import received_spf_header
-from relay.headers import header_fields
-from relay.policy import Decision, Facts, Policy, Stage, evaluate
+from relay.headers import header_fields, header_stats, strip_forged_authentication_results
+from relay.message import has_bare_line_ending, has_long_line, longest_line
+from relay.policy.engine import Checks, Decision, Facts, evaluate
+from relay.policy.rules import Stage
 from relay.replies import Reply
+from relay.runtime import Runtime
 
 log = logging.getLogger("relay.policy")
 
@@ -30,55 +45,79 @@ STAGE_TIMEOUT = 60.0
 BACKEND_FAILURE = Reply(451, "4.3.0", "Temporary failure, try again later")
 
 
+class TransactionChecks(Checks, Protocol):
+    """Checks that keep per-transaction results, reset at each MAIL."""
+
+    def new_transaction(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
-class DataVerdict:
-    """The decision for a whole message at end of DATA."""
+class Refusal:
+    """A refused command, for the log line and the metrics."""
+
+    stage: str  # CONNECT, HELO, MAIL, RCPT or DATA, as in the log
+    reply: Reply
+    detail: str  # what the log says of the client's input
+    rule: str = ""  # the policy rule that refused, "" for the server's own checks
+    limit: str | None = None  # the limit that rule consulted, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The decision for a whole message at the end of DATA."""
 
     action: str  # accept | hold | discard | reject | tempfail
-    reply: Reply | None
+    reply: Reply | None  # the refusal; for accept/hold/discard a rule's custom 2xx, or None
     rule: str
-    prepend: bytes  # header lines to put in front of the message (ours, tags, DKIM)
+    message: bytes  # the message as it will be stored, forged Authentication-Results removed
+    prepend: bytes  # header lines to put in front of it (ours, tags, DKIM signature)
     route: str | None
 
+    @property
+    def refused(self) -> bool:
+        return self.action in ("reject", "tempfail")
 
-class SessionPolicy:
-    """Runs the policy at each stage of one session; one instance per connection."""
+
+class PolicySession:
+    """The decisions of one SMTP session; one instance per connection."""
 
     def __init__(
         self,
-        policy: Policy,
-        services: CheckServices,
-        hostname: str,
-        listener: str,
+        current: Callable[[], Runtime],
+        checks: TransactionChecks,
         client_address: str,
+        listener: str,
+        *,
         on_decision: Callable[[str, Decision], None] | None = None,
+        on_refusal: Callable[[Refusal], None] | None = None,
+        trace: bool = False,
     ) -> None:
-        self.policy = policy
-        self.services = services
-        self.hostname = hostname
-        self.checks = SessionChecks(services, client_address)
+        self.current = current
+        self.runtime = current()
+        self.checks = checks
         self.facts = Facts(client_address=client_address, listener=listener)
-        self.sender: str | None = None
+        self.smtputf8 = False
         self._on_decision = on_decision
-        self.checks.fields["listener"] = listener
-        # Parsing the header section costs per message; only do it for header rules.
-        self._needs_headers = any(
-            c.field == "header" for rule in policy.rules for c in (*rule.match, *rule.unless)
-        )
+        self._on_refusal = on_refusal
+        self._trace = trace
+        # The walk of the last stage (None when the server refused before the policy).
+        self.last_decision: Decision | None = None
+
+    # -- the walk ---------------------------------------------------------------------
 
     async def _walk(self, stage: Stage, facts: Facts) -> Decision:
-        self.checks.stage = stage
+        policy = self.runtime.policy
         try:
             decision = await asyncio.wait_for(
-                evaluate(self.policy, stage, facts, self.checks), STAGE_TIMEOUT
+                evaluate(policy, stage, facts, self.checks, trace=self._trace), STAGE_TIMEOUT
             )
         except Exception:
             log.exception("policy evaluation failed at %s; answering 451", stage)
-            return Decision("tempfail", BACKEND_FAILURE, "internal-error")
+            decision = Decision("tempfail", BACKEND_FAILURE, "internal-error")
         if decision.refused and self._limit_backend_failed(decision.rule):
             # The limit could not be consulted (Redis down, on_backend_error = tempfail):
             # say "try later" without claiming the client is over its limit.
-            decision = Decision("tempfail", BACKEND_FAILURE, decision.rule)
+            decision = dataclasses.replace(decision, action="tempfail", reply=BACKEND_FAILURE)
         if stage == "data":
             # Log rules match again at every stage; the walk at DATA, with everything
             # known, is the one that speaks for the message.
@@ -86,84 +125,166 @@ class SessionPolicy:
                 log.info("%s: rule=%s %s", stage, rule, would)
         if self._on_decision is not None:
             self._on_decision(stage, decision)
+        self.last_decision = decision
         return decision
 
     def _limit_backend_failed(self, rule_name: str) -> bool:
-        limit = self.policy.over_limit_of(rule_name)
-        return limit is not None and self.checks.backend_failed(limit)
+        limit = self.runtime.policy.over_limit_of(rule_name)
+        return (limit is not None and isinstance(self.checks, SessionChecks)
+                and self.checks.backend_failed(limit))
 
-    def _early(self, decision: Decision) -> Reply | None:
+    def _refuse(self, stage: str, reply: Reply, detail: str, rule: str = "") -> Reply:
+        if self._on_refusal is not None:
+            limit = self.runtime.policy.over_limit_of(rule) if rule else None
+            self._on_refusal(Refusal(stage, reply, detail, rule, limit))
+        return reply
+
+    def _early(self, stage: str, decision: Decision) -> Reply | None:
         """A refusal before RCPT: answered now, or at RCPT when delay_reject is set."""
-        if decision.refused and not self.policy.delay_reject:
-            return decision.reply
+        if decision.refused and decision.reply is not None and not self.runtime.policy.delay_reject:
+            return self._refuse(stage, decision.reply, "", decision.rule)
         return None
 
+    # -- the stages -------------------------------------------------------------------
+
     async def connect(self, tls: bool) -> Reply | None:
-        self.facts = _replace(self.facts, tls=tls)
-        return self._early(await self._walk("connect", self.facts))
+        """The client connected: None to greet it, else the refusal that ends the session."""
+        self.runtime = self.current()
+        self.last_decision = None
+        self.facts = dataclasses.replace(self.facts, tls=tls)
+        return self._early("CONNECT", await self._walk("connect", self.facts))
 
     async def helo(self, name: str, tls: bool) -> Reply | None:
-        self.checks.helo = name
-        self.facts = _replace(self.facts, helo_name=name, tls=tls)
-        return self._early(await self._walk("helo", self.facts))
+        """EHLO or HELO (which also ends any transaction): None to answer as usual."""
+        self.runtime = self.current()
+        self.last_decision = None
+        self.facts = Facts(self.facts.client_address, self.facts.listener, helo_name=name,
+                           tls=tls)
+        return self._early("HELO", await self._walk("helo", self.facts))
 
     async def mail(
-        self, sender: str, sasl_username: str, declared_size: int | None, tls: bool
-    ) -> Reply | None:
+        self, sender: str, *, size: int | None, smtputf8: bool, sasl_username: str, tls: bool
+    ) -> Reply:
+        """MAIL FROM, with the null sender as "" and `size` the SIZE= declared, if any."""
+        # A transaction runs on the configuration in force at its MAIL.
+        self.runtime = self.current()
+        self.last_decision = None
         self.checks.new_transaction()
-        self.checks.sender = sender
-        self.checks.fields.update(
-            sender=sender, sender_domain=sender.rpartition("@")[2].lower() if sender else "",
-            sasl_username=sasl_username,
+        self.smtputf8 = smtputf8
+        self.facts = dataclasses.replace(
+            self.facts, sender=sender, sasl_username=sasl_username, size=size, tls=tls,
+            recipient=None, recipients=(), message=None,
         )
-        self.facts = _replace(self.facts, sender=sender, sasl_username=sasl_username,
-                              size=declared_size, tls=tls, recipient=None, recipients=(),
-                              headers=None)
-        return self._early(await self._walk("mail", self.facts))
+        settings = self.runtime.settings
+        detail = f"from=<{sender}>"
+        if size is not None and size > settings.max_message_size:
+            # RFC 1870 section 6.1: refused at MAIL when the declared size is too big.
+            return self._refuse("MAIL", replies.MESSAGE_TOO_BIG, f"{detail} size={size}")
+        if sender and not sender.isascii() and not smtputf8:
+            return self._refuse("MAIL", replies.NEEDS_SMTPUTF8, detail)
+        if sender and (why := problem(sender, utf8=smtputf8)):
+            return self._refuse("MAIL", replies.BAD_SENDER_SYNTAX, f"{detail} {why}")
+        if why := storage_short(settings.spool_path, settings.min_free_space, size or 0):
+            return self._refuse("MAIL", replies.INSUFFICIENT_STORAGE, why)
+        refusal = self._early("MAIL", await self._walk("mail", self.facts))
+        return refusal or replies.SENDER_OK
 
-    async def rcpt(self, recipient: str, accepted: tuple[str, ...]) -> Decision:
-        self.checks.fields.update(recipient=recipient,
-                                  recipient_domain=recipient.rpartition("@")[2].lower())
-        return await self._walk(
-            "rcpt", _replace(self.facts, recipient=recipient, recipients=accepted)
+    async def rcpt(self, recipient: str) -> Reply:
+        self.last_decision = None
+        settings = self.runtime.settings
+        detail = f"to=<{recipient}>"
+        if not recipient.isascii() and not self.smtputf8:
+            return self._refuse("RCPT", replies.NEEDS_SMTPUTF8, detail)
+        if why := problem(recipient, utf8=self.smtputf8):
+            return self._refuse("RCPT", replies.BAD_RECIPIENT_SYNTAX, f"{detail} {why}")
+        if len(self.facts.recipients) >= settings.max_recipients:
+            return self._refuse("RCPT", replies.TOO_MANY_RECIPIENTS, detail)
+        decision = await self._walk(
+            "rcpt", dataclasses.replace(self.facts, recipient=recipient)
         )
+        if decision.refused and decision.reply is not None:
+            return self._refuse(
+                "RCPT", decision.reply,
+                f"from=<{self.facts.sender}> {detail} helo=<{self.facts.helo_name}>",
+                decision.rule,
+            )
+        self.facts = dataclasses.replace(
+            self.facts, recipients=(*self.facts.recipients, recipient)
+        )
+        return replies.RECIPIENT_OK
 
-    async def data(self, recipients: tuple[str, ...], message: bytes) -> DataVerdict:
-        self.checks.message = message
-        self.checks.size = len(message)
-        decision = await self._walk("data", _replace(
-            self.facts, recipient=None, recipients=recipients, size=len(message),
-            headers=header_fields(message) if self._needs_headers else (),
-        ))
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        return self.facts.recipients
+
+    async def data(self, message: bytes, queue_id: str) -> Verdict:
+        """The end of DATA: the message checks, then the policy's final word."""
+        self.last_decision = None
+        settings = self.runtime.settings
+        detail = f"from=<{self.facts.sender}>"
+
+        def refused(reply: Reply, why: str, rule: str = "") -> Verdict:
+            self._refuse("DATA", reply, why, rule)
+            action = "tempfail" if reply.is_temporary else "reject"
+            return Verdict(action, reply, rule, message, b"", None)
+
+        if len(message) > settings.max_message_size:
+            return refused(replies.MESSAGE_TOO_BIG, f"{detail} size={len(message)}")
+        if has_bare_line_ending(message):
+            return refused(replies.BAD_LINE_ENDING, detail)
+        if has_long_line(message, settings.max_line_length):
+            return refused(replies.LINE_TOO_LONG,
+                           f"{detail} line of {longest_line(message)} octets")
+        header_size, hops = header_stats(message)
+        if header_size > settings.max_header_size:
+            return refused(replies.HEADER_TOO_BIG, f"{detail} header size {header_size}")
+        if hops >= settings.max_hops:
+            # RFC 5321 section 6.3: count Received: fields to break mail loops.
+            return refused(replies.TOO_MANY_HOPS, f"{detail} hops {hops}")
+        message, forged = strip_forged_authentication_results(message, self.authserv_id)
+        if forged:
+            log.info("%s: removed %d Authentication-Results header(s) claiming to be ours",
+                     queue_id, forged)
+        facts = dataclasses.replace(self.facts, recipient=None, size=len(message),
+                                    message=message)
+        decision = await self._walk("data", facts)
         if decision.action == "continue":  # the engine applies final_action at data
             decision = Decision("tempfail", BACKEND_FAILURE, "internal-error")
+        if decision.refused and decision.reply is not None:
+            return refused(decision.reply, detail, decision.rule)
         prepend = b""
         if decision.action in ("accept", "hold"):
             try:
-                prepend = await self._headers(message, decision)
+                prepend = await self._headers(facts, message, decision)
             except Exception:
                 log.exception("adding headers or DKIM signature failed; answering 451")
-                return DataVerdict("tempfail", BACKEND_FAILURE, "internal-error", b"", None)
-        return DataVerdict(decision.action, decision.reply, decision.rule, prepend,
-                           decision.route)
+                return refused(BACKEND_FAILURE, detail, "internal-error")
+        return Verdict(decision.action, decision.reply, decision.rule, message, prepend,
+                       decision.route)
 
-    async def _headers(self, message: bytes, decision: Decision) -> bytes:
+    @property
+    def authserv_id(self) -> str:
+        settings = self.runtime.settings
+        return settings.checks.authserv_id or settings.smtp_hostname
+
+    async def _headers(self, facts: Facts, message: bytes, decision: Decision) -> bytes:
         """Authentication-Results, Received-SPF and tag headers; then the DKIM signature
         over exactly these plus the message, the bytes that go upstream."""
-        settings = self.services.settings
-        authserv_id = settings.authserv_id or self.hostname
-        spf, dkim_outcome = self.checks.spf_outcome, self.checks.dkim_outcome
+        settings = self.runtime.settings.checks
         lines = []
-        if spf is not None or dkim_outcome is not None:
-            lines.append(dkimlib.authentication_results_header(authserv_id, spf, dkim_outcome))
-        if spf is not None:
-            lines.append(received_spf_header(spf, self.checks.client_address,
-                                             self.checks.helo, authserv_id))
+        if isinstance(self.checks, SessionChecks):
+            spf, dkim_outcome = self.checks.spf_outcome, self.checks.dkim_outcome
+            if spf is not None or dkim_outcome is not None:
+                lines.append(dkimlib.authentication_results_header(
+                    self.authserv_id, spf, dkim_outcome))
+            if spf is not None:
+                lines.append(received_spf_header(spf, facts.client_address, facts.helo_name,
+                                                 self.authserv_id))
         for name, value in decision.add_headers:
             lines.append(f"{name}: {_header_text(value)}\r\n")
         prepend = "".join(lines).encode("utf-8")
         keys = settings.dkim_keys and settings.signing_keys(
-            from_domain(message) or _domain(self.sender_or_empty)
+            from_domain(message) or domain_of(facts.sender or "")
         )
         if keys:
             signed = prepend + message
@@ -173,17 +294,24 @@ class SessionPolicy:
             prepend = signature + prepend
         return prepend
 
-    @property
-    def sender_or_empty(self) -> str:
-        return self.facts.sender or ""
 
+def storage_short(spool: Path, min_free: int, declared: int) -> str | None:
+    """Why the spool cannot take a message of `declared` bytes now, or None.
 
-def _replace(facts: Facts, **changes: object) -> Facts:
-    return dataclasses.replace(facts, **changes)  # type: ignore[arg-type]
-
-
-def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower()
+    Postfix queue_minfree: refuse at MAIL (452 4.3.1) rather than fail after DATA. A spool
+    not created yet is judged by the directory it will be created in.
+    """
+    path = spool
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except OSError as exc:
+        return f"cannot stat the spool: {exc.strerror}"
+    free = st.f_bavail * st.f_frsize
+    if free < min_free + declared:
+        return f"free space {free} below {min_free} + size {declared}"
+    return None
 
 
 def _header_text(value: str) -> str:
@@ -195,5 +323,5 @@ def from_domain(message: bytes) -> str:
     for name, value in header_fields(message):
         if name.lower() == "from":
             found = [addr for _, addr in getaddresses([value]) if "@" in addr]
-            return _domain(found[0]) if found else ""
+            return domain_of(found[0]) if found else ""
     return ""

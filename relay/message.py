@@ -1,0 +1,40 @@
+"""Checks of message bytes as received: line endings and line lengths."""
+
+from __future__ import annotations
+
+
+def has_bare_line_ending(data: bytes | bytearray) -> bool:
+    """True if DATA holds a CR or LF outside a CRLF pair, or a NUL.
+
+    aiosmtpd 1.4.6 no longer splits messages on "\\n.\\r\\n" but leaves bare CR and LF in
+    the content; passed on, they are the raw material of SMTP smuggling (RFC 5321
+    section 2.3.8: CR and LF only as a pair).
+    """
+    crlf = data.count(b"\r\n")
+    return b"\0" in data or data.count(b"\r") != crlf or data.count(b"\n") != crlf
+
+
+def longest_line(data: bytes | bytearray) -> int:
+    """Octets in the longest line of `data`, CRLF not counted."""
+    return max(map(len, data.split(b"\r\n")), default=0)
+
+
+def has_long_line(data: bytes | bytearray, limit: int, exact: bool = False) -> bool:
+    """True if a line of `data` has more than `limit` octets before its CRLF; a last
+    line without CRLF counts only once it is that long.
+
+    Steps from window to window (rfind in C) instead of splitting the message into
+    lines. That takes every LF as a line end: with bare CR or LF in `data`, pass
+    `exact` to split on CRLF only.
+    """
+    if exact:
+        return any(len(line) > limit for line in data.split(b"\r\n"))
+    end, start = len(data), 0
+    while end - start > limit + 1:
+        # The line starting here ends within the window if it is short enough; every
+        # line between here and the window's last LF is shorter still.
+        last_lf = data.rfind(b"\n", start, start + limit + 2)
+        if last_lf < 0:
+            return True
+        start = last_lf + 1
+    return end - start > limit and data.find(b"\n", start) < 0
