@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Any
 
 from relay.config import Settings
@@ -63,10 +62,8 @@ def runtime(policy: Policy) -> Runtime:
 
 
 def dry(policy: Policy, checks: StaticChecks | None = None, **client: Any) -> tuple[str, int]:
-    client.setdefault("recipients", client.pop("recipients", ()))
-    outcome = run_dry(runtime(policy), Client(**{**client,
-                                                  "recipients": tuple(client["recipients"])}),
-                      checks)
+    client["recipients"] = tuple(client.get("recipients", ()))
+    outcome = run_dry(runtime(policy), Client(**client), checks)
     return outcome.text, outcome.exit_status
 
 
@@ -145,7 +142,9 @@ def test_relay_networks_relay_with_exit_0() -> None:
         recipients=["b@example.net"],
     )
     assert status == 0
-    assert text.endswith("result: accept (rule relay-networks): client sees 250 2.0.0 Ok: queued as <dry-run>\n")
+    assert text.endswith(
+        "result: accept (rule relay-networks): client sees 250 2.0.0 Ok: queued as <dry-run>\n"
+    )
 
 
 def test_declared_size_tempfails_with_exit_4(tmp_path: Path) -> None:
@@ -190,7 +189,9 @@ def test_message_headers_are_decoded_for_matching_and_hold_exits_0(tmp_path: Pat
     assert status == 0
     assert '  rule "invoices" [hold]: matched\n' in text
     assert "  adds header X-DKIM: none\n" in text
-    assert text.endswith("result: hold (rule invoices): client sees 250 2.0.0 Ok: queued as <dry-run>\n")
+    assert text.endswith(
+        "result: hold (rule invoices): client sees 250 2.0.0 Ok: queued as <dry-run>\n"
+    )
 
 
 def test_checks_given_on_the_command_line_decide(tmp_path: Path) -> None:
