@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 from relay.policy.fields import FIELDS
@@ -77,3 +78,24 @@ def test_every_policy_field_is_documented_in_the_readme_and_the_shipped_policy()
     for name in FIELDS:
         assert f"`{name}`" in readme, f"README.md does not document the field {name}"
         assert f"#   {name} " in shipped, f"policies/10-relay.toml does not explain {name}"
+
+
+def test_only_the_adapter_reaches_into_aiosmtpd():
+    """aiosmtpd's private API is used in relay/inbound/protocol.py alone; other modules
+    import only its documented names."""
+    documented = {"Envelope", "Session", "ProxyData"}
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "protocol.py" and path.parent.name == "inbound":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("aiosmtpd"):
+                names = {alias.name for alias in node.names}
+                assert names <= documented, f"{path}: imports {names - documented}"
+
+
+def test_the_adapter_refuses_an_untested_aiosmtpd():
+    from relay.inbound.protocol import TESTED_AIOSMTPD, check_aiosmtpd_version
+
+    check_aiosmtpd_version(TESTED_AIOSMTPD[-1])
+    with pytest.raises(ImportError, match=r"tested with aiosmtpd 1\.4\.6, but aiosmtpd 1\.5\.0"):
+        check_aiosmtpd_version("1.5.0")

@@ -51,12 +51,6 @@ def _date(second: int) -> str:
     return formatdate(second, localtime=True)
 
 
-def envelope_sender(envelope: Envelope) -> str:
-    """The reverse-path, with the null sender as "" (aiosmtpd keeps it as "<>")."""
-    sender = envelope.mail_from or ""
-    return "" if sender == "<>" else sender
-
-
 class InboundHandler:
     """aiosmtpd handler for one listener; each handle_<VERB> returns the reply line.
 

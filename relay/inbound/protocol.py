@@ -1,4 +1,10 @@
-"""The SMTP protocol for our listeners: aiosmtpd's SMTP with our limits, TLS, AUTH, PROXY, DATA."""
+"""The SMTP protocol for our listeners: aiosmtpd's SMTP with our limits, TLS, AUTH, PROXY, DATA.
+
+This is the one adapter over aiosmtpd: every use of its private API (its reader and
+writer, session state, command loop and handler hooks) lives here, and the module refuses
+to load with an aiosmtpd it was not tested with. Everything else uses aiosmtpd's
+documented handler interface only.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import math
 import re
 from typing import Any, AnyStr, Protocol, cast
 
+import aiosmtpd
 from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import (
     MISSING,
@@ -32,6 +39,23 @@ from relay.replies import Reply
 from relay.schema import IPNetwork
 
 log = logging.getLogger("relay.inbound")
+
+# The aiosmtpd releases whose internals this module was read against and tested with.
+TESTED_AIOSMTPD = ("1.4.6",)
+
+
+def check_aiosmtpd_version(version: str) -> None:
+    """Refuse an aiosmtpd this adapter was not tested with, saying what to install."""
+    if version not in TESTED_AIOSMTPD:
+        raise ImportError(
+            f"policy-relay's SMTP adapter (relay/inbound/protocol.py) relies on aiosmtpd "
+            f"internals and was tested with aiosmtpd {', '.join(TESTED_AIOSMTPD)}, but "
+            f"aiosmtpd {version} is installed; install the version pyproject.toml pins "
+            f"(pip install aiosmtpd=={TESTED_AIOSMTPD[-1]})"
+        )
+
+
+check_aiosmtpd_version(aiosmtpd.__version__)
 
 # RFC 5321 section 4.5.3.1.4: a command line is at most 512 octets with its CRLF; RFC 1870
 # section 3 (SIZE) lets MAIL grow by 26 and RFC 6531 section 3.4 (SMTPUTF8) by 10 more.
