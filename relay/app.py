@@ -185,7 +185,7 @@ class Relay:
             self.notifier.stopping()
             for server in self.servers:
                 server.close()
-            # F20: clients between commands get 421 4.3.2 now, busy ones after their
+            # Graceful stop: clients between commands get 421 4.3.2 now, busy ones after their
             # current command; whoever is still there at the deadline gets it anyway.
             left = await self.limits.drain(STOP_DEADLINE)
             if left:

@@ -12,11 +12,10 @@ from typing import Any
 
 from relay.checks.settings import CheckSettings, read_check_settings
 from relay.inbound.listeners import DEFAULT_LISTEN, ListenerSettings, read_listeners
+from relay.ipaddr import LOOPBACK_NETWORKS, IPNetwork
 from relay.outbound.smarthosts import UpstreamSettings, read_upstreams
 from relay.schema import ConfigError as ConfigError
-from relay.schema import Errors, IPNetwork, Table, parse_duration, parse_hostport
-
-LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+from relay.schema import Errors, Table, parse_duration, parse_hostport
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +47,7 @@ class OpsSettings:
 @dataclass(frozen=True, slots=True)
 class Settings:
     hostname: str = ""
-    relay_networks: tuple[IPNetwork, ...] = LOOPBACK
+    relay_networks: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 1000
     # Inbound limits (relay/smtpserver.py, relay/inbound.py, relay/connlimits.py).

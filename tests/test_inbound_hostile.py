@@ -96,7 +96,7 @@ def test_pipelined_transaction_in_one_write_is_answered_in_order(relay: RelayPro
     assert got.data.endswith(BODY)
 
 
-# -- SMTP smuggling (A1): every end-of-data variant of SEC Consult's and smtpsmug's lists --
+# -- SMTP smuggling: every end-of-data variant of SEC Consult's and smtpsmug's lists --
 
 SMUGGLED = (
     b"MAIL FROM:<ceo@bank.test>\r\nRCPT TO:<victim@dest.test>\r\nDATA\r\n"
@@ -189,7 +189,7 @@ def test_a_helo_cannot_inject_a_header(relay: RelayProcess, sink: Sink):
     assert got.data.startswith(b"Received: from client.test ([127.0.0.1])\r\n")
 
 
-# -- addresses (A8, A15, A16, A18) ---------------------------------------------------------
+# -- addresses: source routes, quoted local parts, % and ! routing, literals ------------
 
 BAD_RECIPIENT = "501 5.1.3 Bad recipient address syntax"
 MALFORMED = "553 5.1.3 Error: malformed address"
@@ -246,7 +246,7 @@ def test_utf8_addresses_are_accepted_with_the_smtputf8_parameter(
         assert raw.chat(b"RSET\r\n") == ["250 2.0.0 Ok"]
 
 
-# -- limits (A10, A11, A12, A13, A19, A28, A29) ---------------------------------------------
+# -- limits: line and size limits, command floods, BDAT, cross-protocol requests --------
 
 
 def test_size_over_the_limit_is_refused_at_mail(relay: RelayProcess, sink: Sink):

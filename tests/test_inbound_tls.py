@@ -244,7 +244,8 @@ def test_commands_pipelined_after_starttls_are_discarded(relay: TLSRelay):
     with RawSMTP(relay.ports["submission"]) as raw:
         raw.reply()
         raw.chat(b"EHLO client.test\r\n")
-        # A4: a man in the middle appends a plaintext command to the STARTTLS segment.
+        # STARTTLS command injection (CVE-2011-0411): a man in the middle appends
+        # a plaintext command to the STARTTLS segment.
         assert raw.chat(b"STARTTLS\r\nMAIL FROM:<mitm@evil.test>\r\n") == [
             "220 2.0.0 Ready to start TLS"
         ]

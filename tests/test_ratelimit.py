@@ -169,7 +169,7 @@ def test_hammering_while_refused_digs_deeper_in_strict_mode() -> None:
     assert buckets.check(s, key).allowed
 
 
-# --- evasion (reliability A27) ---------------------------------------------------------------
+# --- evasion: the same client or sender written differently counts once ---------------------
 
 
 def test_case_and_quoting_variants_of_an_address_share_a_bucket() -> None:

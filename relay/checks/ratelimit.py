@@ -19,6 +19,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from relay.address import domain_of
+from relay.ipaddr import client_ip
+
 log = logging.getLogger("relay.ratelimit")
 
 KEY_FIELDS = (
@@ -280,12 +283,9 @@ def normalize_address(address: str) -> str:
 
 
 def _client_key(value: str, prefix_v4: int | None, prefix_v6: int | None) -> str:
-    try:
-        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(value.strip())
-    except ValueError:
+    ip = client_ip(value)
+    if ip is None:
         return value.strip().lower()
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:192.0.2.1 is the same client as 192.0.2.1
     prefix = prefix_v4 if ip.version == 4 else prefix_v6
     if prefix is None:
         return str(ip)
@@ -301,7 +301,7 @@ def _field_value(field: str, fields: Mapping[str, str], spec: LimitSpec) -> str:
         domain = fields.get(field)
         if domain is None:  # derive it rather than let a missing field merge everyone
             domain = normalize_address(fields.get(field.removesuffix("_domain"), ""))
-            domain = domain.rpartition("@")[2] if "@" in domain else ""
+            domain = domain_of(domain) if "@" in domain else ""
         return normalize_domain(domain)
     if field == "sasl_username":
         return fields.get(field, "").strip().lower()

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from relay.ipaddr import client_ip
+
 # AUTH failures of a client are forgotten after this long without a new one.
 AUTH_FAILURE_MEMORY = 900.0
 # Bound on the clients remembered for AUTH failures (anvil keeps a bounded table too).
@@ -23,13 +25,10 @@ class Drainable(Protocol):
 def client_key(address: str) -> str:
     """The unit a per-client cap counts: the IPv4 address, or the IPv6 /64 (one host's
     share of a LAN; Postfix anvil aggregates IPv6 clients by prefix too)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    ip = client_ip(address)
+    if ip is None:
         return address
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
 

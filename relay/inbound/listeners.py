@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from relay.inbound.tls import load_problem
-from relay.schema import IPNetwork, Table, parse_hostport
+from relay.ipaddr import LOOPBACK_NETWORKS, IPNetwork
+from relay.schema import Table, parse_hostport
 
 DEFAULT_LISTEN = "127.0.0.1:2525"
-LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (
-    ipaddress.ip_network("127.0.0.0/8"),
-    ipaddress.ip_network("::1/128"),
-)
+# RFC 3207 STARTTLS, or RFC 8314 implicit TLS from the first byte (port 465 style); the
+# upstream settings take the same modes.
 TLS_MODES = ("none", "starttls", "implicit")
 AUTH_MODES = ("off", "optional", "required")
 

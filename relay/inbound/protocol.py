@@ -32,11 +32,10 @@ from relay.headers import header_safe
 from relay.inbound import users
 from relay.inbound.budget import DataBudget
 from relay.inbound.context import ListenerContext
-from relay.inbound.listeners import LOOPBACK_NETWORKS
+from relay.ipaddr import LOOPBACK_NETWORKS, in_networks
 from relay.message import has_bare_line_ending, has_long_line
 from relay.policy.session import PolicySession
 from relay.replies import Reply
-from relay.schema import IPNetwork
 
 log = logging.getLogger("relay.inbound")
 
@@ -121,7 +120,8 @@ class BadCommandLine(Exception):
 
 def command_line_problem(line: bytes) -> str | None:
     # RFC 5321 section 2.3.8: CR and LF only as a CRLF pair; aiosmtpd itself would take a
-    # bare LF as the end of a command, and keep a CR or NUL inside the argument (A2, A3).
+    # bare LF as the end of a command, and keep a CR or NUL inside the argument (command
+    # injection through addresses).
     if not line.endswith(b"\n"):
         return None  # end of stream, or an over-long line: aiosmtpd answers those
     if not line.endswith(b"\r\n"):
@@ -189,16 +189,6 @@ class SessionHandler(Protocol):
 def client_address(session: Session) -> str:
     peer = session.peer
     return str(peer[0]) if isinstance(peer, tuple) else "unknown"
-
-
-def in_networks(address: str, networks: tuple[IPNetwork, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
 
 
 class RelaySMTP(SMTP):
@@ -325,7 +315,8 @@ class RelaySMTP(SMTP):
         assert self.session is not None
         peer = client_address(self.session)
         if self.listener.proxy_protocol:
-            # A29: only the load balancer may tell us who the client is.
+            # Only a trusted load balancer may say who the client is (a spoofed PROXY
+            # header would let anyone claim an allowed address).
             if not in_networks(peer, self.listener.proxy_networks):
                 log.warning("listener %s: PROXY header not accepted from [%s]; closed",
                             self.listener.name, peer)
@@ -402,7 +393,7 @@ class RelaySMTP(SMTP):
         # off; a complete DATA line is progress. Commands and DATA only note the time
         # (re-arming a timer each time costs), and the timer checks it when it fires. A
         # trickle of partial lines is no progress, and the session deadline bounds
-        # everything (A14).
+        # everything (a slowloris client cannot hold a session forever).
         assert self.session is not None
         left = self._progress_at + self.settings.idle_timeout - self.loop.time()
         if left > 0 and not self._closing:
@@ -660,11 +651,12 @@ class RelaySMTP(SMTP):
         await self.push(str(replies.CANNOT_VRFY if arg else replies.SYNTAX_ERROR))
 
     async def smtp_BDAT(self, arg: str) -> None:
-        # A19: CHUNKING is not offered; the chunk that follows would be read as commands.
+        # RFC 3030: CHUNKING is not offered; the chunk that follows would be read as commands.
         self.close_with(replies.BDAT_NOT_SUPPORTED)
 
     async def smtp_GET(self, arg: str) -> None:
-        # A29: a cross-protocol request (HTTP to the SMTP port); hang up at once.
+        # A cross-protocol request (HTTP sent to the SMTP port, as a browser tricked by
+        # a web page would): hang up at once.
         self.close_with(replies.NOT_SMTP)
 
     smtp_POST = smtp_HEAD = smtp_PUT = smtp_CONNECT = smtp_GET
@@ -672,7 +664,8 @@ class RelaySMTP(SMTP):
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # RFC 5321 section 4.1.2: Path = "<" [ A-d-l ":" ] Mailbox ">". We take what is
         # inside the brackets verbatim and relay.address judges it; aiosmtpd's parser would
-        # strip source routes and rewrite comments and quotes first (A8, A15).
+        # strip source routes and rewrite comments and quotes first (relay tricks such as
+        # '<@victim:u@relay>' and '"u@victim"@relay').
         if not arg:
             return "", ""
         arg = arg.lstrip()

@@ -31,7 +31,7 @@ log = logging.getLogger("relay.delivery")
 # Polling interval when nothing is due: new mail wakes the workers at once, this only
 # bounds how late a retry can start.
 IDLE_POLL = 1.0
-# A message whose delivery crashed this many times in a row is put on hold (F22), so
+# A message whose delivery crashed this many times in a row is put on hold, so
 # one poison message cannot keep a worker busy forever.
 MAX_CRASHES = 5
 

@@ -220,7 +220,7 @@ class HostPool:
             if s.tls == "starttls":
                 # RFC 3207 section 4: when TLS is required and STARTTLS is missing or
                 # the certificate does not verify, the message must not go in plaintext;
-                # aiosmtplib raises and the delivery is deferred (reliability.md A7).
+                # aiosmtplib raises and the delivery is deferred (no downgrade to plaintext).
                 await client.starttls(
                     server_hostname=server_name, tls_context=self._tls,
                     timeout=s.command_timeout,
@@ -379,7 +379,8 @@ async def transmit(
     try:
         reply = await client.execute_command(mail, timeout=timeout)
     except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
-        # An upstream may drop an idle connection just as we reuse it (F8).
+        # An upstream may drop an idle connection just as we reuse it (a race with its
+        # idle timeout): that is a stale connection, not a failed delivery.
         if conn.messages > 0:
             raise StaleConnection(str(exc)) from exc
         raise

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relay.inbound.listeners import TLS_MODES
 from relay.schema import Table, parse_duration, parse_hostport
 
 DEFAULT_UPSTREAM = "127.0.0.1:25"
-TLS_MODES = ("none", "starttls", "implicit")
 AUTH_MECHANISMS = ("auto", "plain", "login", "xoauth2")
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\S+)\s*$")
 
