@@ -105,7 +105,9 @@ class Table:
     def has(self, name: str) -> bool:
         return name in self.data
 
-    def _get(self, name: str, default: T, convert: Callable[[Any], T], expected: str) -> T:
+    def value(self, name: str, default: T, convert: Callable[[Any], T], expected: str) -> T:
+        """`name` converted by `convert` (which raises ValueError or TypeError on a bad
+        value, reported as "expected <expected>"), or `default`."""
         self._seen.add(name)
         if name not in self.data:
             return default
@@ -122,7 +124,7 @@ class Table:
                 raise TypeError
             return raw
 
-        value = self._get(name, default, convert, "a string")
+        value = self.value(name, default, convert, "a string")
         if choices and value not in choices:
             self.error(name, f"must be one of {', '.join(choices)}, got {value!r}")
             return default
@@ -134,29 +136,31 @@ class Table:
                 raise TypeError
             return raw
 
-        return self._get(name, default, convert, "true or false")
+        return self.value(name, default, convert, "true or false")
 
-    def integer(self, name: str, default: int, low: int, high: int) -> int:
+    def integer(self, name: str, default: int, low: int, high: int | None) -> int:
+        """An integer in low..high (high None: no upper bound)."""
         def convert(raw: Any) -> int:
             if isinstance(raw, bool) or not isinstance(raw, int):
                 raise TypeError
             return raw
 
-        value = self._get(name, default, convert, "an integer")
-        if not low <= value <= high:
-            self.error(name, f"must be {low}..{high}, got {value}")
+        value = self.value(name, default, convert, "an integer")
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"{low}..{high}"
+            self.error(name, f"must be {bounds}, got {value}")
             return default
         return value
 
     def duration(self, name: str, default: float, low: float = 0.0) -> float:
-        value = self._get(name, default, parse_duration, 'a duration such as "30s", "5m", "1h"')
+        value = self.value(name, default, parse_duration, 'a duration such as "30s", "5m", "1h"')
         if value < low:
             self.error(name, f"must be at least {low:g}s, got {value:g}s")
             return default
         return value
 
     def size(self, name: str, default: int, low: int = 0) -> int:
-        value = self._get(name, default, parse_size, 'a size such as 1048576, "512K", "25M"')
+        value = self.value(name, default, parse_size, 'a size such as 1048576, "512K", "25M"')
         if value < low:
             self.error(name, f"must be at least {low} bytes, got {value}")
             return default
@@ -168,7 +172,7 @@ class Table:
                 raise TypeError
             return tuple(raw)
 
-        return self._get(name, default, convert, "a list of strings")
+        return self.value(name, default, convert, "a list of strings")
 
     def networks(self, name: str, default: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
         result = []

@@ -18,9 +18,10 @@ from relay.checks.ratelimit import (
     LocalBuckets,
     RedisBuckets,
     bucket_key,
-    parse_limit,
+    read_limit,
     redis_client,
 )
+from relay.schema import Errors, Table
 
 MICRO = 1e-6
 
@@ -36,6 +37,13 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def parse_limit(name: str, table: dict[str, Any]) -> tuple[LimitSpec | None, list[str]]:
+    """A `[limit.NAME]` table read as the policy loader reads it, and its errors."""
+    errors = Errors()
+    parsed = read_limit(name, Table(table, f"limit.{name}", "policy.toml", errors))
+    return parsed, [m.removeprefix("policy.toml: ") for m in errors.messages]
 
 
 def spec(name: str = "lim", **table: Any) -> LimitSpec:
@@ -314,48 +322,50 @@ def test_parse_limit_reads_a_full_table() -> None:
 
 def test_parse_limit_bad_rate() -> None:
     assert errors_of({"rate": "600 per hour"}) == [
-        'limit.per_app: rate: expected "N/period" (period units s, m, h, d, e.g. "600/1h"), '
-        'got "600 per hour"'
+        'limit.per_app.rate: expected a rate "N/period" of at least 1 (period units s, m, h, d, '
+        "e.g. \"600/1h\"), got '600 per hour'"
     ]
     assert errors_of({"rate": "0/1h"}) == [
-        'limit.per_app: rate: count and period must be at least 1, got "0/1h"'
+        'limit.per_app.rate: expected a rate "N/period" of at least 1 (period units s, m, h, d, '
+        "e.g. \"600/1h\"), got '0/1h'"
     ]
 
 
 def test_parse_limit_bad_count() -> None:
     assert errors_of({"count": "messages"}) == [
-        "limit.per_app: count: expected one of message | recipient | byte | connection, "
+        "limit.per_app.count: must be one of message, recipient, byte, connection, "
         "got 'messages'"
     ]
 
 
 def test_parse_limit_unknown_key_field() -> None:
     assert errors_of({"key": ["client_ip", "sender/24"]}) == [
-        'limit.per_app: key: unknown field "client_ip" (expected one of client_address, '
+        'limit.per_app.key: unknown field "client_ip" (expected one of client_address, '
         "sasl_username, sender, sender_domain, recipient, recipient_domain, listener)",
-        'limit.per_app: key: "sender/24": only client_address takes a prefix length',
+        'limit.per_app.key: "sender/24": only client_address takes a prefix length',
     ]
     assert errors_of({"key": ["client_address/129"]})[0].startswith(
-        'limit.per_app: key: "client_address/129": expected client_address/V4'
+        'limit.per_app.key: "client_address/129": expected client_address/V4'
     )
 
 
 def test_parse_limit_unknown_table_key() -> None:
     assert errors_of({"brust": 5}) == [
-        "limit.per_app: brust: unknown key (expected one of key, rate, burst, count, "
-        "exempt_recipients, backend, mode)"
+        "limit.per_app.brust: unknown key"
     ]
 
 
 def test_parse_limit_burst_below_one() -> None:
-    assert errors_of({"burst": 0}) == ["limit.per_app: burst: must be at least 1, got 0"]
-    assert errors_of({"burst": "10"}) == ["limit.per_app: burst: expected an integer, got '10'"]
+    assert errors_of({"burst": 0}) == ["limit.per_app.burst: must be at least 1, got 0"]
+    assert errors_of({"burst": "10"}) == ["limit.per_app.burst: expected an integer, got '10'"]
 
 
 def test_parse_limit_reports_every_error_at_once() -> None:
     parsed, errors = parse_limit("bad name", {"rate": "fast", "burst": -1, "mode": "lenient"})
     assert parsed is None
-    assert [e.split(":")[1].strip() for e in errors] == ["name", "key", "rate", "burst", "mode"]
+    assert [e.split(":")[0] for e in errors] == [
+        f"limit.bad name.{key}" for key in ("name", "key", "rate", "burst", "mode")
+    ]
 
 
 # --- Redis -----------------------------------------------------------------------------------

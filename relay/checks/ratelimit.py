@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from relay.address import domain_of
 from relay.ipaddr import client_ip
+from relay.schema import Table
 
 log = logging.getLogger("relay.ratelimit")
 
@@ -49,7 +50,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 _RATE_RE = re.compile(r"(\d+)([kmg]?)\s*/\s*(\d*)\s*([smhd])", re.IGNORECASE)
 _PERIOD_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE_FACTOR = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-_RATE_HELP = 'expected "N/period" (period units s, m, h, d, e.g. "600/1h")'
+_RATE_HELP = 'a rate "N/period" of at least 1 (period units s, m, h, d, e.g. "600/1h")'
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,114 +124,80 @@ class BucketState:
 # --- configuration ---------------------------------------------------------------------------
 
 
-def parse_limit(name: str, table: Mapping[str, Any]) -> tuple[LimitSpec | None, list[str]]:
-    """Validate one `[limit.NAME]` TOML table; return the spec or every error found."""
-    errors: list[str] = []
-
-    def err(key: str, message: str) -> None:
-        errors.append(f"limit.{name}: {key}: {message}")
-
+def read_limit(name: str, table: Table) -> LimitSpec | None:
+    """Validate one `[limit.NAME]` table; None when it has errors (all reported)."""
+    before = len(table.errors.messages)
     if not _NAME_RE.fullmatch(name):
         # The name is part of the Redis key `<prefix>rl:<name>:<key>`, which `show` splits on ":".
-        err("name", 'must consist of letters, digits, "_" and "-"')
-    for unknown in sorted(set(table) - set(TABLE_KEYS)):
-        err(unknown, f"unknown key (expected one of {', '.join(TABLE_KEYS)})")
+        table.error("name", 'must consist of letters, digits, "_" and "-"')
 
     key_fields: list[str] = []
     prefix_v4: int | None = None
     prefix_v6: int | None = None
-    raw_key = table.get("key")
-    if raw_key is None:
-        err("key", 'required (a list of fields, e.g. ["client_address/24/64"])')
-    elif not isinstance(raw_key, list) or not all(isinstance(k, str) for k in raw_key):
-        err("key", f"expected a list of field names, got {raw_key!r}")
-    else:
-        for item in raw_key:
-            field, _, prefix = item.partition("/")
-            if field not in KEY_FIELDS:
-                err("key", f'unknown field "{item}" (expected one of {", ".join(KEY_FIELDS)})')
-                continue
-            if field in key_fields:
-                err("key", f'field "{field}" listed twice')
-                continue
-            key_fields.append(field)
-            if not prefix:
-                continue
-            if field != "client_address":
-                err("key", f'"{item}": only client_address takes a prefix length')
-                continue
-            parsed = _parse_prefixes(prefix)
-            if parsed is None:
-                err(
-                    "key",
-                    f'"{item}": expected client_address/V4, client_address/V6 or '
-                    "client_address/V4/V6 (V4 1-32, V6 33-128 when given alone)",
-                )
-            else:
-                prefix_v4, prefix_v6 = parsed
-
-    rate_count, period = 0, 0
-    raw_rate = table.get("rate")
-    if raw_rate is None:
-        err("rate", f"required, {_RATE_HELP}")
-    else:
-        match = _RATE_RE.fullmatch(raw_rate.strip()) if isinstance(raw_rate, str) else None
-        if match is None:
-            got = f'"{raw_rate}"' if isinstance(raw_rate, str) else repr(raw_rate)
-            err("rate", f"{_RATE_HELP}, got {got}")
+    if not table.has("key"):
+        table.error("key", 'required (a list of fields, e.g. ["client_address/24/64"])')
+    for item in table.strings("key", ()):
+        field, _, prefix = item.partition("/")
+        if field not in KEY_FIELDS:
+            table.error("key", f'unknown field "{item}" (expected one of {", ".join(KEY_FIELDS)})')
+            continue
+        if field in key_fields:
+            table.error("key", f'field "{field}" listed twice')
+            continue
+        key_fields.append(field)
+        if not prefix:
+            continue
+        if field != "client_address":
+            table.error("key", f'"{item}": only client_address takes a prefix length')
+            continue
+        parsed = _parse_prefixes(prefix)
+        if parsed is None:
+            table.error(
+                "key",
+                f'"{item}": expected client_address/V4, client_address/V6 or '
+                "client_address/V4/V6 (V4 1-32, V6 33-128 when given alone)",
+            )
         else:
-            rate_count = int(match[1]) * _SIZE_FACTOR[match[2].lower()]
-            period = int(match[3] or 1) * _PERIOD_SECONDS[match[4].lower()]
-            if rate_count < 1 or period < 1:
-                err("rate", f'count and period must be at least 1, got "{raw_rate}"')
+            prefix_v4, prefix_v6 = parsed
 
-    burst = 0
-    raw_burst = table.get("burst")
-    if raw_burst is None:
-        err("burst", "required (units that may pass at once from an idle bucket)")
-    elif isinstance(raw_burst, bool) or not isinstance(raw_burst, int):
-        err("burst", f"expected an integer, got {raw_burst!r}")
-    elif raw_burst < 1:
-        err("burst", f"must be at least 1, got {raw_burst}")
-    else:
-        burst = raw_burst
-
-    def choice(key: str, allowed: tuple[str, ...]) -> str:
-        value = table.get(key, allowed[0])
-        if value not in allowed:
-            err(key, f"expected one of {' | '.join(allowed)}, got {value!r}")
-            return allowed[0]
-        return str(value)
-
-    count = choice("count", COUNTS)
-    backend = choice("backend", BACKENDS)
-    mode = choice("mode", MODES)
-
-    exempt: list[str] = []
-    raw_exempt = table.get("exempt_recipients", [])
-    if not isinstance(raw_exempt, list) or not all(isinstance(e, str) and e for e in raw_exempt):
-        err("exempt_recipients", f"expected a list of local parts or addresses, got {raw_exempt!r}")
-    else:
-        exempt = [normalize_address(e) for e in raw_exempt]
-
-    if errors:
-        return None, errors
-    return (
-        LimitSpec(
-            name=name,
-            key_fields=tuple(key_fields),
-            client_prefix_v4=prefix_v4,
-            client_prefix_v6=prefix_v6,
-            rate_count=rate_count,
-            rate_period_seconds=period,
-            burst=burst,
-            count=count,
-            exempt_recipients=tuple(dict.fromkeys(exempt)),
-            backend=backend,
-            mode=mode,
-        ),
-        [],
+    if not table.has("rate"):
+        table.error("rate", f"required, {_RATE_HELP}")
+    rate_count, period = table.value("rate", (0, 0), parse_rate, _RATE_HELP)
+    if not table.has("burst"):
+        table.error("burst", "required (units that may pass at once from an idle bucket)")
+    burst = table.integer("burst", 1, 1, None)
+    count = table.string("count", COUNTS[0], COUNTS)
+    backend = table.string("backend", BACKENDS[0], BACKENDS)
+    mode = table.string("mode", MODES[0], MODES)
+    exempt = [normalize_address(e) for e in table.strings("exempt_recipients", ()) if e]
+    table.finish()
+    if len(table.errors.messages) > before:
+        return None
+    return LimitSpec(
+        name=name,
+        key_fields=tuple(key_fields),
+        client_prefix_v4=prefix_v4,
+        client_prefix_v6=prefix_v6,
+        rate_count=rate_count,
+        rate_period_seconds=period,
+        burst=burst,
+        count=count,
+        exempt_recipients=tuple(dict.fromkeys(exempt)),
+        backend=backend,
+        mode=mode,
     )
+
+
+def parse_rate(value: object) -> tuple[int, int]:
+    """(units, seconds) from "600/1h", "2k / 1d"; ValueError when malformed or zero."""
+    match = _RATE_RE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError
+    count = int(match[1]) * _SIZE_FACTOR[match[2].lower()]
+    period = int(match[3] or 1) * _PERIOD_SECONDS[match[4].lower()]
+    if count < 1 or period < 1:
+        raise ValueError
+    return count, period
 
 
 def _parse_prefixes(text: str) -> tuple[int | None, int | None] | None:

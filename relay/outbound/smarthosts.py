@@ -106,7 +106,7 @@ def _read_hosts(table: Table) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[
             raise TypeError
         return raw
 
-    items: list[Any] = table._get("hosts", [], as_list, 'a list of "HOST:PORT" strings or tables')
+    items: list[Any] = table.value("hosts", [], as_list, 'a list of "HOST:PORT" strings or tables')
     if table.has("hosts") and isinstance(table.data["hosts"], list) and not items:
         table.error("hosts", "must name at least one host")
     hosts, ranks = [], []
@@ -186,7 +186,7 @@ def read_upstreams(root: Table) -> dict[str, UpstreamSettings]:
             password_file=password_file,
             password=password,
             max_concurrent=table.integer("max_concurrent", base.max_concurrent, 0, 100_000),
-            max_rate=table._get(
+            max_rate=table.value(
                 "max_rate", base.max_rate, parse_rate, 'a rate such as "14/s" or "600/1m", or ""'
             ),
         )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from relay.checks.ratelimit import LimitSpec, parse_limit
+from relay.checks.ratelimit import LimitSpec, read_limit
 from relay.policy import match
 from relay.policy.fields import CONDITION_FIELDS, CONNECT, DATA, FIELDS, MAIL, RCPT
 from relay.replies import Reply
@@ -307,9 +307,7 @@ class _Loader:
     def read_limits(self) -> dict[str, LimitSpec]:
         limits = {}
         for name, (table, source) in self.limit_tables.items():
-            spec, problems = parse_limit(name, table)
-            for problem in problems:
-                self.errors.add(f"{source}: {problem}")
+            spec = read_limit(name, Table(table, f"limit.{name}", source, self.errors))
             if spec is not None:
                 limits[name] = spec
         return limits
