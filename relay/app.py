@@ -62,7 +62,7 @@ class Relay:
             settings.ops.control_group or None, limiter=lambda: self.services.limiter,
         )
         self.limits = ConnectionLimits()
-        self.budget = DataBudget(settings.max_data_memory)
+        self.budget = DataBudget(settings.inbound.max_data_memory)
         self.tls: dict[str, ListenerTLS] = {}
         self.servers: list[asyncio.Server] = []
         self.http: asyncio.Server | None = None

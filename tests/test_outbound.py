@@ -16,6 +16,7 @@ from tlsupstream import CertAuthority, Relays, UpstreamSink, spread
 from relay import config
 from relay.outbound.delivery import UnknownRoute, retry_delay, route
 from relay.outbound.shaping import Shaper, is_throttle
+from relay.queue.settings import QueueSettings
 from relay.queue.spool import Envelope
 
 MESSAGE = b"From: a@example.test\r\nSubject: outbound\r\n\r\nbody\r\n"
@@ -258,9 +259,9 @@ def test_route_picks_the_policy_choice_or_default_and_refuses_unknown_groups():
 
 
 def test_retry_schedule_steps_then_repeats():
-    queue = config.QueueSettings(retry_schedule=(60.0, 300.0, 900.0))
+    queue = QueueSettings(retry_schedule=(60.0, 300.0, 900.0))
     assert [retry_delay(n, queue) for n in (1, 2, 3, 4, 9)] == [60, 300, 900, 900, 900]
-    exponential = config.QueueSettings(minimal_backoff=60, maximal_backoff=3600)
+    exponential = QueueSettings(minimal_backoff=60, maximal_backoff=3600)
     assert [retry_delay(n, exponential) for n in (1, 2, 3, 7, 8)] == [60, 120, 240, 3600, 3600]
 
 

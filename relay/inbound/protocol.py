@@ -213,17 +213,17 @@ class RelaySMTP(SMTP):
         self._policy: PolicySession | None = None
         # The reader's limit bounds every line: RFC 5321 section 4.5.3.1.6 allows 1000
         # octets with CRLF, plus one for the transparency dot of section 4.5.2.
-        self.line_length_limit = settings.max_line_length + 3
+        self.line_length_limit = settings.inbound.max_line_length + 3
         super().__init__(
             handler,
             hostname=settings.smtp_hostname,
             ident="ESMTP",
-            data_size_limit=settings.max_message_size,
+            data_size_limit=settings.inbound.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
             tls_context=tls if listener.tls == "starttls" else None,
             require_starttls=listener.require_tls,
-            timeout=settings.idle_timeout,
+            timeout=settings.inbound.idle_timeout,
             auth_required=listener.auth == "required",
             command_call_limit=CALL_LIMITS,
             proxy_protocol_timeout=listener.proxy_timeout if listener.proxy_protocol else None,
@@ -298,7 +298,7 @@ class RelaySMTP(SMTP):
             self.listener.implicit_tls
             or (self.listener.auth_plaintext_loopback and in_networks(real_peer, LOOPBACK_NETWORKS))
         )
-        self._deadline = self.loop.call_later(self.settings.session_timeout, self._expired)
+        self._deadline = self.loop.call_later(self.settings.inbound.session_timeout, self._expired)
         self.limits.register(self)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -348,7 +348,7 @@ class RelaySMTP(SMTP):
         address = client_address(self.session)
         settings = self.settings
         why = self.limits.admit(
-            address, settings.max_connections, settings.max_connections_per_client
+            address, settings.inbound.max_connections, settings.inbound.max_connections_per_client
         )
         if why is not None:
             log.info("NOQUEUE: reject: CONNECT from [%s]: %s; %s listener=%s",
@@ -395,18 +395,18 @@ class RelaySMTP(SMTP):
         # trickle of partial lines is no progress, and the session deadline bounds
         # everything (a slowloris client cannot hold a session forever).
         assert self.session is not None
-        left = self._progress_at + self.settings.idle_timeout - self.loop.time()
+        left = self._progress_at + self.settings.inbound.idle_timeout - self.loop.time()
         if left > 0 and not self._closing:
             self._timeout_handle = self.loop.call_later(left, self._timeout_cb)
             return
-        log.info("timeout: idle for %gs, [%s] listener=%s", self.settings.idle_timeout,
+        log.info("timeout: idle for %gs, [%s] listener=%s", self.settings.inbound.idle_timeout,
                  client_address(self.session), self.listener.name)
         self.close_with(replies.TIMEOUT)
 
     def _expired(self) -> None:
         assert self.session is not None
         log.info("timeout: session longer than %gs, [%s] listener=%s",
-                 self.settings.session_timeout, client_address(self.session),
+                 self.settings.inbound.session_timeout, client_address(self.session),
                  self.listener.name)
         self.close_with(replies.TIMEOUT)
 
@@ -428,7 +428,7 @@ class RelaySMTP(SMTP):
         if line[:1] not in ("4", "5") or line == str(replies.TOO_MANY_RECIPIENTS):
             return
         self._errors += 1
-        if self._errors >= self.settings.max_errors:
+        if self._errors >= self.settings.inbound.max_errors:
             assert self.session is not None
             log.info("too many errors (%d) from [%s] listener=%s", self._errors,
                      client_address(self.session), self.listener.name)
@@ -601,7 +601,7 @@ class RelaySMTP(SMTP):
             await self.push(str(replies.AUTH_NOT_ENABLED))
             return
         if self.limits.auth_blocked(client_address(self.session),
-                                    self.settings.max_auth_failures):
+                                    self.settings.inbound.max_auth_failures):
             self.close_with(replies.TOO_MANY_AUTH_FAILURES)
             return
         await super().smtp_AUTH(arg)
@@ -638,7 +638,7 @@ class RelaySMTP(SMTP):
             return AuthResult(success=True, auth_data=name)
         log.info("AUTH %s failed: user=%s client=[%s] listener=%s", mechanism,
                  header_safe(name), client, self.listener.name)
-        if self.limits.auth_failed(client, self.settings.max_auth_failures):
+        if self.limits.auth_failed(client, self.settings.inbound.max_auth_failures):
             self.close_with(replies.TOO_MANY_AUTH_FAILURES)
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=str(replies.AUTH_FAILED))

@@ -45,6 +45,8 @@ def flatten(data: Any, prefix: str = "") -> list[str]:
 
 def dump(settings: Settings, as_json: bool) -> str:
     data = plain(settings)
+    # The inbound limits are [server] keys, shown beside the other [server] settings.
+    data.update(data.pop("inbound"))
     data["spool_path"] = str(settings.spool_path)
     data["control_socket_path"] = str(settings.ops.control_socket_path)
     if as_json:

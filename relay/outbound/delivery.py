@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import aiosmtplib
 
-from relay.config import QueueSettings, Settings
+from relay.config import Settings
 from relay.ops.metrics import Metrics
 from relay.outbound.pool import (
     CONNECTION_ERRORS,
@@ -24,6 +24,7 @@ from relay.outbound.pool import (
 from relay.outbound.shaping import Shaper, is_throttle
 from relay.outbound.smarthosts import UpstreamSettings
 from relay.queue import bounce
+from relay.queue.settings import QueueSettings
 from relay.queue.spool import Envelope, Outcome, QueuedMessage, Spool, fresh, new_queue_id
 
 log = logging.getLogger("relay.delivery")

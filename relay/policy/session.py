@@ -177,14 +177,14 @@ class PolicySession:
         )
         settings = self.runtime.settings
         detail = f"from=<{sender}>"
-        if size is not None and size > settings.max_message_size:
+        if size is not None and size > settings.inbound.max_message_size:
             # RFC 1870 section 6.1: refused at MAIL when the declared size is too big.
             return self._refuse("MAIL", replies.MESSAGE_TOO_BIG, f"{detail} size={size}")
         if sender and not sender.isascii() and not smtputf8:
             return self._refuse("MAIL", replies.NEEDS_SMTPUTF8, detail)
         if sender and (why := problem(sender, utf8=smtputf8)):
             return self._refuse("MAIL", replies.BAD_SENDER_SYNTAX, f"{detail} {why}")
-        if why := storage_short(settings.spool_path, settings.min_free_space, size or 0):
+        if why := storage_short(settings.spool_path, settings.inbound.min_free_space, size or 0):
             return self._refuse("MAIL", replies.INSUFFICIENT_STORAGE, why)
         refusal = self._early("MAIL", await self._walk("mail", self.facts))
         return refusal or replies.SENDER_OK
@@ -197,7 +197,7 @@ class PolicySession:
             return self._refuse("RCPT", replies.NEEDS_SMTPUTF8, detail)
         if why := problem(recipient, utf8=self.smtputf8):
             return self._refuse("RCPT", replies.BAD_RECIPIENT_SYNTAX, f"{detail} {why}")
-        if len(self.facts.recipients) >= settings.max_recipients:
+        if len(self.facts.recipients) >= settings.inbound.max_recipients:
             return self._refuse("RCPT", replies.TOO_MANY_RECIPIENTS, detail)
         decision = await self._walk(
             "rcpt", dataclasses.replace(self.facts, recipient=recipient)
@@ -228,17 +228,17 @@ class PolicySession:
             action = "tempfail" if reply.is_temporary else "reject"
             return Verdict(action, reply, rule, message, b"", None)
 
-        if len(message) > settings.max_message_size:
+        if len(message) > settings.inbound.max_message_size:
             return refused(replies.MESSAGE_TOO_BIG, f"{detail} size={len(message)}")
         if has_bare_line_ending(message):
             return refused(replies.BAD_LINE_ENDING, detail)
-        if has_long_line(message, settings.max_line_length):
+        if has_long_line(message, settings.inbound.max_line_length):
             return refused(replies.LINE_TOO_LONG,
                            f"{detail} line of {longest_line(message)} octets")
         header_size, hops = header_stats(message)
-        if header_size > settings.max_header_size:
+        if header_size > settings.inbound.max_header_size:
             return refused(replies.HEADER_TOO_BIG, f"{detail} header size {header_size}")
-        if hops >= settings.max_hops:
+        if hops >= settings.inbound.max_hops:
             # RFC 5321 section 6.3: count Received: fields to break mail loops.
             return refused(replies.TOO_MANY_HOPS, f"{detail} hops {hops}")
         message, forged = strip_forged_authentication_results(message, self.authserv_id)
