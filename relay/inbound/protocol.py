@@ -530,6 +530,9 @@ class RelaySMTP(SMTP):
         # The CRLF that ended the DATA command: a message can end before its first line.
         buf = bytearray(b"\r\n")
         refusal: Reply | None = None
+        # RFC 1870 section 3: the size excludes the dots doubled for transparency
+        # (RFC 5321 section 4.5.2); they are counted up to `counted` in buf.
+        dots, counted = 0, 0
         while True:
             try:
                 chunk = await reader.read(DATA_CHUNK)
@@ -552,8 +555,14 @@ class RelaySMTP(SMTP):
                     reader.unread(buf[end + 5 :])
                 del buf[end + 2 :]
             if refusal is None:
-                # Until its end is seen, the message is at least len(buf) - 4 octets.
-                if (len(buf) - 2 if end >= 0 else len(buf) - 4) > size_limit:
+                # Until its end is seen, the message is at least len(buf) - 4 octets. A
+                # "\r\n." is a doubled dot unless it starts the end of data, which is
+                # found before it can be counted (the last 4 octets wait for the next
+                # chunk).
+                scan_to = len(buf) if end >= 0 else max(counted, len(buf) - 4)
+                dots += buf.count(b"\r\n.", counted, scan_to)
+                counted = max(counted, scan_to - 2)
+                if (len(buf) - 2 if end >= 0 else len(buf) - 4) - dots > size_limit:
                     # RFC 1870 section 6: the message goes over the size limit.
                     refusal = (replies.LINE_TOO_LONG if has_long_line(buf, line_limit)
                                else replies.MESSAGE_TOO_BIG)
