@@ -140,6 +140,9 @@ class StaticChecks:
     def new_transaction(self) -> None:
         """Nothing to reset: the results are fixed."""
 
+    def backend_failed(self, limit: str) -> bool:
+        return False
+
     async def spf(self, facts: Facts) -> str:
         self.calls.append("spf")
         return self._spf

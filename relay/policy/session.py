@@ -50,6 +50,10 @@ class TransactionChecks(Checks, Protocol):
 
     def new_transaction(self) -> None: ...
 
+    def backend_failed(self, limit: str) -> bool:
+        """True when `limit` said "over" only because its backend (Redis) failed."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
@@ -130,8 +134,7 @@ class PolicySession:
 
     def _limit_backend_failed(self, rule_name: str) -> bool:
         limit = self.runtime.policy.over_limit_of(rule_name)
-        return (limit is not None and isinstance(self.checks, SessionChecks)
-                and self.checks.backend_failed(limit))
+        return limit is not None and self.checks.backend_failed(limit)
 
     def _refuse(self, stage: str, reply: Reply, detail: str, rule: str = "") -> Reply:
         if self._on_refusal is not None:
@@ -139,10 +142,10 @@ class PolicySession:
             self._on_refusal(Refusal(stage, reply, detail, rule, limit))
         return reply
 
-    def _early(self, stage: str, decision: Decision) -> Reply | None:
+    def _early(self, stage: str, decision: Decision, detail: str) -> Reply | None:
         """A refusal before RCPT: answered now, or at RCPT when delay_reject is set."""
         if decision.refused and decision.reply is not None and not self.runtime.policy.delay_reject:
-            return self._refuse(stage, decision.reply, "", decision.rule)
+            return self._refuse(stage, decision.reply, detail, decision.rule)
         return None
 
     # -- the stages -------------------------------------------------------------------
@@ -152,7 +155,7 @@ class PolicySession:
         self.runtime = self.current()
         self.last_decision = None
         self.facts = dataclasses.replace(self.facts, tls=tls)
-        return self._early("CONNECT", await self._walk("connect", self.facts))
+        return self._early("CONNECT", await self._walk("connect", self.facts), "")
 
     async def helo(self, name: str, tls: bool) -> Reply | None:
         """EHLO or HELO (which also ends any transaction): None to answer as usual."""
@@ -160,7 +163,7 @@ class PolicySession:
         self.last_decision = None
         self.facts = Facts(self.facts.client_address, self.facts.listener, helo_name=name,
                            tls=tls)
-        return self._early("HELO", await self._walk("helo", self.facts))
+        return self._early("HELO", await self._walk("helo", self.facts), f"helo=<{name}>")
 
     async def mail(
         self, sender: str, *, size: int | None, smtputf8: bool, sasl_username: str, tls: bool
@@ -186,7 +189,7 @@ class PolicySession:
             return self._refuse("MAIL", replies.BAD_SENDER_SYNTAX, f"{detail} {why}")
         if why := storage_short(settings.spool_path, settings.inbound.min_free_space, size or 0):
             return self._refuse("MAIL", replies.INSUFFICIENT_STORAGE, why)
-        refusal = self._early("MAIL", await self._walk("mail", self.facts))
+        refusal = self._early("MAIL", await self._walk("mail", self.facts), detail)
         return refusal or replies.SENDER_OK
 
     async def rcpt(self, recipient: str) -> Reply:
