@@ -126,12 +126,10 @@ class Relay:
         self.notifier.ready(f"{queued} messages queued")
 
     async def _refresh_metrics(self) -> None:
-        groups = {name: group.pools for name, group in self.upstreams.groups.items()}
-        await self.metrics.refresh(self.spool, groups)
-        for name, pools in groups.items():
-            # A group is up while any of its hosts is not marked down by the breaker.
-            up = any(p.failures < p.settings.down_after_failures for p in pools)
-            self.metrics.upstream_up(name, up)
+        groups = self.upstreams.groups
+        await self.metrics.refresh(self.spool, {n: g.hosts for n, g in groups.items()})
+        for name, group in groups.items():
+            self.metrics.upstream_up(name, group.up)
 
     async def reload(self) -> None:
         """SIGHUP: load and validate everything anew; keep the old runtime on any error."""

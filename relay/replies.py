@@ -177,3 +177,61 @@ TABLE: tuple[Reply, ...] = (
     queued("X"),
     relay_denied("x@example.test"),
 )
+
+
+_ENHANCED_PREFIX = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamReply:
+    """A reply an upstream server sent us: code, enhanced status when it gave one that
+    agrees with its code (RFC 3463), and text. Code 0 is no reply at all (the connection
+    failed); the text then says what happened.
+
+    Parsed once from aiosmtplib's (code, message) and kept as this value through
+    recipient results, the spool, bounces and shaping.
+    """
+
+    code: int
+    status: str
+    text: str
+
+    @classmethod
+    def of(cls, code: int, message: str) -> UpstreamReply:
+        """From aiosmtplib's SMTPResponse (code, message); multi-line text is joined."""
+        text = " ".join(message.split())
+        m = _ENHANCED_PREFIX.match(text)
+        # No reply (code 0) is a temporary failure: it may carry a 4.x.x status of ours.
+        if m and m.group(1) == (str(code)[0] if code else "4"):
+            return cls(code, m.group(0).strip(), text[m.end():])
+        return cls(code, "", text)
+
+    @classmethod
+    def parse(cls, line: str) -> UpstreamReply:
+        """From its own str(): "550 5.1.1 No such user", or text alone for code 0."""
+        code, _, rest = line.partition(" ")
+        if len(code) == 3 and code.isdigit():
+            return cls.of(int(code), rest)
+        return cls.of(0, line)
+
+    @classmethod
+    def failure(cls, status: str, text: str) -> UpstreamReply:
+        """No reply: the connection or the relay itself failed (a 4.x.x status); `text`
+        says how."""
+        return cls(0, status, " ".join(text.split()))
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def is_temporary(self) -> bool:
+        return not self.is_success and not self.is_permanent
+
+    def __str__(self) -> str:
+        code = str(self.code) if self.code else ""
+        return " ".join(part for part in (code, self.status, self.text) if part)

@@ -13,6 +13,7 @@ from conftest import wait_until
 from tlsupstream import Relays, UpstreamSink
 
 from relay.queue import bounce
+from relay.replies import UpstreamReply
 
 MESSAGE = (b"From: a@example.test\r\nTo: b@dest.test\r\nSubject: bounce me\r\n"
            b"Message-ID: <orig@example.test>\r\n\r\nthe body stays home\r\n")
@@ -55,8 +56,9 @@ def report(data: bytes) -> tuple[Message, list[Message]]:
 def test_build_reads_back_as_a_multipart_report():
     data = bounce.build(
         queue_id="Q1", reporting_mta="relay.test", sender="a@example.test", arrival=0.0,
-        failures=[bounce.Failure("b@dest.test", "550 5.1.1 No such user", "mx1"),
-                  bounce.Failure("c@dest.test", "451 4.3.0 busy", "", expired=True)],
+        failures=[bounce.Failure("b@dest.test", UpstreamReply.parse("550 5.1.1 No such user"), "mx1"),
+                  bounce.Failure("c@dest.test", UpstreamReply.parse("451 4.3.0 busy"), "",
+                                 expired=True)],
         original=MESSAGE, now=100.0,
     )
     dsn, blocks = report(data)

@@ -18,6 +18,7 @@ from relay.outbound.delivery import UnknownRoute, retry_delay, route
 from relay.outbound.shaping import Shaper, is_throttle
 from relay.queue.settings import QueueSettings
 from relay.queue.spool import Envelope
+from relay.replies import UpstreamReply
 
 MESSAGE = b"From: a@example.test\r\nSubject: outbound\r\n\r\nbody\r\n"
 
@@ -66,7 +67,7 @@ async def test_first_host_down_mail_goes_to_second_and_first_gets_traffic_when_b
                          upstream='down_after_failures = 1\ndown_pause = "1s"')
     await send(relay.port)
     second.wait_messages(1)
-    assert f"relay=127.0.0.1:{second.port}, delay=" in relay.log_text()
+    assert f"relay=sink.test[127.0.0.1]:{second.port}, delay=" in relay.log_text()
     assert "marked down" in relay.log_text()
 
     first = running(sinks, UpstreamSink(first_port))
@@ -110,10 +111,10 @@ def test_weights_and_priorities_order_the_candidates():
     group = HostGroup(UpstreamSettings(
         "default", hosts=(("a", 25), ("b", 25), ("c", 25)), ranks=((10, 3), (10, 1), (20, 1))
     ), settings.smtp_hostname)
-    firsts = [group.candidates()[0].host for _ in range(8)]
+    firsts = [group.candidates()[0].member.host for _ in range(8)]
     assert firsts.count("a") == 6 and firsts.count("b") == 2
-    assert [p.host for p in group.candidates()][-1] == "c"
-    assert repr(group.pools[0]) == "<HostPool a:25 idle=0 busy=0>"
+    assert [h.member.host for h in group.candidates()][-1] == "c"
+    assert repr(group.hosts[0]) == "<Host a:25 idle=0 busy=0>"
 
 
 # -- TLS and AUTH ---------------------------------------------------------------------
@@ -242,9 +243,11 @@ def test_shaper_spaces_starts_and_backs_off_when_throttled():
     assert shaper.factor == pytest.approx(0.6)  # gradual recovery
     assert shaper.admit(1.5) == 0.0
     assert shaper.interval == pytest.approx(1 / 3)
-    assert is_throttle("421 4.7.0 Too many connections")
-    assert is_throttle("451 4.7.1 Rate limit exceeded")
-    assert not is_throttle("451 4.3.0 Local error")
+    assert is_throttle(UpstreamReply.parse("421 4.7.0 Too many connections"))
+    assert is_throttle(UpstreamReply.parse("421 Service closing"))
+    assert is_throttle(UpstreamReply.parse("451 4.7.1 Rate limit exceeded"))
+    assert not is_throttle(UpstreamReply.parse("451 4.3.0 Local error"))
+    assert not is_throttle(UpstreamReply.parse("550 5.7.1 Denied"))
 
 
 # -- routing and retries -------------------------------------------------------------

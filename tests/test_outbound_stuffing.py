@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-from relay.outbound.pool import dot_stuffed
+from relay.outbound.transaction import dot_stuffed
 
 
 @pytest.mark.parametrize("message", [

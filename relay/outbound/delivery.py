@@ -4,28 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from email.utils import formatdate
 
 import aiosmtplib
 
 from relay.config import Settings
+from relay.ipaddr import client_ip
 from relay.ops.metrics import Metrics
-from relay.outbound.pool import (
+from relay.outbound.connector import Connection
+from relay.outbound.pool import Host, HostGroup
+from relay.outbound.shaping import Shaper, is_throttle
+from relay.outbound.smarthosts import UpstreamSettings
+from relay.outbound.transaction import (
     CONNECTION_ERRORS,
-    HostGroup,
-    HostPool,
     RecipientResult,
     StaleConnection,
     transmit,
 )
-from relay.outbound.shaping import Shaper, is_throttle
-from relay.outbound.smarthosts import UpstreamSettings
 from relay.queue import bounce
 from relay.queue.settings import QueueSettings
 from relay.queue.spool import Envelope, Outcome, QueuedMessage, Spool, fresh, new_queue_id
+from relay.replies import UpstreamReply
 
 log = logging.getLogger("relay.delivery")
 
@@ -78,7 +83,7 @@ class Upstreams:
         }
 
     def __repr__(self) -> str:
-        pools = ", ".join(repr(p) for g in self.groups.values() for p in g.pools)
+        pools = ", ".join(repr(h) for g in self.groups.values() for h in g.hosts)
         return f"<Upstreams {pools}>"
 
     def group(self, name: str) -> HostGroup | None:
@@ -92,9 +97,40 @@ class Upstreams:
         await asyncio.gather(*(group.close() for group in self.groups.values()))
 
 
+@dataclass(frozen=True, slots=True)
+class Via:
+    """Where a recipient's result came from, for the log line and the bounce."""
+
+    relay: str = "none"  # "mx.example[192.0.2.1]:25", or "none" when no host answered
+    remote_mta: str = ""  # the upstream's host name, "" when we know only an address
+    tls: str = ""
+
+
+@dataclass
+class Unrecorded:
+    """An attempt's results that the spool has not taken yet (see Delivery._commit)."""
+
+    message: QueuedMessage
+    outcomes: list[Outcome]
+    retry_at: float
+    last_error: str
+    dsn: tuple[str, Envelope, bytes] | None = None
+    permanent_failure: bool = False
+    status: str = "sent"
+    since: float = field(default_factory=time.monotonic)
+
+
 class Delivery:
     """The delivery loop: at most `delivery_workers` messages in flight at once, and per
-    upstream group at most what its shaping allows; the rest wait in the spool."""
+    upstream group at most what its shaping allows; the rest wait in the spool.
+
+    Three things keep a message out of the loop's picks while it is not in flight:
+    parked (its group's shaping says not yet), set aside (every host of its group is
+    down: it is not tried, so no attempt is counted, and it is released the moment a
+    host answers again), and unrecorded (the upstream answered but the spool could not
+    store the result yet: it is never sent again, and no new delivery starts until the
+    spool takes the result).
+    """
 
     def __init__(
         self,
@@ -120,6 +156,10 @@ class Delivery:
         # Due messages whose group may not start another delivery yet: queue id ->
         # (group, monotonic time to look again). Only ids: the message stays on disk.
         self._parked: dict[str, tuple[str, float]] = {}
+        # Due messages not tried because every host of their group is down: queue id ->
+        # (group, monotonic time to look again).
+        self._aside: dict[str, tuple[str, float]] = {}
+        self._unrecorded: dict[str, Unrecorded] = {}
         self.shapers: dict[str, Shaper] = {}
         self._stopping = False
         # Messages may be due in the spool that no worker took: counted up whenever
@@ -130,16 +170,43 @@ class Delivery:
         # Ids offer() started while a due() query was out: that query may return them.
         self._selecting = False
         self._offered: set[str] = set()
+        for name, group in upstreams.groups.items():
+            for host in group.hosts:
+                host.health.on_recovery = functools.partial(self._recovered, name)
 
     @property
     def in_flight(self) -> frozenset[str]:
         """Ids of the messages being delivered now."""
         return frozenset(self._inflight)
 
+    @property
+    def paused(self) -> bool:
+        """True while results wait for the spool: no new delivery starts meanwhile."""
+        return bool(self._unrecorded)
+
     def wake(self) -> None:
         """New mail arrived (or a retry was forced): look at the queue now."""
         self._backlog += 1
         self._wake.set()
+
+    def flush(self) -> None:
+        """The operator's `queue flush`: every down host gets its probe now, and what
+        waited for one is tried at once."""
+        for group in self.upstreams.groups.values():
+            for host in group.hosts:
+                host.health.probe_now()
+        self._aside.clear()
+        self.wake()
+
+    def _recovered(self, group: str) -> None:
+        """A host of `group` answered again: what waited for it goes now."""
+        released = [k for k, (g, _) in self._aside.items() if g == group]
+        for queue_id in released:
+            del self._aside[queue_id]
+        if released:
+            log.info("upstream group %r is back: %d waiting messages released", group,
+                     len(released))
+        self.wake()
 
     def offer(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
         """A message the spool has just committed: with a worker free, start it at once
@@ -149,7 +216,8 @@ class Delivery:
             # here, has started it already. (It cannot have finished: its result's
             # commit queues behind the one that is waking us up.)
             return
-        if self._stopping or len(self._inflight) >= self.settings.queue.delivery_workers:
+        if (self._stopping or self.paused
+                or len(self._inflight) >= self.settings.queue.delivery_workers):
             self.wake()
             return
         if self._selecting:
@@ -169,17 +237,21 @@ class Delivery:
         while not self._stopping:
             self._wake.clear()
             timeout = IDLE_POLL
-            free = workers - len(self._inflight)
+            if self._unrecorded:
+                await self._retry_unrecorded()
+            free = 0 if self.paused else workers - len(self._inflight)
             again = False
             if free > 0:
                 now, mono = self.clock(), self.monotonic()
                 self._resting = {k: t for k, t in self._resting.items() if t > now}
                 self._parked = {k: v for k, v in self._parked.items() if v[1] > mono}
+                self._aside = {k: v for k, v in self._aside.items() if v[1] > mono}
                 backlog = self._backlog
                 self._selecting = True
                 try:
                     due = await self.spool.due_with_data(
-                        now, free, exclude=[*self._inflight, *self._resting, *self._parked]
+                        now, free, exclude=[*self._inflight, *self._resting, *self._parked,
+                                            *self._aside, *self._unrecorded],
                     )
                 except Exception:
                     log.exception("cannot read the spool; retrying")
@@ -198,6 +270,8 @@ class Delivery:
                     timeout = min(timeout, wait)
                 # Parked messages took places in that batch: look for others at once.
                 again = len(due) == free and any(m.id in self._parked for m, _ in due)
+                if self._aside:
+                    timeout = min(timeout, min(t for _, t in self._aside.values()) - mono)
             if self.monotonic() - last_prune > IDLE_POLL:
                 await self.upstreams.prune()
                 last_prune = self.monotonic()
@@ -265,6 +339,13 @@ class Delivery:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._unrecorded:
+            await self._retry_unrecorded()
+        for queue_id in self._unrecorded:
+            log.error("%s: the upstream's answer could not be stored; after a restart this "
+                      "message may be sent again", queue_id)
+
+    # -- one delivery -------------------------------------------------------------------
 
     async def _deliver(
         self, message: QueuedMessage, data: bytes, name: str, shaper: Shaper
@@ -274,18 +355,21 @@ class Delivery:
             pending = message.pending
             group = self.upstreams.group(name)
             if group is None:
-                reply = f"4.3.5 upstream group {name!r} is not configured"
-                results = [RecipientResult(0, reply)] * len(pending)
-                relays = ["none"] * len(pending)
+                reply = UpstreamReply.failure(
+                    "4.3.5", f"upstream group {name!r} is not configured")
+                results = [RecipientResult(reply)] * len(pending)
+                vias = [Via()] * len(pending)
             else:
-                results, relays = await self._send(
-                    message, [r.address for r in pending], data, group
-                )
+                tried = await self._send(message, [r.address for r in pending], data, group)
+                if tried is None:
+                    self._set_aside(message, group)
+                    return
+                results, vias = tried
             throttled = any(is_throttle(r.reply) for r in results)
             succeeded = any(r.accepted for r in results)
             # What the upstream accepted must be recorded even if SIGTERM's deadline
             # cancels us now, or it would be sent a second time after restart.
-            record = asyncio.ensure_future(self._record(message, results, relays, data))
+            record = asyncio.ensure_future(self._record(message, results, vias, data))
             try:
                 await asyncio.shield(record)
             except asyncio.CancelledError:
@@ -294,11 +378,121 @@ class Delivery:
         finally:
             shaper.release(self.monotonic(), throttled, succeeded)
 
+    def _set_aside(self, message: QueuedMessage, group: HostGroup) -> None:
+        """No host of `group` may be tried now: no attempt, no backoff; the message
+        waits until a host's pause ends (one probe goes) or a host answers again."""
+        mono = self.monotonic()
+        hosts = group.hosts
+        until = max(min(h.health.down_until for h in hosts), mono + IDLE_POLL)
+        if message.id not in self._aside:
+            down = max(hosts, key=lambda h: h.health.down_since).health
+            since = formatdate(down.down_since, localtime=True) if down.down_since else "?"
+            log.info("%s: not tried: upstream group %r is down since %s (%s)", message.id,
+                     group.settings.name, since, down.last_failure)
+        self._aside[message.id] = (group.settings.name, until)
+
+    async def _send(
+        self, message: QueuedMessage, recipients: Sequence[str], data: bytes, group: HostGroup
+    ) -> tuple[list[RecipientResult], list[Via]] | None:
+        """Try the group's hosts, best first, until every recipient has a final answer.
+
+        Recipients that get a temporary failure on one host (connection trouble,
+        timeouts, TLS errors, 4xx replies) or that it cannot take (no SMTPUTF8 or
+        8BITMIME) go on to the next host in the same attempt; what is left after the
+        last host keeps its last answer. Returns one result and where it came from per
+        recipient; None when no host could be tried at all (all down).
+        """
+        results: dict[int, RecipientResult] = {}
+        vias: dict[int, Via] = {}
+        todo = list(range(len(recipients)))
+        tried = False
+        for host in group.candidates():
+            if not todo:
+                break
+            if not host.health.admits():
+                continue
+            tried = True
+            got, via, unsuitable = await self._try_host(message, host, recipients, todo, data)
+            for i, result in got.items():
+                results[i] = result
+                vias[i] = via
+            # A host that cannot take the message at all leaves it to the next one.
+            todo = [i for i in todo if unsuitable or not got[i].final]
+        if not tried:
+            return None
+        return ([results[i] for i in range(len(recipients))],
+                [vias[i] for i in range(len(recipients))])
+
+    async def _try_host(
+        self,
+        message: QueuedMessage,
+        host: Host,
+        recipients: Sequence[str],
+        todo: list[int],
+        data: bytes,
+    ) -> tuple[dict[int, RecipientResult], Via, bool]:
+        """Send to the `todo` recipients through one host; new transactions on the same
+        connection for recipients it had no room for (452). Returns a result for every
+        recipient of `todo`, where they came from, and whether the host could not take
+        the message at all (no SMTPUTF8 or 8BITMIME)."""
+        got: dict[int, RecipientResult] = {}
+        unsuitable = False
+        health = host.health
+        via = Via(str(host.member), _remote_name(host.member.host))
+        failure: UpstreamReply | None = None
+        verdict = False  # whether the host's health was judged by this attempt
+        try:
+            for _ in range(2):  # a second go only after a stale pooled connection
+                batch = [i for i in todo if i not in got]
+                try:
+                    async with host.borrow() as conn:
+                        via = _via(host, conn)
+                        while batch:
+                            sent = await transmit(conn, message.sender,
+                                                  [recipients[i] for i in batch], data,
+                                                  host.settings, message.smtputf8)
+                            for i, result in zip(batch, sent.results, strict=True):
+                                if not result.again:
+                                    got[i] = result
+                            batch = [i for i, r in zip(batch, sent.results, strict=True)
+                                     if r.again]
+                            if sent.host_trouble is not None:
+                                health.failed(str(sent.host_trouble))
+                                verdict = True
+                                break
+                            unsuitable = sent.unsuitable
+                            if not unsuitable:
+                                health.succeeded()
+                                verdict = True
+                except StaleConnection:
+                    continue
+                break
+        except CONNECTION_ERRORS as exc:
+            failure = UpstreamReply.failure(
+                "4.4.1", f"connection to {host.member} failed: {_describe(exc)}")
+            health.failed(str(failure))
+            verdict = True
+            self.metrics.connect_failed(host.settings.name)
+        except Exception as exc:
+            # A bug or a library surprise must defer the message, not lose it.
+            log.exception("%s: unexpected error talking to %s", message.id, host.member)
+            failure = UpstreamReply.failure("4.3.0", f"internal error: {type(exc).__name__}")
+        finally:
+            if not verdict:
+                health.released()
+        if failure is None:
+            failure = UpstreamReply.failure("4.4.1", f"no answer from {host.member}")
+        for i in todo:
+            got.setdefault(i, RecipientResult(failure))
+        return got, via, unsuitable
+
+    # -- recording ----------------------------------------------------------------------
+
     async def _record(
         self,
         message: QueuedMessage,
         results: Sequence[RecipientResult],
-        relays: Sequence[str],
+        vias: Sequence[Via],
         data: bytes,
     ) -> None:
         queue = self.settings.queue
@@ -308,151 +502,104 @@ class Delivery:
         # RFC 5321 section 4.5.5 and RFC 3464: never a notification to the null sender.
         bounce_them = queue.on_permanent_failure == "bounce" and message.sender != ""
         outcomes, failures = [], []
-        for rcpt, result, relay in zip(message.pending, results, relays, strict=True):
-            reply = result.reply
+        for rcpt, result, via in zip(message.pending, results, vias, strict=True):
+            reply = str(result.reply)
             if result.accepted:
                 state, status = "sent", "sent"
             elif result.permanent or expired:
                 if not result.permanent:
                     reply = f"4.4.7 queue lifetime expired; last reply: {reply}"
                 state, status = "failed", "bounced" if bounce_them else "failed"
-                remote = relay.rpartition(":")[0] if relay != "none" else ""
-                failures.append(bounce.Failure(rcpt.address, result.reply, remote,
+                failures.append(bounce.Failure(rcpt.address, result.reply, via.remote_mta,
                                                expired=not result.permanent))
             else:
                 state, status = "pending", "deferred"
             outcomes.append(Outcome(rcpt.position, state, reply))  # type: ignore[arg-type]
+            tls = f", tls={via.tls.split()[0]}" if via.tls else ""
             log.info(
-                "%s: to=<%s>, relay=%s, delay=%.2f, attempts=%d, status=%s (%s)",
-                message.id, rcpt.address, relay, now - message.received_at, attempts,
-                status, reply,
+                "%s: to=<%s>, relay=%s%s, delay=%.2f, attempts=%d, status=%s (%s)",
+                message.id, rcpt.address, via.relay, tls, now - message.received_at,
+                attempts, status, reply,
             )
-        if failures and bounce_them:
-            await self._bounce(message, failures, data, now)
         # Never wait past the queue lifetime: the expiry bounce is due then.
         retry_at = min(now + retry_delay(attempts, queue), message.received_at + queue.max_lifetime)
-        last_error = next((o.reply for o in outcomes if o.state != "sent"), "")
-        new_state = await self.spool.record_attempt(message.id, outcomes, retry_at, last_error)
-        if new_state == "queued":
-            self.wake()  # it waits in the spool now: the loop keeps an eye on it
         states = {o.state for o in outcomes}
-        status = "deferred" if "pending" in states else "bounced" if "failed" in states else "sent"
-        self.metrics.delivered(message.route or "default", status, now - message.received_at)
-        if new_state == "failed" and queue.on_permanent_failure == "hold":
-            await self.spool.set_state(message.id, "hold", now, expect=("failed",))
-            log.info("%s: held after permanent failure", message.id)
+        unrecorded = Unrecorded(
+            message, outcomes, retry_at,
+            last_error=next((o.reply for o in outcomes if o.state != "sent"), ""),
+            dsn=self._bounce(message, failures, data, now) if failures and bounce_them else None,
+            status="deferred" if "pending" in states else "bounced" if "failed" in states
+            else "sent",
+        )
+        self.metrics.delivered(message.route or "default", unrecorded.status,
+                               now - message.received_at)
+        await self._commit(unrecorded)
 
-    async def _bounce(
+    async def _commit(self, result: Unrecorded) -> bool:
+        """Store an attempt's results (and its bounce first: a crash in between sends
+        the bounce twice rather than never). When the spool cannot take them, they are
+        kept here and written later: what an upstream accepted is never sent again, and
+        no new delivery starts meanwhile."""
+        message = result.message
+        try:
+            if result.dsn is not None:
+                dsn_id, envelope, dsn = result.dsn
+                await self.spool.store(dsn_id, envelope, dsn)
+                log.info("%s: sender non-delivery notification: %s", message.id, dsn_id)
+                result.dsn = None
+            new_state = await self.spool.record_attempt(
+                message.id, result.outcomes, result.retry_at, result.last_error)
+        except Exception as exc:
+            if not self._unrecorded:
+                log.error("cannot write to the spool (%s): delivery paused until it can; "
+                          "results are kept in memory meanwhile", exc)
+            self._unrecorded[message.id] = result
+            return False
+        self._unrecorded.pop(message.id, None)
+        self.wake()  # the bounce, or the message itself, waits in the spool now
+        if new_state == "failed" and self.settings.queue.on_permanent_failure == "hold":
+            with contextlib.suppress(Exception):
+                await self.spool.set_state(message.id, "hold", self.clock(),
+                                           expect=("failed",))
+                log.info("%s: held after permanent failure", message.id)
+        return True
+
+    async def _retry_unrecorded(self) -> None:
+        waiting = len(self._unrecorded)
+        for result in list(self._unrecorded.values()):
+            if not await self._commit(result):
+                return
+        log.warning("spool writable again: %d delivery results stored, delivery resumes",
+                    waiting)
+
+    def _bounce(
         self, message: QueuedMessage, failures: list[bounce.Failure], data: bytes, now: float
-    ) -> None:
-        """Queue an RFC 3464 notification to the sender, through the same upstream group.
-
-        It is stored before the failure is recorded: a crash in between sends it twice
-        rather than never.
-        """
-        dsn_id = new_queue_id()
+    ) -> tuple[str, Envelope, bytes]:
+        """An RFC 3464 notification to the sender, through the same upstream group."""
         hostname = self.settings.smtp_hostname
+        # RFC 6533: a global (UTF-8) report only when the sender's own address needs
+        # SMTPUTF8 anyway; otherwise an ASCII report that any upstream takes.
+        utf8 = not message.sender.isascii()
         dsn = bounce.build(queue_id=message.id, reporting_mta=hostname, sender=message.sender,
                            arrival=message.received_at, failures=failures, original=data,
-                           now=now)
+                           now=now, utf8=utf8)
         envelope = Envelope(sender="", recipients=(message.sender,), client_address="",
                             helo=hostname, listener="bounce", received_at=now,
-                            route=message.route, smtputf8=not message.sender.isascii())
-        try:
-            await self.spool.store(dsn_id, envelope, dsn)
-        except Exception:
-            log.exception("%s: cannot queue the non-delivery notification", message.id)
-            return
-        log.info("%s: sender non-delivery notification: %s", message.id, dsn_id)
-        self.wake()
-
-    async def _send(
-        self, message: QueuedMessage, recipients: Sequence[str], data: bytes, group: HostGroup
-    ) -> tuple[list[RecipientResult], list[str]]:
-        """Try the group's hosts, best first, until every recipient has a final answer.
-
-        Recipients that get a temporary failure on one host (connection trouble,
-        timeouts, TLS errors, 4xx replies) go on to the next host in the same attempt;
-        what is left after the last host is deferred. Returns one result and the relay
-        that gave it per recipient.
-        """
-        name = group.settings.name
-        results: dict[int, RecipientResult] = {}
-        relays: dict[int, str] = {}
-        todo = list(range(len(recipients)))
-        failure = RecipientResult(0, f"4.4.1 all hosts of upstream group {name!r} are down")
-        last_relay = "none"
-        for pool in group.candidates():
-            if not todo:
-                break
-            if not pool.admits(self.monotonic()):
-                if last_relay == "none":
-                    # Say why the host is down, not just that it is.
-                    last_relay = str(pool.member)
-                    failure = RecipientResult(0, f"{pool.last_failure} (host marked down)")
-                continue
-            last_relay = str(pool.member)
-            got, failure = await self._try_host(message, pool, recipients, todo, data)
-            for i, result in got.items():
-                results[i] = result
-                relays[i] = str(pool.member)
-            todo = [i for i in todo if i not in got or not _final(got[i])]
-        for i in todo:
-            results.setdefault(i, failure)
-            relays.setdefault(i, last_relay)
-        return ([results[i] for i in range(len(recipients))],
-                [relays[i] for i in range(len(recipients))])
-
-    async def _try_host(
-        self,
-        message: QueuedMessage,
-        pool: HostPool,
-        recipients: Sequence[str],
-        todo: list[int],
-        data: bytes,
-    ) -> tuple[dict[int, RecipientResult], RecipientResult]:
-        """Send to the `todo` recipients through one host; new transactions on the same
-        connection for recipients it had no room for (452). Returns what it answered and
-        the failure to report for recipients it gave no answer for."""
-        got: dict[int, RecipientResult] = {}
-        failure = RecipientResult(0, f"4.4.1 no answer from {pool.member}")
-        for _ in range(2):  # a second go only after a stale pooled connection
-            batch = [i for i in todo if i not in got]
-            try:
-                async with pool.borrow() as conn:
-                    while batch:
-                        sent = await transmit(conn, message.sender,
-                                              [recipients[i] for i in batch], data,
-                                              pool.settings, message.smtputf8)
-                        for i, result in zip(batch, sent, strict=True):
-                            if not result.again:
-                                got[i] = result
-                        batch = [i for i, r in zip(batch, sent, strict=True) if r.again]
-            except StaleConnection:
-                continue
-            except CONNECTION_ERRORS as exc:
-                failure = RecipientResult(0, f"4.4.1 connection to {pool.member} failed: "
-                                             f"{_describe(exc)}")
-                pool.failed(failure.reply)
-                self.metrics.connect_failed(pool.settings.name)
-                return got, failure
-            except Exception as exc:
-                # A bug or a library surprise must defer the message, not lose it.
-                log.exception("%s: unexpected error talking to %s", message.id, pool.member)
-                return got, RecipientResult(0, f"4.3.0 internal error: {type(exc).__name__}")
-            break
-        answers = list(got.values())
-        if answers and all(not _final(r) for r in answers):
-            # Every recipient refused for now (a 421, 451 to DATA, a throttle): the host
-            # is not well, and the next one may take the message (failover on 4xx).
-            pool.failed(answers[0].reply)
-        elif answers:
-            pool.succeeded()
-        return got, failure
+                            route=message.route, smtputf8=utf8)
+        return new_queue_id(), envelope, dsn
 
 
-def _final(result: RecipientResult) -> bool:
-    return result.accepted or result.permanent
+def _via(host: Host, conn: Connection) -> Via:
+    member = host.member
+    name = conn.server_name or _remote_name(member.host)
+    relay = f"{name}[{member.host}]:{member.port}" if name and name != member.host \
+        else str(member)
+    return Via(relay, name, conn.tls)
+
+
+def _remote_name(host: str) -> str:
+    """A configured host as a Remote-MTA name: a name, never an address."""
+    return "" if client_ip(host) is not None else host
 
 
 def _describe(exc: BaseException) -> str:

@@ -8,12 +8,8 @@ yet stays in the spool rather than waiting in memory.
 from __future__ import annotations
 
 import math
-import re
 
-# An upstream that answers 421 or a 4.7.x status is telling us to slow down
-# (RFC 5321 section 4.2.2 for 421; RFC 3463 section 3.8: X.7.x is security or policy
-# status, which providers use for rate limits, e.g. "451 4.7.1 ... rate limited").
-_THROTTLE_STATUS = re.compile(r"^4[0-9][0-9] 4\.7\.\d{1,3}\b")
+from relay.replies import UpstreamReply
 
 # Multiplicative decrease, additive increase (as TCP congestion control does): one
 # throttle reply halves the group's speed, each later success gives back a tenth.
@@ -26,9 +22,13 @@ FIRST_PAUSE = 1.0
 LONGEST_PAUSE = 60.0
 
 
-def is_throttle(reply: str) -> bool:
-    """True for 421 and 4xx replies with an X.7.x enhanced status."""
-    return reply.startswith("421") or bool(_THROTTLE_STATUS.match(reply))
+def is_throttle(reply: UpstreamReply) -> bool:
+    """True for 421 and 4xx replies with an X.7.x enhanced status: the upstream tells us
+    to slow down (RFC 5321 section 4.2.2 for 421; RFC 3463 section 3.8: X.7.x is
+    security or policy status, which providers use for rate limits, e.g. "451 4.7.1 ...
+    rate limited")."""
+    return reply.code == 421 or (reply.is_temporary and reply.code > 0
+                                 and reply.status.startswith("4.7."))
 
 
 class Shaper:

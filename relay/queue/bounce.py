@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 
-_STATUS = re.compile(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b")
+from relay.replies import UpstreamReply
+
 # RFC 5322 section 2.1.1: lines of at most 998 octets; keep diagnostics well below.
 _MAX_DIAGNOSTIC = 500
 
@@ -18,7 +18,7 @@ class Failure:
     """One recipient the notification reports on."""
 
     recipient: str
-    reply: str  # the upstream's last reply, "550 5.1.1 No such user"
+    reply: UpstreamReply  # the upstream's last reply, or what kept us from getting one
     remote_mta: str = ""  # host name of the upstream that gave it, "" if none did
     expired: bool = False  # failed because the queue lifetime ran out
 
@@ -27,16 +27,26 @@ class Failure:
         """RFC 3463 status for the Status: field."""
         if self.expired:
             return "4.4.7"  # RFC 3463 section 3.5: delivery time expired
-        if m := _STATUS.match(self.reply):
-            return m.group(1)
-        code = self.reply[:1]
-        return f"{code}.0.0" if code in "45" and code else "5.0.0"
+        if self.reply.status:
+            return self.reply.status
+        return "4.0.0" if self.reply.is_temporary else "5.0.0"
 
 
-def _clean(text: str) -> str:
-    # Reply text comes from the network: one line, ASCII, bounded.
-    text = "".join(c if " " <= c <= "~" else " " for c in text)
-    return text[:_MAX_DIAGNOSTIC]
+def _text(text: str, utf8: bool) -> str:
+    """Text from the network for the report: one line, bounded; UTF-8 only in a global
+    (RFC 6533) report, else non-ASCII as RFC 6533 section 3's \\x{HHHH} escapes."""
+    text = "".join(c if c >= " " and c != "\x7f" else " " for c in text)[:_MAX_DIAGNOSTIC]
+    if utf8 or text.isascii():
+        return text
+    return "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in text)
+
+
+def _address(address: str, utf8: bool) -> str:
+    """RFC 3464 section 2.3.2 / RFC 6533 section 3: rfc822 for ASCII addresses, else the
+    utf-8 address type (raw in a global report, escaped in an ASCII one)."""
+    if address.isascii():
+        return f"rfc822; {address}"
+    return f"utf-8; {_text(address, utf8)}"
 
 
 def header_section(message: bytes) -> bytes:
@@ -54,18 +64,22 @@ def build(
     failures: Sequence[Failure],
     original: bytes,
     now: float,
+    utf8: bool = False,
 ) -> bytes:
     """The DSN as raw bytes (CRLF lines), ready for the spool.
 
     RFC 3464 section 2: a multipart/report (RFC 6522) with a human-readable part, a
-    message/delivery-status part (one per-message block, then one block per recipient)
-    and the original headers as text/rfc822-headers, which is enough to identify the
-    message without sending its body back.
+    delivery-status part (one per-message block, then one block per recipient) and the
+    original headers, which is enough to identify the message without sending its body
+    back. With `utf8` (an address is not ASCII; the notification then needs SMTPUTF8)
+    the parts are RFC 6533's message/global-delivery-status and message/global-headers;
+    without it everything is ASCII.
     """
-    boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"
+    # RFC 2046 section 5.1.1: at most 70 characters, none of them in the content.
+    boundary = f"{queue_id}.{secrets.token_hex(12)}"
     date = formatdate(now, localtime=False)
     headers = header_section(original)
-    eight_bit = any(b > 127 for b in headers)
+    eight_bit = not headers.isascii()
 
     human = [
         f"This is the mail system at host {reporting_mta}.",
@@ -76,7 +90,7 @@ def build(
     ]
     for f in failures:
         why = "the message stayed undeliverable for too long" if f.expired else "refused"
-        human.append(f"<{f.recipient}>: {why}: {_clean(f.reply)}")
+        human.append(f"<{_text(f.recipient, utf8)}>: {why}: {_text(str(f.reply), utf8)}")
 
     status = [
         # RFC 3464 section 2.2: per-message fields.
@@ -86,14 +100,18 @@ def build(
     ]
     for f in failures:
         # RFC 3464 section 2.3: per-recipient fields, each block after a blank line.
-        status += ["", f"Final-Recipient: rfc822; {f.recipient}", "Action: failed",
+        status += ["", f"Final-Recipient: {_address(f.recipient, utf8)}", "Action: failed",
                    f"Status: {f.status}"]
         if f.remote_mta:
             status.append(f"Remote-MTA: dns; {f.remote_mta}")
-        if f.reply and f.reply[:1] in "2345":
-            status.append(f"Diagnostic-Code: smtp; {_clean(f.reply)}")
+        if f.reply.code:
+            status.append(f"Diagnostic-Code: smtp; {_text(str(f.reply), utf8)}")
         status.append(f"Last-Attempt-Date: {date}")
 
+    if utf8:
+        report_type, headers_type = "global-delivery-status", "message/global-headers"
+    else:
+        report_type, headers_type = "delivery-status", "text/rfc822-headers"
     lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{sender}>",
@@ -103,25 +121,28 @@ def build(
         # RFC 3834 section 5: automatic responses must not trigger further ones.
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        f"Content-Type: multipart/report; report-type={report_type};",
+        f' boundary="{boundary}"',
         "",
         "This is a MIME-encapsulated message.",
         "",
         f"--{boundary}",
         "Content-Description: Notification",
-        "Content-Type: text/plain; charset=us-ascii",
+        f"Content-Type: text/plain; charset={'utf-8' if utf8 else 'us-ascii'}",
+        *(["Content-Transfer-Encoding: 8bit"] if utf8 else []),
         "",
         *human,
         "",
         f"--{boundary}",
         "Content-Description: Delivery report",
-        "Content-Type: message/delivery-status",
+        f"Content-Type: message/{report_type}",
+        *(["Content-Transfer-Encoding: 8bit"] if utf8 else []),
         "",
         *status,
         "",
         f"--{boundary}",
         "Content-Description: Undelivered Message Headers",
-        "Content-Type: text/rfc822-headers",
+        f"Content-Type: {headers_type}",
         f"Content-Transfer-Encoding: {'8bit' if eight_bit else '7bit'}",
         "",
     ]

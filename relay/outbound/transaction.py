@@ -1,0 +1,205 @@
+"""One SMTP transaction with an upstream: MAIL, RCPT..., DATA, with per-recipient results."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from relay.outbound.connector import Connection
+from relay.outbound.smarthosts import UpstreamSettings
+from relay.replies import UpstreamReply
+
+# What can go wrong while talking to an upstream, short of a reply: the pool throws the
+# connection away and the caller tries the next host (ssl.SSLError is an OSError).
+CONNECTION_ERRORS = (TimeoutError, aiosmtplib.SMTPException, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """What the upstream said about one recipient.
+
+    `again` marks a recipient the upstream did not take in this transaction only
+    because it had too many (452 after others were accepted): send it in a new one.
+    """
+
+    reply: UpstreamReply
+    again: bool = False
+
+    @property
+    def accepted(self) -> bool:
+        return self.reply.is_success
+
+    @property
+    def permanent(self) -> bool:
+        return self.reply.is_permanent
+
+    @property
+    def final(self) -> bool:
+        return self.accepted or self.permanent
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """The results of one transaction, one per recipient in order, and what they say
+    about the host.
+
+    host_trouble: a reply that says the host itself is unwell (421 anywhere, a 4xx to
+    MAIL or DATA); it counts against the host's health and the recipients it left
+    undecided may try the next host. unsuitable: the host cannot take this message at
+    all (it lacks SMTPUTF8 or 8BITMIME); the next host may.
+    """
+
+    results: list[RecipientResult]
+    host_trouble: UpstreamReply | None = None
+    unsuitable: bool = False
+
+
+class StaleConnection(Exception):
+    """A reused connection died before the transaction began; retry on a fresh one."""
+
+
+def _all(reply: UpstreamReply, count: int) -> list[RecipientResult]:
+    return [RecipientResult(reply)] * count
+
+
+def _reply(response: aiosmtplib.SMTPResponse) -> UpstreamReply:
+    return UpstreamReply.of(response.code, response.message)
+
+
+async def transmit(
+    conn: Connection,
+    sender: str,
+    recipients: Sequence[str],
+    data: bytes,
+    settings: UpstreamSettings,
+    smtputf8: bool = False,
+) -> Transaction:
+    """Run MAIL, RCPT... and DATA on `conn`; one result per recipient, in order.
+
+    Replies (2xx/4xx/5xx) become results. Anything else (timeouts, a dropped
+    connection, a protocol error) raises, and the pool then discards the connection.
+    `sender` is "" for the null reverse-path.
+
+    The commands go out through aiosmtplib's execute_command with the addresses as
+    they were accepted (its mail()/rcpt() re-parse them with email.utils), and the
+    content with one bytes.replace for the transparency dots (its data() runs two
+    regexes over every message and copies it to append the final dot).
+    """
+    client = conn.client
+    timeout = settings.command_timeout
+    mail = b"MAIL FROM:<%s>" % sender.encode("utf-8")
+    if smtputf8:
+        if not client.supports_extension("smtputf8"):
+            # RFC 6531 section 3.2: never downgrade; another host may take it, else the
+            # sender gets a non-delivery notice.
+            missing = UpstreamReply.of(553, "5.6.7 upstream does not support SMTPUTF8")
+            return Transaction(_all(missing, len(recipients)), unsuitable=True)
+        mail += b" SMTPUTF8"
+    eight_bit = not data.isascii()
+    if client.supports_extension("8bitmime"):
+        # RFC 6152 section 2: say what the body is.
+        mail += b" BODY=8BITMIME" if eight_bit else b" BODY=7BIT"
+    elif eight_bit:
+        # RFC 6152 section 3: 8-bit data only to a server that offers 8BITMIME. We do
+        # not convert (it would break the signatures the message carries); another host
+        # may take it, else the recipients fail with 554 5.6.3 and the sender is told.
+        missing = UpstreamReply.of(554, "5.6.3 upstream does not support 8BITMIME")
+        return Transaction(_all(missing, len(recipients)), unsuitable=True)
+    if client.supports_extension("size"):
+        # RFC 1870 section 6: the size as the message is, before the transparency dots.
+        mail += b" SIZE=%d" % len(data)
+    try:
+        response = await client.execute_command(mail, timeout=timeout)
+    except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+        # An upstream may drop an idle connection just as we reuse it (a race with its
+        # idle timeout): that is a stale connection, not a failed delivery.
+        if conn.messages > 0:
+            raise StaleConnection(str(exc)) from exc
+        raise
+    reply = _reply(response)
+    if reply.code != 250:
+        if reply.code == 421:
+            conn.broken = True
+        else:
+            await _reset(conn, timeout)
+        trouble = reply if reply.is_temporary else None
+        return Transaction(_all(reply, len(recipients)), host_trouble=trouble)
+
+    results: list[RecipientResult | None] = []
+    for index, rcpt in enumerate(recipients):
+        response = await client.execute_command(b"RCPT TO:<%s>" % rcpt.encode("utf-8"),
+                                                timeout=timeout)
+        if response.code in (250, 251):
+            results.append(None)  # accepted for now; the final-dot reply decides
+            continue
+        reply = _reply(response)
+        if reply.code == 421:
+            # RFC 5321 section 3.8: the server is closing the channel.
+            conn.broken = True
+            results += [RecipientResult(reply)] * (len(recipients) - index)
+            return Transaction([r or RecipientResult(reply) for r in results],
+                               host_trouble=reply)
+        if reply.code == 452 and None in results:
+            # RFC 5321 section 4.5.3.1.10: "too many recipients" is no failure; the
+            # client sends the rest in a new transaction after this one.
+            results += [RecipientResult(reply, again=True)] * (len(recipients) - index)
+            break
+        results.append(RecipientResult(reply))
+
+    if None not in results:
+        await _reset(conn, timeout)
+        return Transaction([r for r in results if r is not None])
+
+    response = await client.execute_command(b"DATA", timeout=timeout)
+    if response.code == 354:
+        protocol = client.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost")
+        try:
+            # No await between the writes and read_response: the reply cannot come
+            # before aiosmtplib waits for it.
+            protocol.write(dot_stuffed(data))
+            protocol.write(b".\r\n")
+            response = await protocol.read_response(timeout=settings.data_timeout)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            client.close()  # what aiosmtplib's data() does: never reuse a desynced session
+            raise
+    final = _reply(response)
+    if final.code == 421:
+        conn.broken = True
+    elif final.code != 250:
+        await _reset(conn, timeout)
+    trouble = final if final.is_temporary else None
+    return Transaction([RecipientResult(final) if r is None else r for r in results],
+                       host_trouble=trouble)
+
+
+_BARE_LINE_ENDING = re.compile(rb"\r\n|\n|\r(?!\n)")
+
+
+def dot_stuffed(data: bytes) -> bytes:
+    """The message as DATA sends it: CRLF line ends, ending in CRLF, and a dot added to
+    every line that starts with one (RFC 5321 section 4.5.2)."""
+    if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\n"):
+        # Never for mail from our listener (it refuses bare CR and LF); kept for safety.
+        data = _BARE_LINE_ENDING.sub(b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data.startswith(b".") or b"\r\n." in data:
+        data = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
+    return data
+
+
+async def _reset(conn: Connection, timeout: float) -> None:
+    # After a refused transaction the connection is clean only once RSET succeeded;
+    # otherwise the pool throws it away after this message.
+    try:
+        response = await conn.client.rset(timeout=timeout)
+    except (aiosmtplib.SMTPException, OSError):
+        conn.broken = True
+        return
+    if response.code != 250:
+        conn.broken = True
