@@ -148,7 +148,7 @@ async def test_json_log_format_carries_the_same_fields(sink: Sink, start_relay):
     [delivery] = [e for e in entries if e.get("status") == "sent"]
     assert delivery["queue_id"] == queue_id
     assert delivery["to"] == "b@dest.test"
-    assert delivery["relay"] == f"127.0.0.1:{sink.port}"
+    assert delivery["relay"] == f"sink.test[127.0.0.1]:{sink.port}"
     assert delivery["reply"].startswith("250 ")
     assert all({"time", "level", "logger", "message"} <= e.keys() for e in entries)
 
