@@ -58,7 +58,7 @@ class Relay:
         self.upstreams = Upstreams(settings)
         self.delivery = Delivery(self.spool, settings, self.upstreams, metrics=self.metrics)
         self.control = ControlServer(
-            self.spool, self.delivery.wake, settings.ops.control_socket_path,
+            self.spool, self.delivery.flush, settings.ops.control_socket_path,
             settings.ops.control_group or None, limiter=lambda: self.services.limiter,
         )
         self.limits = ConnectionLimits()

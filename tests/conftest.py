@@ -59,6 +59,7 @@ class Received:
     recipients: list[str]
     data: bytes
     at: float
+    mail_options: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -73,6 +74,12 @@ class SinkHandler:
     data_replies: collections.deque[str] = field(default_factory=collections.deque)
     data_attempts: int = 0
     transports: list[Any] = field(default_factory=list)
+    # EHLO keywords this upstream does not offer ("8BITMIME", "SIZE", ...).
+    without: set[str] = field(default_factory=set)
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # type: ignore[no-untyped-def]
+        session.host_name = hostname  # aiosmtpd leaves it to the hook
+        return [r for r in responses if r[4:].split(" ")[0].upper() not in self.without]
 
     async def handle_RCPT(self, server, session, envelope, address, options):  # type: ignore[no-untyped-def]
         reply = self.rcpt_replies.get(address)
@@ -87,7 +94,7 @@ class SinkHandler:
             return self.data_replies.popleft()
         self.messages.append(
             Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
-                     time.monotonic())
+                     time.monotonic(), list(envelope.mail_options))
         )
         return "250 2.0.0 Ok: stored"
 

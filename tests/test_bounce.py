@@ -56,7 +56,8 @@ def report(data: bytes) -> tuple[Message, list[Message]]:
 def test_build_reads_back_as_a_multipart_report():
     data = bounce.build(
         queue_id="Q1", reporting_mta="relay.test", sender="a@example.test", arrival=0.0,
-        failures=[bounce.Failure("b@dest.test", UpstreamReply.parse("550 5.1.1 No such user"), "mx1"),
+        failures=[bounce.Failure("b@dest.test", UpstreamReply.parse("550 5.1.1 No such user"),
+                                 "mx1"),
                   bounce.Failure("c@dest.test", UpstreamReply.parse("451 4.3.0 busy"), "",
                                  expired=True)],
         original=MESSAGE, now=100.0,

@@ -44,7 +44,8 @@ async def test_message_reaches_upstream_with_exact_bytes_and_envelope(sink, star
     assert got.data.endswith(MESSAGE)
     assert got.data.count(b"Received:") == 1
     wait_until(lambda: not relay.queue_rows(), what="the spool to empty")
-    assert f"{queue_id}: to=<user@dest.test>, relay=sink.test[127.0.0.1]:{sink.port}" in relay.log_text()
+    line = f"{queue_id}: to=<user@dest.test>, relay=sink.test[127.0.0.1]:{sink.port}"
+    assert line in relay.log_text()
     assert "status=sent (250 2.0.0 Ok: stored)" in relay.log_text()
 
 

@@ -13,7 +13,7 @@ API (callers never touch prometheus objects):
     metrics.delivered(upstream, status, seconds)   # once per message attempt; status is
                                               # sent | deferred | bounced | expired
     metrics.connect_failed(upstream)          # upstream = group name, never host:port
-    metrics.upstream_up(upstream, up)         # after each connect attempt in the group
+    metrics.upstream_up(upstream, up)         # before each scrape, from the hosts' health
     metrics.pool(upstream, idle, busy)
     metrics.reload_succeeded() / reload_failed()
     await metrics.refresh(spool, groups)      # queue gauges from the spool; pool gauges from
@@ -177,7 +177,7 @@ class Metrics:
             ["upstream", "state"], registry=r,
         )
         self._up = Gauge(
-            "relay_upstream_up", "1 if the last connection attempt to the group succeeded.",
+            "relay_upstream_up", "1 while a host of the group is up: not marked down, not stalled.",
             ["upstream"], registry=r,
         )
         self._reload_ok = Gauge(
