@@ -115,6 +115,8 @@ class Relay:
                 self.http = await start_http(self.metrics, host, port, readiness({
                     "listeners": lambda: bool(self.servers),
                     "spool": lambda: os.access(self.settings.spool_path, os.W_OK),
+                    # Delivery results wait for a spool that cannot take them.
+                    "delivery": lambda: not self.delivery.paused,
                     "policy": lambda: self.runtime.policy is not None,
                 }), self._refresh_metrics)
             except OSError as exc:
