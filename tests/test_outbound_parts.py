@@ -1,5 +1,5 @@
 """The outbound parts on their own, without sockets: pool bookkeeping, the circuit
-breaker, upstream reply values, bounces."""
+breaker, the scheduler, upstream reply values, bounces."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 from relay.outbound.connector import Connection
 from relay.outbound.health import HostHealth
 from relay.outbound.pool import HostPool
-from relay.outbound.shaping import is_throttle
+from relay.outbound.scheduler import MAX_CRASHES, Scheduler
+from relay.outbound.shaping import Shaper, is_throttle
 from relay.outbound.smarthosts import UpstreamSettings
 from relay.queue import bounce
 from relay.replies import UpstreamReply
@@ -211,3 +212,72 @@ def test_a_global_report_carries_utf8_as_rfc_6533_says():
 
 def test_no_remote_mta_without_a_name():
     assert b"Remote-MTA" not in build("u@example.org", utf8=False, remote="")
+
+
+# -- the scheduler ------------------------------------------------------------------------
+
+
+def scheduler(clock: Clock, workers: int = 2, max_concurrent: int = 0,
+              max_rate: float = 0.0) -> Scheduler:
+    shapers: dict[str, Shaper] = {}
+
+    def shaper(group: str) -> Shaper:
+        return shapers.setdefault(group, Shaper(max_concurrent, max_rate, workers))
+
+    return Scheduler(workers, shaper, rest=60.0, clock=clock)
+
+
+def test_at_most_the_workers_run_and_a_busy_group_parks_the_rest():
+    clock = Clock()
+    s = scheduler(clock, workers=3, max_concurrent=1)
+    assert s.free == 3
+    assert s.admit("A", "default") == 0.0
+    assert s.admit("B", "default") > 0  # the group takes one at a time
+    assert s.excluded() == ["A", "B"] and s.free == 2
+    assert not s.finished("A", crashed=False)
+    assert s.excluded() == []  # the group has room again: B may be picked
+    assert s.free == 3
+
+
+def test_a_message_waiting_for_a_down_group_comes_back_on_recovery_or_after_the_pause():
+    clock = Clock()
+    s = scheduler(clock)
+    assert s.set_aside("A", "default", until=clock.now + 30)
+    assert not s.set_aside("A", "default", until=clock.now + 30)  # logged once
+    s.set_aside("B", "bulk", until=clock.now + 30)
+    assert sorted(s.excluded()) == ["A", "B"]
+    assert s.next_wakeup(60.0) == 30.0
+    assert s.recovered("default") == 1
+    assert s.excluded() == ["B"]
+    clock.now += 31
+    assert s.excluded() == []
+
+
+def test_flush_releases_everything_set_aside():
+    clock = Clock()
+    s = scheduler(clock)
+    s.set_aside("A", "default", until=clock.now + 3600)
+    s.flush()
+    assert s.excluded() == []
+
+
+def test_a_crashing_message_rests_and_is_quarantined_after_max_crashes():
+    clock = Clock()
+    s = scheduler(clock)
+    for crash in range(1, MAX_CRASHES + 1):
+        assert s.admit("A", "default") == 0.0
+        s.shaper("default").release(clock(), False, False)  # as the delivery does
+        quarantine = s.finished("A", crashed=True)
+        assert quarantine == (crash == MAX_CRASHES)
+        assert "A" in s.excluded()  # resting
+        clock.now += 61
+        assert "A" not in s.excluded()
+
+
+def test_unrecorded_results_pause_every_start_and_keep_the_message_out():
+    clock = Clock()
+    s = scheduler(clock)
+    s.unrecorded.add("A")
+    assert s.paused and s.free == 0 and s.excluded() == ["A"]
+    s.unrecorded.discard("A")
+    assert not s.paused and s.free == 2

@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import formatdate
 
 import aiosmtplib
@@ -19,6 +19,7 @@ from relay.ipaddr import client_ip
 from relay.ops.metrics import Metrics
 from relay.outbound.connector import Connection
 from relay.outbound.pool import Host, HostGroup
+from relay.outbound.scheduler import MAX_CRASHES, Scheduler
 from relay.outbound.shaping import Shaper, is_throttle
 from relay.outbound.smarthosts import UpstreamSettings
 from relay.outbound.transaction import (
@@ -37,9 +38,6 @@ log = logging.getLogger("relay.delivery")
 # Polling interval when nothing is due: new mail wakes the workers at once, this only
 # bounds how late a retry can start.
 IDLE_POLL = 1.0
-# A message whose delivery crashed this many times in a row is put on hold, so
-# one poison message cannot keep a worker busy forever.
-MAX_CRASHES = 5
 
 
 class UnknownRoute(LookupError):
@@ -115,22 +113,13 @@ class Unrecorded:
     retry_at: float
     last_error: str
     dsn: tuple[str, Envelope, bytes] | None = None
-    permanent_failure: bool = False
     status: str = "sent"
-    since: float = field(default_factory=time.monotonic)
 
 
 class Delivery:
-    """The delivery loop: at most `delivery_workers` messages in flight at once, and per
-    upstream group at most what its shaping allows; the rest wait in the spool.
-
-    Three things keep a message out of the loop's picks while it is not in flight:
-    parked (its group's shaping says not yet), set aside (every host of its group is
-    down: it is not tried, so no attempt is counted, and it is released the moment a
-    host answers again), and unrecorded (the upstream answered but the spool could not
-    store the result yet: it is never sent again, and no new delivery starts until the
-    spool takes the result).
-    """
+    """The delivery loop: takes due messages from the spool as the scheduler admits
+    them (at most `delivery_workers` at once, and per upstream group what its shaping
+    allows), sends them through the group's hosts, and records the results."""
 
     def __init__(
         self,
@@ -147,20 +136,12 @@ class Delivery:
         self.upstreams = upstreams
         self.clock = clock
         self.monotonic = monotonic
-        self._wake = asyncio.Event()
-        self._inflight: dict[str, asyncio.Task[None]] = {}
-        # Messages whose delivery crashed before its result was stored rest here for a
-        # while instead of being picked again at once.
-        self._resting: dict[str, float] = {}
-        self._crashes: dict[str, int] = {}
-        # Due messages whose group may not start another delivery yet: queue id ->
-        # (group, monotonic time to look again). Only ids: the message stays on disk.
-        self._parked: dict[str, tuple[str, float]] = {}
-        # Due messages not tried because every host of their group is down: queue id ->
-        # (group, monotonic time to look again).
-        self._aside: dict[str, tuple[str, float]] = {}
-        self._unrecorded: dict[str, Unrecorded] = {}
         self.shapers: dict[str, Shaper] = {}
+        self.scheduler = Scheduler(settings.queue.delivery_workers, self.shaper,
+                                   rest=settings.queue.minimal_backoff, clock=monotonic)
+        self._wake = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._unrecorded: dict[str, Unrecorded] = {}
         self._stopping = False
         # Messages may be due in the spool that no worker took: counted up whenever
         # that may have happened, so a query that came back short only clears it when
@@ -177,12 +158,12 @@ class Delivery:
     @property
     def in_flight(self) -> frozenset[str]:
         """Ids of the messages being delivered now."""
-        return frozenset(self._inflight)
+        return frozenset(self._tasks)
 
     @property
     def paused(self) -> bool:
         """True while results wait for the spool: no new delivery starts meanwhile."""
-        return bool(self._unrecorded)
+        return self.scheduler.paused
 
     def wake(self) -> None:
         """New mail arrived (or a retry was forced): look at the queue now."""
@@ -195,34 +176,31 @@ class Delivery:
         for group in self.upstreams.groups.values():
             for host in group.hosts:
                 host.health.probe_now()
-        self._aside.clear()
+        self.scheduler.flush()
         self.wake()
 
     def _recovered(self, group: str) -> None:
         """A host of `group` answered again: what waited for it goes now."""
-        released = [k for k, (g, _) in self._aside.items() if g == group]
-        for queue_id in released:
-            del self._aside[queue_id]
+        released = self.scheduler.recovered(group)
         if released:
             log.info("upstream group %r is back: %d waiting messages released", group,
-                     len(released))
+                     released)
         self.wake()
 
     def offer(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
         """A message the spool has just committed: with a worker free, start it at once
         with its bytes at hand (no trip back to the spool); else the loop finds it."""
-        if queue_id in self._inflight:
+        if queue_id in self._tasks:
             # A due() query that ran after the commit, but before the listener got
             # here, has started it already. (It cannot have finished: its result's
             # commit queues behind the one that is waking us up.)
             return
-        if (self._stopping or self.paused
-                or len(self._inflight) >= self.settings.queue.delivery_workers):
+        if self._stopping or not self.scheduler.free:
             self.wake()
             return
         if self._selecting:
             self._offered.add(queue_id)
-        self._start(fresh(queue_id, envelope, len(data)), data, self.monotonic())
+        self._start(fresh(queue_id, envelope, len(data)), data)
 
     def shaper(self, name: str) -> Shaper:
         if name not in self.shapers:
@@ -232,27 +210,21 @@ class Delivery:
         return self.shapers[name]
 
     async def run(self) -> None:
-        workers = self.settings.queue.delivery_workers
+        scheduler = self.scheduler
         last_prune = self.monotonic()
         while not self._stopping:
             self._wake.clear()
             timeout = IDLE_POLL
             if self._unrecorded:
                 await self._retry_unrecorded()
-            free = 0 if self.paused else workers - len(self._inflight)
+            free = scheduler.free
             again = False
             if free > 0:
-                now, mono = self.clock(), self.monotonic()
-                self._resting = {k: t for k, t in self._resting.items() if t > now}
-                self._parked = {k: v for k, v in self._parked.items() if v[1] > mono}
-                self._aside = {k: v for k, v in self._aside.items() if v[1] > mono}
                 backlog = self._backlog
                 self._selecting = True
                 try:
                     due = await self.spool.due_with_data(
-                        now, free, exclude=[*self._inflight, *self._resting, *self._parked,
-                                            *self._aside, *self._unrecorded],
-                    )
+                        self.clock(), free, exclude=scheduler.excluded())
                 except Exception:
                     log.exception("cannot read the spool; retrying")
                     due = []
@@ -261,17 +233,14 @@ class Delivery:
                 offered, self._offered = self._offered, set()
                 if len(due) < free and self._backlog == backlog:
                     self._backlog = 0
-                mono = self.monotonic()
                 for message, data in due:
                     # offer() may have started (and even finished) it meanwhile.
-                    if message.id in offered or message.id in self._inflight:
+                    if message.id in offered or message.id in self._tasks:
                         continue
-                    wait = self._start(message, data, mono)
-                    timeout = min(timeout, wait)
+                    timeout = min(timeout, self._start(message, data))
                 # Parked messages took places in that batch: look for others at once.
-                again = len(due) == free and any(m.id in self._parked for m, _ in due)
-                if self._aside:
-                    timeout = min(timeout, min(t for _, t in self._aside.values()) - mono)
+                again = len(due) == free and any(m.id in scheduler.parked for m, _ in due)
+                timeout = scheduler.next_wakeup(timeout)
             if self.monotonic() - last_prune > IDLE_POLL:
                 await self.upstreams.prune()
                 last_prune = self.monotonic()
@@ -281,8 +250,8 @@ class Delivery:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.001, timeout))
 
-    def _start(self, message: QueuedMessage, data: bytes, mono: float) -> float:
-        """Start delivering `message` if its group admits it; else park it and return
+    def _start(self, message: QueuedMessage, data: bytes) -> float:
+        """Start delivering `message` if its group admits it; else (it is parked) return
         how long until its group may admit one."""
         if self._stopping:  # stop() came while the spool was being read
             return IDLE_POLL
@@ -290,29 +259,22 @@ class Delivery:
             name = route(message, self.settings.upstreams)
         except UnknownRoute as exc:
             name = str(exc)
-        shaper = self.shaper(name)
-        wait = shaper.admit(mono)
+        wait = self.scheduler.admit(message.id, name)
         if wait > 0:
-            self._parked[message.id] = (name, mono + min(wait, IDLE_POLL))
             return wait
-        task = asyncio.create_task(self._deliver(message, data, name, shaper))
-        self._inflight[message.id] = task
-        task.add_done_callback(self._finished(message.id, name))
+        task = asyncio.create_task(self._deliver(message, data, name, self.shaper(name)))
+        self._tasks[message.id] = task
+        task.add_done_callback(self._finished(message.id))
         return math.inf
 
-    def _finished(self, queue_id: str, group: str) -> Callable[[asyncio.Task[None]], None]:
+    def _finished(self, queue_id: str) -> Callable[[asyncio.Task[None]], None]:
         def done(task: asyncio.Task[None]) -> None:
-            self._inflight.pop(queue_id, None)
-            # The group has a free place again: its parked messages may try now.
-            self._parked = {k: v for k, v in self._parked.items() if v[0] != group}
-            if not task.cancelled() and task.exception() is not None:
+            self._tasks.pop(queue_id, None)
+            crashed = not task.cancelled() and task.exception() is not None
+            if crashed:
                 log.error("%s: delivery crashed", queue_id, exc_info=task.exception())
-                self._resting[queue_id] = self.clock() + self.settings.queue.minimal_backoff
-                self._crashes[queue_id] = self._crashes.get(queue_id, 0) + 1
-                if self._crashes[queue_id] >= MAX_CRASHES:
-                    task.get_loop().create_task(self._quarantine(queue_id))
-            else:
-                self._crashes.pop(queue_id, None)
+            if self.scheduler.finished(queue_id, crashed):
+                task.get_loop().create_task(self._quarantine(queue_id))
             if self._backlog:
                 self._wake.set()  # a worker is free for what waits in the spool
 
@@ -322,7 +284,6 @@ class Delivery:
         with contextlib.suppress(Exception):
             await self.spool.set_state(queue_id, "hold", self.clock(), expect=("queued",))
             log.error("%s: put on hold after %d crashed deliveries", queue_id, MAX_CRASHES)
-            self._crashes.pop(queue_id, None)
 
     async def stop(self, deadline: float) -> None:
         """Stop taking work; let in-flight deliveries finish for `deadline` seconds.
@@ -333,7 +294,7 @@ class Delivery:
         """
         self._stopping = True
         self._wake.set()
-        tasks = list(self._inflight.values())
+        tasks = list(self._tasks.values())
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=deadline)
             for task in pending:
@@ -381,15 +342,13 @@ class Delivery:
     def _set_aside(self, message: QueuedMessage, group: HostGroup) -> None:
         """No host of `group` may be tried now: no attempt, no backoff; the message
         waits until a host's pause ends (one probe goes) or a host answers again."""
-        mono = self.monotonic()
         hosts = group.hosts
-        until = max(min(h.health.down_until for h in hosts), mono + IDLE_POLL)
-        if message.id not in self._aside:
+        until = max(min(h.health.down_until for h in hosts), self.monotonic() + IDLE_POLL)
+        if self.scheduler.set_aside(message.id, group.settings.name, until):
             down = max(hosts, key=lambda h: h.health.down_since).health
             since = formatdate(down.down_since, localtime=True) if down.down_since else "?"
             log.info("%s: not tried: upstream group %r is down since %s (%s)", message.id,
                      group.settings.name, since, down.last_failure)
-        self._aside[message.id] = (group.settings.name, until)
 
     async def _send(
         self, message: QueuedMessage, recipients: Sequence[str], data: bytes, group: HostGroup
@@ -554,8 +513,10 @@ class Delivery:
                 log.error("cannot write to the spool (%s): delivery paused until it can; "
                           "results are kept in memory meanwhile", exc)
             self._unrecorded[message.id] = result
+            self.scheduler.unrecorded.add(message.id)
             return False
         self._unrecorded.pop(message.id, None)
+        self.scheduler.unrecorded.discard(message.id)
         self.wake()  # the bounce, or the message itself, waits in the spool now
         if new_state == "failed" and self.settings.queue.on_permanent_failure == "hold":
             with contextlib.suppress(Exception):
