@@ -60,6 +60,7 @@ class Relay:
         self.control = ControlServer(
             self.spool, self.delivery.flush, settings.ops.control_socket_path,
             settings.ops.control_group or None, limiter=lambda: self.services.limiter,
+            probe=self.delivery.probe_results,
         )
         self.limits = ConnectionLimits()
         self.budget = DataBudget(settings.inbound.max_data_memory)

@@ -68,6 +68,7 @@ async def test_queue_flush_in_an_outage_probes_at_once(start_relay):
         result = run_cli("queue", "--control-socket", str(relay.control_socket), "flush")
         assert result.returncode == 0, result.stdout + result.stderr
         assert len(sink.wait_messages(1, timeout=10)) == 1  # not after the hour's pause
+        assert result.stdout == f"Flushed: 1 message\nupstream 127.0.0.1:{port}: up again\n"
     finally:
         sink.stop()
 

@@ -233,7 +233,10 @@ def format_show(m: dict[str, Any]) -> str:
 
 async def queue_flush(args: argparse.Namespace, path: Path) -> int:
     answer = await _call(path, {"op": "flush", "ids": args.ids})
-    return _report(answer, "Flushed", "not flushed")
+    status = _report(answer, "Flushed", "not flushed")
+    for line in answer.get("upstreams", []):
+        print(line)
+    return status
 
 
 async def queue_hold(args: argparse.Namespace, path: Path) -> int:

@@ -35,6 +35,8 @@ from relay.replies import UpstreamReply
 
 log = logging.getLogger("relay.delivery")
 
+# How long `queue flush` waits for the probes of down upstream hosts to report.
+PROBE_WAIT = 10.0
 # Polling interval when nothing is due: new mail wakes the workers at once, this only
 # bounds how late a retry can start.
 IDLE_POLL = 1.0
@@ -178,6 +180,28 @@ class Delivery:
                 host.health.probe_now()
         self.scheduler.flush()
         self.wake()
+
+    async def probe_results(self, timeout: float = PROBE_WAIT) -> list[str]:
+        """After a flush: wait (at most `timeout`) for each host that was down to be
+        probed by a real delivery, and say what each probe found."""
+        hosts = [h for g in self.upstreams.groups.values() for h in g.hosts
+                 if h.health.is_down]
+        deadline = self.monotonic() + timeout
+        verdicts = {id(h): h.health.verdicts for h in hosts}
+        while any(h.health.verdicts == verdicts[id(h)] for h in hosts):
+            if self.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        lines = []
+        for host in hosts:
+            health = host.health
+            if health.verdicts == verdicts[id(host)]:
+                lines.append(f"upstream {host.member}: down, not probed within {timeout:g}s")
+            elif health.is_down:
+                lines.append(f"upstream {host.member}: still down: {health.last_failure}")
+            else:
+                lines.append(f"upstream {host.member}: up again")
+        return lines
 
     def _recovered(self, group: str) -> None:
         """A host of `group` answered again: what waited for it goes now."""

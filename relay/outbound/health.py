@@ -39,6 +39,7 @@ class HostHealth:
         self.down_until = -math.inf
         self.down_since = 0.0  # wall-clock time it was marked down, for the log
         self.probing = False
+        self.verdicts = 0  # how many failures and successes were reported, in all
         # Set while a connection has been open a while without the greeting: a
         # blackhole upstream shows here before the connect timeout ends the attempt.
         self.stalled = False
@@ -74,6 +75,7 @@ class HostHealth:
             self.down_until = self.clock()
 
     def failed(self, reason: str) -> None:
+        self.verdicts += 1
         self.failures += 1
         self.last_failure = reason
         self.probing = False
@@ -85,6 +87,7 @@ class HostHealth:
                             self.name, self.pause, self.failures, reason)
 
     def succeeded(self) -> None:
+        self.verdicts += 1
         was_down = self.is_down
         self.failures = 0
         self.probing = False

@@ -116,8 +116,11 @@ class ControlServer:
         group: str | None = None,
         clock: Callable[[], float] = time.time,
         limiter: Callable[[], Limiter] | None = None,
+        probe: Callable[[], Awaitable[list[str]]] | None = None,
     ) -> None:
         self.limiter = limiter
+        # After a flush: what the probes of down upstream hosts found, one line each.
+        self.probe = probe
         self.spool = spool
         self.wake = wake
         self.path = Path(path)
@@ -285,6 +288,8 @@ class ControlServer:
         result = await self._change(request, {"queued"}, "queued", lambda _m: now,
                                     "flushed", all_if_empty="queued")
         self.wake()
+        if self.probe is not None and result["done"]:
+            result["upstreams"] = await self.probe()
         return result
 
     async def _hold(self, request: dict[str, Any]) -> Response:
