@@ -47,6 +47,7 @@ async def test_a_backlog_queued_in_an_outage_drains_when_the_upstream_returns(
         got = sink.wait_messages(10, timeout=15)
         assert sorted(m.recipients[0] for m in got) == sorted(f"r{i}@dest.test" for i in range(10))
         # Set-aside messages were never tried: their first real attempt is attempt 1.
+        wait_until(lambda: len(delivered(relay)) == 10, what="ten delivery lines")
         firsts = re.findall(r"attempts=1, status=sent", relay.log_text())
         assert len(firsts) >= 8
         # Nothing was deferred once the upstream was back.

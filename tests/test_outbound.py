@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -67,7 +68,8 @@ async def test_first_host_down_mail_goes_to_second_and_first_gets_traffic_when_b
                          upstream='down_after_failures = 1\ndown_pause = "1s"')
     await send(relay.port)
     second.wait_messages(1)
-    assert f"relay=sink.test[127.0.0.1]:{second.port}, delay=" in relay.log_text()
+    wait_until(lambda: f"relay=sink.test[127.0.0.1]:{second.port}, delay=" in relay.log_text(),
+               what="the delivery line")
     assert "marked down" in relay.log_text()
 
     first = running(sinks, UpstreamSink(first_port))
@@ -133,6 +135,11 @@ async def test_starttls_with_a_verified_certificate_delivers(
     await send(relay.port)
     sink.wait_messages(1)
     assert sink.handler.mail_commands == [("a@example.test", True)]
+    # The delivery line says how the message travelled.
+    line = wait_until(lambda: re.search(r"to=<b@dest.test>, relay=\S+, tls=TLSv1\.[23], "
+                                        r"cipher=\S+, delay=", relay.log_text()),
+                      what="the delivery line")
+    assert line
 
 
 async def test_implicit_tls_delivers(relays: Relays, sinks: list[UpstreamSink], tmp_path: Path):

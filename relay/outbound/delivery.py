@@ -498,7 +498,8 @@ class Delivery:
             else:
                 state, status = "pending", "deferred"
             outcomes.append(Outcome(rcpt.position, state, reply))  # type: ignore[arg-type]
-            tls = f", tls={via.tls.split()[0]}" if via.tls else ""
+            version, _, cipher = via.tls.partition(" ")
+            tls = f", tls={version}, cipher={cipher}" if via.tls else ""
             log.info(
                 "%s: to=<%s>, relay=%s%s, delay=%.2f, attempts=%d, status=%s (%s)",
                 message.id, rcpt.address, via.relay, tls, now - message.received_at,
