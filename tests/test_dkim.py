@@ -16,13 +16,13 @@ from cryptography.hazmat.primitives import serialization
 from dkim.canonicalization import CanonicalizationPolicy
 from dnsserver import DnsServer, TxtValue, dnsmasq, split_txt
 
+from relay.checks.authresults import authentication_results_header
 from relay.checks.dkim import (
     DEFAULT_SIGNED_HEADERS,
     MAX_SIGNATURES,
     DkimOutcome,
     DkimSignatureResult,
     SigningKey,
-    authentication_results_header,
     check_published_key,
     generate_key,
     load_key,
@@ -387,7 +387,7 @@ def test_authentication_results_header_lists_each_check() -> None:
         "Authentication-Results: relay.test;\r\n"
         "\tspf=pass smtp.mailfrom=app@example.test;\r\n"
         "\tdkim=pass header.d=example.test header.s=rsa header.a=rsa-sha256;\r\n"
-        '\tdkim=permerror reason="no key" header.d=other.test header.s=s1'
+        '\tdkim=permerror reason="no key" header.d=other.test header.s=s1\r\n'
         " header.a=ed25519-sha256\r\n"
     )
 

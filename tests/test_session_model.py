@@ -91,7 +91,8 @@ async def test_spf_for_the_null_sender_checks_the_helo_name(relay: RelayProcess,
         await client.sendmail("", ["ops@dest.test"], MESSAGE)
     [got] = sink.wait_messages(1)
     assert b"X-Null-SPF: pass\r\n" in got.data
-    unfolded = got.data.split(b"\r\n\r\n")[0].replace(b"\r\n\t", b" ").split(b"\r\n")
+    head = got.data.split(b"\r\n\r\n")[0]
+    unfolded = head.replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ").split(b"\r\n")
     [received_spf] = [line for line in unfolded if line.startswith(b"Received-SPF:")]
     assert received_spf.startswith(b"Received-SPF: pass")
     assert b" helo=helo.test;" in received_spf

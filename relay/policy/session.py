@@ -20,16 +20,19 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.utils import getaddresses
 from pathlib import Path
 from typing import Protocol
 
+import dkim
+
 from relay import replies
-from relay.address import domain_of, problem
+from relay.address import problem
 from relay.checks import dkim as dkimlib
-from relay.checks.services import SessionChecks
+from relay.checks.authresults import authentication_results_header
+from relay.checks.dkim import reason_text
+from relay.checks.services import SessionChecks, signing_keys_for
 from relay.checks.spf import received_spf_header
-from relay.headers import header_fields, header_stats, strip_forged_authentication_results
+from relay.headers import fold, header_problem, header_stats, strip_forged_authentication_results
 from relay.message import has_bare_line_ending, has_long_line, longest_line
 from relay.policy.engine import Checks, Decision, Facts, evaluate
 from relay.policy.rules import Stage
@@ -244,6 +247,9 @@ class PolicySession:
         if hops >= settings.inbound.max_hops:
             # RFC 5321 section 6.3: count Received: fields to break mail loops.
             return refused(replies.TOO_MANY_HOPS, f"{detail} hops {hops}")
+        if why := header_problem(message):
+            # Permanent: retrying sends the same bytes (and DKIM cannot sign them).
+            return refused(replies.MALFORMED_HEADER, f"{detail} {why}")
         message, forged = strip_forged_authentication_results(message, self.authserv_id)
         if forged:
             log.info("%s: removed %d Authentication-Results header(s) claiming to be ours",
@@ -271,29 +277,40 @@ class PolicySession:
         return settings.checks.authserv_id or settings.smtp_hostname
 
     async def _headers(self, facts: Facts, message: bytes, decision: Decision) -> bytes:
-        """Authentication-Results, Received-SPF and tag headers; then the DKIM signature
-        over exactly these plus the message, the bytes that go upstream."""
+        """Authentication-Results, Received-SPF and tag headers, folded (RFC 5322
+        section 2.1.1); then the DKIM signature over exactly these plus the message, the
+        bytes that go upstream."""
         settings = self.runtime.settings.checks
+        utf8 = self.smtputf8
         lines = []
         if isinstance(self.checks, SessionChecks):
-            spf, dkim_outcome = self.checks.spf_outcome, self.checks.dkim_outcome
-            if spf is not None or dkim_outcome is not None:
-                lines.append(dkimlib.authentication_results_header(
-                    self.authserv_id, spf, dkim_outcome))
-            if spf is not None:
-                lines.append(received_spf_header(spf, facts.client_address, facts.helo_name,
-                                                 self.authserv_id))
+            checks = self.checks
+            spf, helo = checks.spf_outcome, checks.spf_helo_outcome
+            if any(o is not None for o in (spf, helo, checks.dkim_outcome, checks.dmarc_outcome)):
+                lines.append(authentication_results_header(
+                    self.authserv_id, spf, checks.dkim_outcome, spf_helo=helo,
+                    dmarc=checks.dmarc_outcome, utf8=utf8))
+            # RFC 7208 section 9.1: one Received-SPF per identity checked.
+            for outcome in (spf, helo if helo != spf else None):
+                if outcome is not None:
+                    lines.append(received_spf_header(
+                        outcome, facts.client_address, facts.helo_name, self.authserv_id,
+                        utf8=utf8))
         for name, value in decision.add_headers:
-            lines.append(f"{name}: {_header_text(value)}\r\n")
+            lines.append(fold(f"{name}: {_header_text(value, utf8)}"))
         prepend = "".join(lines).encode("utf-8")
-        keys = settings.dkim_keys and settings.signing_keys(
-            from_domain(message) or domain_of(facts.sender or "")
-        )
+        keys = signing_keys_for(settings, message, facts.sender or "")
         if keys:
             signed = prepend + message
-            signature = await asyncio.to_thread(
-                dkimlib.sign, signed, keys, settings.dkim_sign_headers
-            )
+            try:
+                signature = await asyncio.to_thread(
+                    dkimlib.sign, signed, keys, settings.dkim_sign_headers
+                )
+            except dkim.DKIMException as exc:
+                # header_problem() refused what dkimpy cannot parse; should its parser
+                # still object, the message goes unsigned rather than 451 forever.
+                log.warning("not DKIM-signed: %s", reason_text(exc))
+                signature = b""
             prepend = signature + prepend
         return prepend
 
@@ -317,14 +334,7 @@ def storage_short(spool: Path, min_free: int, declared: int) -> str | None:
     return None
 
 
-def _header_text(value: str) -> str:
-    return "".join(c if c == "\t" or " " <= c != "\x7f" else "?" for c in value)
-
-
-def from_domain(message: bytes) -> str:
-    """The domain of the From: header, which DKIM signs for (DMARC alignment)."""
-    for name, value in header_fields(message):
-        if name.lower() == "from":
-            found = [addr for _, addr in getaddresses([value]) if "@" in addr]
-            return domain_of(found[0]) if found else ""
-    return ""
+def _header_text(value: str, utf8: bool) -> str:
+    return "".join(
+        c if c == "\t" or (" " <= c != "\x7f" and (utf8 or c.isascii())) else "?" for c in value
+    )
