@@ -13,10 +13,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # RFC 5322 section 2.1.1: lines SHOULD be at most 78 characters and MUST be at most 998.
 FOLD_AT = 78
 MAX_LINE = 998
-# The longest value (HELO name, problem text) a header we write interpolates: a domain
-# is at most 255 octets, a path 256 (RFC 5321 section 4.5.3.1); anything longer is
-# cut, so no unbreakable word can push a line past MAX_LINE.
-MAX_VALUE = 256
+# The longest value (address, HELO name, problem text) a header we write interpolates:
+# a mailbox is at most 64 + 1 + 255 octets (RFC 5321 section 4.5.3.1); anything longer
+# is cut, so no unbreakable word can push a line past MAX_LINE.
+MAX_VALUE = 320
 
 
 def header_safe(text: str) -> str:

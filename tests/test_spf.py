@@ -11,6 +11,8 @@ import spf
 from dnsserver import DnsServer, dnsmasq
 
 from relay.checks.dns import DnsSettings, Resolver
+from relay.checks.services import CheckServices
+from relay.checks.settings import CheckSettings
 from relay.checks.spf import SpfOutcome, check_spf, received_spf_header
 
 CLIENT = "127.0.0.1"
@@ -205,3 +207,47 @@ def test_pyspf_outside_a_check_never_uses_the_system_resolver() -> None:
     result, _code, explanation = spf.query(i=CLIENT, s="a@pass.test", h="h.test").check()
     assert result == "temperror"
     assert "no resolver bound" in explanation
+
+
+async def test_senders_whose_dns_never_answers_do_not_delay_other_senders(
+    server: DnsServer,
+) -> None:
+    # The relay's own SPF pool ([spf] max_concurrent), 20 evaluations stuck on a DNS
+    # server that never answers, then one for a domain that answers at once.
+    settings = CheckSettings(dns=DnsSettings(nameservers=server.nameservers, timeout=3.0,
+                                             attempts=1), spf_timeout=3.0)
+    services = CheckServices(settings, {})
+    loop = asyncio.get_running_loop()
+    try:
+        stuck = [
+            asyncio.create_task(check_spf(
+                services.resolver, CLIENT, f"app@n{i}.tempfail.test", "h.test",
+                timeout=settings.spf_timeout, executor=services.executor))
+            for i in range(20)
+        ]
+        await asyncio.sleep(0.2)  # all 20 are waiting on DNS now
+        started = loop.time()
+        fast = await check_spf(services.resolver, CLIENT, "app@pass.test", "h.test",
+                               timeout=settings.spf_timeout, executor=services.executor)
+        elapsed = loop.time() - started
+        assert fast.result == "pass"
+        assert not any(task.done() for task in stuck)  # answered while they still wait
+        assert elapsed < 1.0
+        assert {o.result for o in await asyncio.gather(*stuck)} == {"temperror"}
+    finally:
+        await services.close()
+
+
+async def test_temperror_explanation_names_no_resolver_internals(server: DnsServer) -> None:
+    outcome = await spf_for(server, "app@x.refused.test")
+    assert outcome.result == "temperror"
+    assert "127.0.0.1" not in outcome.explanation and "Do53" not in outcome.explanation
+    header = received_spf_header(outcome, CLIENT, "h.test", "relay.test")
+    assert "Do53" not in header and "@127.0.0.1" not in header
+
+
+def test_received_spf_for_the_null_sender_without_helo_leaves_empty_values_out() -> None:
+    outcome = SpfOutcome("none", "no valid domain to check", "helo", "postmaster@")
+    header = received_spf_header(outcome, CLIENT, "", "relay.test")
+    assert "envelope-from" not in header and "helo=" not in header
+    assert 'postmaster@"' not in header
