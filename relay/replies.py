@@ -97,8 +97,6 @@ NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header size exceeds limit")
-# RFC 3463 section 3.7: 5.6.0, other or undefined media error (the content is unusable).
-MALFORMED_HEADER = Reply(550, "5.6.0", "Message header section is not RFC 5322 syntax")
 TOO_MANY_HOPS = Reply(554, "5.4.0", "Error: too many hops")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")

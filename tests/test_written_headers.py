@@ -6,12 +6,13 @@ import email.parser
 import email.policy
 import re
 import shutil
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiosmtplib
 import pytest
-from conftest import ROOT, RelayProcess, Sink
+from conftest import ROOT, RelayProcess, Sink, free_port
 from dnsserver import DnsServer, dnsmasq, split_txt
 
 from relay.checks.authresults import authentication_results_header
@@ -139,26 +140,44 @@ def relay(tmp_path: Path, sink: Sink, dns: DnsServer, keys: tuple[Path, object],
     policies = tmp_path / "policies"
     shutil.copytree(ROOT / "policies", policies)
     (policies / "lists" / "our-domains.txt").write_text("signed.test\nunsigned.test\n")
-    return start_relay(sink.port, extra=f'policies_dir = "{policies}"', sections=(
-        f'\n[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\ntimeout = "1s"\nattempts = 1\n'
-        f'\n[dkim]\nkey_directory = "{keys[0]}"\n'))
+    relay: RelayProcess = start_relay(
+        sink.port, extra=f'policies_dir = "{policies}"', metrics=f"127.0.0.1:{free_port()}",
+        sections=(
+            f'\n[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\ntimeout = "1s"\nattempts = 1\n'
+            f'\n[dkim]\nkey_directory = "{keys[0]}"\n'))
+    return relay
 
 
-@pytest.mark.parametrize("domain", ["signed.test", "unsigned.test"])
-async def test_a_malformed_header_section_is_refused_for_good(
-    relay: RelayProcess, sink: Sink, domain: str
+def unsigned_count(relay: RelayProcess) -> float:
+    port = re.search(r'listen = "127\.0\.0\.1:(\d+)"', relay.config.read_text())
+    assert port is not None
+    url = f"http://127.0.0.1:{port.group(1)}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        text = answer.read().decode()
+    found = re.search(r"^relay_dkim_unsigned_total (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.parametrize(("domain", "unsigned"), [("signed.test", 1.0), ("unsigned.test", 0.0)])
+async def test_a_malformed_header_section_is_delivered_unsigned_never_deferred(
+    relay: RelayProcess, sink: Sink, domain: str, unsigned: float
 ):
-    # The first line is body text: the same permanent answer whether or not the sender's
-    # domain has a signing key (dkimpy could not sign it; retrying cannot fix it).
+    # The first line is body text. dkimpy cannot parse it, which used to mean 451 forever
+    # for a signing domain while a domain without keys got 250: retrying cannot fix it,
+    # so both get 250 (like Postfix, the whole text is body) and the signing domain's
+    # message goes unsigned, with a log line and a metric.
     data = f"this is not a header\r\nFrom: <app@{domain}>\r\n\r\nbody\r\n".encode()
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port,
                                local_hostname="app1.test") as client:
-        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
-            await client.sendmail(f"app@{domain}", ["b@dest.test"], data)
-    assert (refused.value.code, refused.value.message) == (
-        550, "5.6.0 Message header section is not RFC 5322 syntax")
-    assert "line 1 is not a header field" in relay.log_text()
-    assert sink.handler.messages == []
+        _, reply = await client.sendmail(f"app@{domain}", ["b@dest.test"], data)
+    assert reply.startswith("2.0.0 Ok: queued as")
+    [got] = sink.wait_messages(1)
+    assert b"DKIM-Signature:" not in got.data
+    assert got.data.endswith(data)
+    assert unsigned_count(relay) == unsigned
+    if unsigned:
+        assert ("not DKIM-signed: header section is not RFC 5322 syntax (line 1 is not a "
+                "header field)") in relay.log_text()
 
 
 async def test_headers_written_live_are_folded_ascii_and_parse(

@@ -70,6 +70,7 @@ class InboundHandler:
             context.current, SessionChecks(context.services), client, self.listener.name,
             on_decision=lambda stage, d: context.metrics.decision(stage, d.rule, d.action),
             on_refusal=lambda refusal: self._log_refusal(client, refusal),
+            on_unsigned=lambda why: context.metrics.dkim_unsigned(),
         )
 
     async def handle_PROXY(

@@ -97,6 +97,7 @@ class PolicySession:
         *,
         on_decision: Callable[[str, Decision], None] | None = None,
         on_refusal: Callable[[Refusal], None] | None = None,
+        on_unsigned: Callable[[str], None] | None = None,
         trace: bool = False,
     ) -> None:
         self.current = current
@@ -106,6 +107,7 @@ class PolicySession:
         self.smtputf8 = False
         self._on_decision = on_decision
         self._on_refusal = on_refusal
+        self._on_unsigned = on_unsigned
         self._trace = trace
         # The walk of the last stage (None when the server refused before the policy).
         self.last_decision: Decision | None = None
@@ -247,9 +249,6 @@ class PolicySession:
         if hops >= settings.inbound.max_hops:
             # RFC 5321 section 6.3: count Received: fields to break mail loops.
             return refused(replies.TOO_MANY_HOPS, f"{detail} hops {hops}")
-        if why := header_problem(message):
-            # Permanent: retrying sends the same bytes (and DKIM cannot sign them).
-            return refused(replies.MALFORMED_HEADER, f"{detail} {why}")
         message, forged = strip_forged_authentication_results(message, self.authserv_id)
         if forged:
             log.info("%s: removed %d Authentication-Results header(s) claiming to be ours",
@@ -264,7 +263,7 @@ class PolicySession:
         prepend = b""
         if decision.action in ("accept", "hold"):
             try:
-                prepend = await self._headers(facts, message, decision)
+                prepend = await self._headers(facts, message, decision, queue_id)
             except Exception:
                 log.exception("adding headers or DKIM signature failed; answering 451")
                 return refused(BACKEND_FAILURE, detail, "internal-error")
@@ -276,7 +275,9 @@ class PolicySession:
         settings = self.runtime.settings
         return settings.checks.authserv_id or settings.smtp_hostname
 
-    async def _headers(self, facts: Facts, message: bytes, decision: Decision) -> bytes:
+    async def _headers(
+        self, facts: Facts, message: bytes, decision: Decision, queue_id: str
+    ) -> bytes:
         """Authentication-Results, Received-SPF and tag headers, folded (RFC 5322
         section 2.1.1); then the DKIM signature over exactly these plus the message, the
         bytes that go upstream."""
@@ -300,6 +301,12 @@ class PolicySession:
             lines.append(fold(f"{name}: {_header_text(value, utf8)}"))
         prepend = "".join(lines).encode("utf-8")
         keys = signing_keys_for(settings, message, facts.sender or "")
+        if keys and (why := header_problem(message)):
+            # A permanent condition, so never a 4xx (retrying sends the same bytes): like
+            # Postfix, the relay takes a message whose first lines are not header fields
+            # (its whole text is then body), but no DKIM signature can cover it.
+            self._unsigned(queue_id, f"header section is not RFC 5322 syntax ({why})")
+            keys = ()
         if keys:
             signed = prepend + message
             try:
@@ -307,12 +314,16 @@ class PolicySession:
                     dkimlib.sign, signed, keys, settings.dkim_sign_headers
                 )
             except dkim.DKIMException as exc:
-                # header_problem() refused what dkimpy cannot parse; should its parser
-                # still object, the message goes unsigned rather than 451 forever.
-                log.warning("not DKIM-signed: %s", reason_text(exc))
+                # Whatever else dkimpy's parser objects to is just as permanent.
+                self._unsigned(queue_id, reason_text(exc))
                 signature = b""
             prepend = signature + prepend
         return prepend
+
+    def _unsigned(self, queue_id: str, why: str) -> None:
+        log.warning("%s: not DKIM-signed: %s", queue_id, why)
+        if self._on_unsigned is not None:
+            self._on_unsigned(why)
 
 
 def storage_short(spool: Path, min_free: int, declared: int) -> str | None:
