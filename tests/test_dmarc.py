@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from conftest import ROOT, RelayProcess, Sink
+from conftest import ROOT, RelayProcess, Sink, run_cli
 from dnsserver import DnsServer, dnsmasq, split_txt
 
 from relay.checks.dkim import generate_key, load_key, sign
@@ -222,3 +222,21 @@ async def test_outbound_prediction_logs_would_reject_for_a_misaligned_author(
     sink.wait_messages(1)
     assert ("rule=dmarc-outbound-own-domain would reject: 550 5.7.1 DMARC would fail for "
             "example.test") in outbound_relay.log_text()
+
+
+@pytest.mark.parametrize(("assumed", "logged"), [("fail", True), ("pass", False)])
+def test_dry_run_takes_an_assumed_outbound_result(
+    tmp_path: Path, assumed: str, logged: bool
+):
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    (policies / "lists" / "our-domains.txt").write_text("example.test\n")
+    (tmp_path / "config.toml").write_text("")
+    mail = tmp_path / "mail.eml"
+    mail.write_bytes(message("app@example.test"))
+    result = run_cli("test", "--config", str(tmp_path / "config.toml"), "--policies",
+                     str(policies), "--from", "app@example.test", "--to", "b@dest.test",
+                     "--message", str(mail), "--dmarc-outbound", assumed)
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = 'log: rule "dmarc-outbound-own-domain" would reject'
+    assert (line in result.stdout) == logged, result.stdout

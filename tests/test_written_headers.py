@@ -196,3 +196,14 @@ async def test_headers_written_live_are_folded_ascii_and_parse(
     assert len(fields) == 2
     for field in fields:
         check_field(field)
+
+
+async def test_received_is_folded_for_a_long_helo(relay: RelayProcess, sink: Sink):
+    data = b"From: <app@elsewhere.test>\r\nSubject: hi\r\n\r\nbody\r\n"
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port,
+                               local_hostname=LONG_HELO) as client:
+        await client.sendmail("app@elsewhere.test", ["b@dest.test"], data)
+    [got] = sink.wait_messages(1)
+    head = got.data.split(b"\r\n\r\n")[0].decode("ascii") + "\r\n"
+    [received] = re.findall(r"^Received:.*?\r\n(?![ \t])", head, re.MULTILINE | re.DOTALL)
+    assert f"from {LONG_HELO}" in check_field(received)
