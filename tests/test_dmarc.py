@@ -170,8 +170,8 @@ async def send(port: int, sender: str, data: bytes) -> None:
 
 
 @pytest.mark.parametrize(("author", "data_of", "expected"), [
-    ("app@example.test", "signed", b"dmarc=pass header.from=example.test policy.dmarc=reject"),
-    ("app@other.test", "signed", b"dmarc=fail header.from=other.test policy.dmarc=reject"),
+    ("app@example.test", "signed", b"dmarc=pass (p=reject) header.from=example.test"),
+    ("app@other.test", "signed", b"dmarc=fail (p=reject) header.from=other.test"),
     ("app@nothing.test", "plain", b"dmarc=none header.from=nothing.test"),
 ])
 async def test_inbound_dmarc_is_recorded_in_authentication_results(

@@ -49,11 +49,12 @@ def authentication_results_header(
             props += _prop("header.a", sig.algorithm, utf8)
             resinfos.append(f"dkim={sig.result}{_reason(sig.reason, utf8)}{props}")
     if dmarc is not None:
-        # RFC 7489 section 11.2: the method is dmarc, its property header.from.
-        policy = f" policy.dmarc={dmarc.policy}" if dmarc.policy else ""
+        # RFC 7489 section 11.2 registers the method dmarc with the one property
+        # header.from; the policy found goes in a comment, as receivers commonly write it.
+        policy = f" (p={dmarc.policy})" if dmarc.policy else ""
         resinfos.append(
-            f"dmarc={dmarc.result}{_reason(dmarc.reason, utf8)}"
-            f"{_prop('header.from', dmarc.from_domain, utf8)}{policy}"
+            f"dmarc={dmarc.result}{policy}{_reason(dmarc.reason, utf8)}"
+            f"{_prop('header.from', dmarc.from_domain, utf8)}"
         )
     head = f"Authentication-Results: {_pvalue(authserv_id, utf8)}"
     if not resinfos:
