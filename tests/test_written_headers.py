@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiosmtplib
+import authres
 import pytest
 from conftest import ROOT, RelayProcess, Sink, free_port
 from dnsserver import DnsServer, dnsmasq, split_txt
@@ -57,6 +58,39 @@ def test_long_senders_and_error_texts_are_folded_and_bounded() -> None:
     assert f"smtp.helo={LONG_HELO}" in unfolded
     for outcome in (spf, helo):
         check_field(received_spf_header(outcome, "127.0.0.1", LONG_HELO, "relay.test"))
+
+
+def parse_authentication_results(field: str) -> authres.AuthenticationResultsHeader:
+    """Parsed by authres, an RFC 8601 implementation independent of ours."""
+    unfolded = re.sub(r"\r\n(?=[ \t])", "", field).rstrip("\r\n")
+    return authres.AuthenticationResultsHeader.parse(unfolded)
+
+
+def test_an_independent_rfc8601_parser_reads_what_we_wrote() -> None:
+    problem = "bad record: " + "word " * 40
+    spf = SpfOutcome("permerror", problem, "mailfrom", LONG_SENDER)
+    helo = SpfOutcome("pass", "", "helo", f"postmaster@{LONG_HELO}")
+    dkim_outcome = DkimOutcome("pass", "example.test", (
+        DkimSignatureResult("example.test", "rsa", "pass", "", "rsa-sha256"),
+        DkimSignatureResult("x.tempfail.test", "s", "temperror", "key lookup failed: timed out",
+                            "ed25519-sha256"),
+    ))
+    header = authentication_results_header(
+        "relay.test", spf, dkim_outcome, spf_helo=helo,
+        dmarc=DmarcOutcome("fail", "example.test", "reject"))
+    parsed = parse_authentication_results(header)
+    assert parsed.authserv_id == "relay.test"
+    assert [(r.method, r.result, [(p.type, p.name, p.value) for p in r.properties])
+            for r in parsed.results] == [
+        ("spf", "permerror", [("smtp", "mailfrom", LONG_SENDER)]),
+        ("spf", "pass", [("smtp", "helo", LONG_HELO)]),
+        ("dkim", "pass", [("header", "d", "example.test"), ("header", "s", "rsa"),
+                          ("header", "a", "rsa-sha256")]),
+        ("dkim", "temperror", [("header", "d", "x.tempfail.test"), ("header", "s", "s"),
+                               ("header", "a", "ed25519-sha256")]),
+        ("dmarc", "fail", [("header", "from", "example.test")]),
+    ]
+    assert " ".join(parsed.results[0].reason.split()) == " ".join(problem.split())
 
 
 def test_headers_parse_back_to_the_values_written() -> None:
@@ -196,6 +230,9 @@ async def test_headers_written_live_are_folded_ascii_and_parse(
     assert len(fields) == 2
     for field in fields:
         check_field(field)
+    [results] = [f for f in fields if f.startswith("Authentication-Results:")]
+    parsed = parse_authentication_results(results)
+    assert [(r.method, r.result) for r in parsed.results] == [("spf", "pass"), ("dkim", "none")]
 
 
 async def test_received_is_folded_for_a_long_helo(relay: RelayProcess, sink: Sink):
