@@ -240,3 +240,50 @@ def test_dry_run_takes_an_assumed_outbound_result(
     assert result.returncode == 0, result.stdout + result.stderr
     line = 'log: rule "dmarc-outbound-own-domain" would reject'
     assert (line in result.stdout) == logged, result.stdout
+
+
+class _Suffixes:
+    """publicsuffixlist in the shape pydmarc's alignment check asks for."""
+
+    @staticmethod
+    def get_public_suffix(domain: str) -> str:
+        return organizational_domain(domain)
+
+
+CROSS_CHECK = [
+    ("example.test", ("pass", "example.test"), ()),
+    ("example.test", ("pass", "bounce.example.test"), ()),
+    ("example.test", ("fail", "example.test"), ("mail.example.test",)),
+    ("example.test", ("pass", "elsewhere.test"), ("elsewhere.test",)),
+    ("news.example.test", ("none", ""), ("example.test",)),
+    ("news.example.test", ("softfail", "news.example.test"), ()),
+    ("strict.test", ("pass", "mail.strict.test"), ("mail.strict.test",)),
+    ("strict.test", ("none", ""), ("strict.test",)),
+    ("monitor.test", ("pass", "other.test"), ()),
+]
+
+
+@pytest.mark.parametrize(("author", "spf", "dkim"), CROSS_CHECK)
+async def test_an_independent_dmarc_implementation_agrees(
+    server: DnsServer, author: str, spf: tuple[str, str], dkim: tuple[str, ...]
+) -> None:
+    # pydmarc (the `dmarc` package) judges the same record text and the same SPF and DKIM
+    # results; it does no DNS itself, so the record is the one our discovery found.
+    import dmarc as pydmarc
+
+    ours = await dmarc(server, author, spf, dkim)
+    org = organizational_domain(author)
+    inherited = f"_dmarc.{author}" not in RECORDS
+    record = RECORDS[f"_dmarc.{org}" if inherited else f"_dmarc.{author}"]
+    judge = pydmarc.DMARC(publicsuffix=_Suffixes())
+    policy = judge.parse_record(record, author, org_domain=org if inherited else None)
+    theirs = judge.get_result(
+        policy,
+        auth_results=pydmarc.AuthResults(
+            spf=pydmarc.SPFAuthResult(spf[1], pydmarc.SPFResult(spf[0])) if spf[1] else None,
+            dkim=[pydmarc.DKIMAuthResult(d, pydmarc.DKIMResult("pass")) for d in dkim],
+        ),
+    )
+    assert ours.result == theirs.result.value
+    published = policy.sp if inherited and policy.sp.value != "unspecified" else policy.p
+    assert ours.policy == published.value
