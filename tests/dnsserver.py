@@ -50,12 +50,15 @@ def split_txt(value: str, size: int = 255) -> tuple[str, ...]:
     return tuple(value[i : i + size] for i in range(0, len(value), size)) or ("",)
 
 
-def start_dnsmasq(records: Records, *, local_ttl: int = 0) -> DnsServer:
+def start_dnsmasq(
+    records: Records, *, local_ttl: int = 0, extra: Callable[[int], Sequence[str]] | None = None
+) -> DnsServer:
     """Start dnsmasq answering the TXT ``records`` and wait until it answers.
 
     Unknown ``.test`` names are NXDOMAIN; names under ``tempfail.test`` time out, names
     under ``refused.test`` are refused. ``local_ttl`` is the TTL of the records served
-    (dnsmasq's default, 0, keeps them out of every cache)."""
+    (dnsmasq's default, 0, keeps them out of every cache). ``extra`` gives further
+    dnsmasq options, given the port of the socket that never answers."""
     blackhole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     blackhole.bind(("127.0.0.1", 0))  # bound, never read: queries to it are simply lost
     last_error = ""
@@ -64,7 +67,8 @@ def start_dnsmasq(records: Records, *, local_ttl: int = 0) -> DnsServer:
         # A file, not a pipe: nobody reads dnsmasq's log while it runs.
         log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop())
         proc = subprocess.Popen(
-            _command(port, records, blackhole.getsockname()[1], local_ttl),
+            _command(port, records, blackhole.getsockname()[1], local_ttl)
+            + list(extra(blackhole.getsockname()[1]) if extra else ()),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -80,8 +84,10 @@ def start_dnsmasq(records: Records, *, local_ttl: int = 0) -> DnsServer:
 
 
 @contextlib.contextmanager
-def dnsmasq(records: Records, *, local_ttl: int = 0) -> Iterator[DnsServer]:
-    server = start_dnsmasq(records, local_ttl=local_ttl)
+def dnsmasq(
+    records: Records, *, local_ttl: int = 0, extra: Callable[[int], Sequence[str]] | None = None
+) -> Iterator[DnsServer]:
+    server = start_dnsmasq(records, local_ttl=local_ttl, extra=extra)
     try:
         yield server
     finally:

@@ -16,13 +16,13 @@ from cryptography.hazmat.primitives import serialization
 from dkim.canonicalization import CanonicalizationPolicy
 from dnsserver import DnsServer, TxtValue, dnsmasq, split_txt
 
+from relay.checks.authresults import authentication_results_header
 from relay.checks.dkim import (
     DEFAULT_SIGNED_HEADERS,
     MAX_SIGNATURES,
     DkimOutcome,
     DkimSignatureResult,
     SigningKey,
-    authentication_results_header,
     check_published_key,
     generate_key,
     load_key,
@@ -387,7 +387,7 @@ def test_authentication_results_header_lists_each_check() -> None:
         "Authentication-Results: relay.test;\r\n"
         "\tspf=pass smtp.mailfrom=app@example.test;\r\n"
         "\tdkim=pass header.d=example.test header.s=rsa header.a=rsa-sha256;\r\n"
-        '\tdkim=permerror reason="no key" header.d=other.test header.s=s1'
+        '\tdkim=permerror reason="no key" header.d=other.test header.s=s1\r\n'
         " header.a=ed25519-sha256\r\n"
     )
 
@@ -410,3 +410,40 @@ def test_authentication_results_header_strips_control_characters() -> None:
     assert header.count("\r\n") == 2  # the fold and the end, nothing injected
     assert 'reason="badX-Evil: \\"1\\""' in header
     assert "relay.test;" in header
+
+
+async def test_a_key_that_never_answers_spoils_only_its_own_signature(
+    server: DnsServer, keys: Keys
+) -> None:
+    # The resolver would wait 5 s x 2 tries, as long as the whole check may take: each
+    # key lookup still gets only its share of verify_timeout.
+    resolver = Resolver(DnsSettings(nameservers=server.nameservers, timeout=5.0, attempts=2))
+    message = signed(MESSAGE, keys.slow, keys.rsa)
+    outcome = await asyncio.wait_for(verify_dkim(resolver, message, timeout=1.5), 5.0)
+    assert [(s.domain, s.result) for s in outcome.signatures] == [
+        ("x.tempfail.test", "temperror"), (DOMAIN, "pass")
+    ]
+    assert (outcome.result, outcome.domain) == ("pass", DOMAIN)
+    assert "127.0.0.1" not in outcome.signatures[0].reason  # no resolver internals
+
+
+async def test_a_slow_key_does_not_hide_a_tampered_signature(
+    server: DnsServer, keys: Keys
+) -> None:
+    resolver = Resolver(DnsSettings(nameservers=server.nameservers, timeout=5.0, attempts=2))
+    message = signed(MESSAGE, keys.slow, keys.rsa).replace(b"12.00", b"99.00")
+    outcome = await asyncio.wait_for(verify_dkim(resolver, message, timeout=1.5), 5.0)
+    assert [s.result for s in outcome.signatures] == ["temperror", "fail"]
+    # Retrying may still find the slow key valid, so the message is temperror; the
+    # tampered signature keeps its own verdict, in Authentication-Results too.
+    assert outcome.result == "temperror"
+    header = authentication_results_header("relay.test", None, outcome)
+    assert "dkim=fail" in header and "dkim=temperror" in header
+
+
+async def test_reasons_hold_no_python_reprs(server: DnsServer, keys: Keys) -> None:
+    message = signed(MESSAGE, keys.rsa).replace(b"12.00", b"99.00")
+    [sig] = (await verify(server, message)).signatures
+    assert sig.result == "fail"
+    assert "body hash" in sig.reason
+    assert "b'" not in sig.reason and 'b"' not in sig.reason

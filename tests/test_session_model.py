@@ -91,7 +91,8 @@ async def test_spf_for_the_null_sender_checks_the_helo_name(relay: RelayProcess,
         await client.sendmail("", ["ops@dest.test"], MESSAGE)
     [got] = sink.wait_messages(1)
     assert b"X-Null-SPF: pass\r\n" in got.data
-    unfolded = got.data.split(b"\r\n\r\n")[0].replace(b"\r\n\t", b" ").split(b"\r\n")
+    head = got.data.split(b"\r\n\r\n")[0]
+    unfolded = head.replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ").split(b"\r\n")
     [received_spf] = [line for line in unfolded if line.startswith(b"Received-SPF:")]
     assert received_spf.startswith(b"Received-SPF: pass")
     assert b" helo=helo.test;" in received_spf
@@ -119,3 +120,48 @@ def test_the_dry_run_refuses_what_the_relay_refuses(address: str):
     assert "  -> reject (the server's own check): 501 5.1.3 Bad recipient address syntax\n" \
         in result.stdout
     assert result.stdout.endswith("client sees 501 5.1.3 Bad recipient address syntax\n")
+
+
+HELO_POLICY = """
+[[rule]]
+name = "helo-spf"
+match.spf_helo = ["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"]
+match.spf = ["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"]
+action = "tag"
+add_headers = { "X-HELO-SPF" = "{spf_helo} {spf}" }
+
+[[rule]]
+name = "loopback"
+match.client_address = "127.0.0.0/8"
+action = "accept"
+"""
+
+
+async def test_helo_identity_is_its_own_field_and_recorded(
+    tmp_path: Path, sink: Sink, dns: DnsServer, start_relay
+):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "10-test.toml").write_text(HELO_POLICY)
+    relay = start_relay(
+        sink.port, extra=f'policies_dir = "{policies}"',
+        sections=f'\n[dns]\nnameservers = ["127.0.0.1:{dns.port}"]\ntimeout = "1s"\n',
+    )
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port,
+                               local_hostname="helo.test") as client:
+        await client.sendmail("app@example.test", ["ops@dest.test"], MESSAGE)
+        await client.sendmail("", ["ops@dest.test"], MESSAGE)
+    mailfrom, null = sink.wait_messages(2)
+    # RFC 7208 section 2.3: the HELO name has its own result, beside MAIL FROM's.
+    assert b"X-HELO-SPF: pass none\r\n" in mailfrom.data
+    head = mailfrom.data.split(b"\r\n\r\n")[0]
+    unfolded = head.replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ")
+    assert b"spf=none smtp.mailfrom=app@example.test; spf=pass smtp.helo=helo.test" in unfolded
+    received = [line for line in unfolded.split(b"\r\n") if line.startswith(b"Received-SPF:")]
+    assert len(received) == 2
+    assert any(b"identity=helo;" in r and b"helo=helo.test;" in r for r in received)
+    # RFC 7208 section 2.4: for the null sender the two are one check, recorded once.
+    assert b"X-HELO-SPF: pass pass\r\n" in null.data
+    null_head = null.data.split(b"\r\n\r\n")[0].replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ")
+    assert null_head.count(b"Received-SPF:") == 1
+    assert b"spf=pass smtp.helo=helo.test" in null_head

@@ -11,6 +11,8 @@ import spf
 from dnsserver import DnsServer, dnsmasq
 
 from relay.checks.dns import DnsSettings, Resolver
+from relay.checks.services import CheckServices
+from relay.checks.settings import CheckSettings
 from relay.checks.spf import SpfOutcome, check_spf, received_spf_header
 
 CLIENT = "127.0.0.1"
@@ -163,7 +165,7 @@ def test_received_spf_header_follows_rfc7208_section_9_1() -> None:
     outcome = SpfOutcome("pass", "sender SPF authorized", "mailfrom", "app@pass.test")
     header = received_spf_header(outcome, "127.0.0.1", "client.test", "relay.test")
     assert header == (
-        "Received-SPF: pass (relay.test: domain of app@pass.test designates 127.0.0.1"
+        "Received-SPF: pass (relay.test: domain of app@pass.test designates 127.0.0.1\r\n"
         " as permitted sender)\r\n"
         "\treceiver=relay.test;\r\n"
         "\tclient-ip=127.0.0.1;\r\n"
@@ -178,8 +180,8 @@ def test_received_spf_header_strips_control_characters_and_quotes() -> None:
     header = received_spf_header(outcome, "127.0.0.1", "e\r\nvil; x=y", "relay.test")
     lines = header.split("\r\n")
     assert lines[-1] == ""
-    assert all(line.startswith(("Received-SPF:", "\t")) for line in lines[:-1])
-    assert "\\(record\\)" in lines[0]
+    assert all(line.startswith(("Received-SPF:", "\t", " ")) for line in lines[:-1])
+    assert "\\(record\\)" in header.replace("\r\n ", " ")  # unfolded
     assert '\thelo="evil; x=y";' in lines
     assert '\tenvelope-from="postmaster@e\\"vil";' in lines
     assert '\tproblem="bad (record)X-Evil: 1";' in lines
@@ -205,3 +207,47 @@ def test_pyspf_outside_a_check_never_uses_the_system_resolver() -> None:
     result, _code, explanation = spf.query(i=CLIENT, s="a@pass.test", h="h.test").check()
     assert result == "temperror"
     assert "no resolver bound" in explanation
+
+
+async def test_senders_whose_dns_never_answers_do_not_delay_other_senders(
+    server: DnsServer,
+) -> None:
+    # The relay's own SPF pool ([spf] max_concurrent), 20 evaluations stuck on a DNS
+    # server that never answers, then one for a domain that answers at once.
+    settings = CheckSettings(dns=DnsSettings(nameservers=server.nameservers, timeout=3.0,
+                                             attempts=1), spf_timeout=3.0)
+    services = CheckServices(settings, {})
+    loop = asyncio.get_running_loop()
+    try:
+        stuck = [
+            asyncio.create_task(check_spf(
+                services.resolver, CLIENT, f"app@n{i}.tempfail.test", "h.test",
+                timeout=settings.spf_timeout, executor=services.executor))
+            for i in range(20)
+        ]
+        await asyncio.sleep(0.2)  # all 20 are waiting on DNS now
+        started = loop.time()
+        fast = await check_spf(services.resolver, CLIENT, "app@pass.test", "h.test",
+                               timeout=settings.spf_timeout, executor=services.executor)
+        elapsed = loop.time() - started
+        assert fast.result == "pass"
+        assert not any(task.done() for task in stuck)  # answered while they still wait
+        assert elapsed < 1.0
+        assert {o.result for o in await asyncio.gather(*stuck)} == {"temperror"}
+    finally:
+        await services.close()
+
+
+async def test_temperror_explanation_names_no_resolver_internals(server: DnsServer) -> None:
+    outcome = await spf_for(server, "app@x.refused.test")
+    assert outcome.result == "temperror"
+    assert "127.0.0.1" not in outcome.explanation and "Do53" not in outcome.explanation
+    header = received_spf_header(outcome, CLIENT, "h.test", "relay.test")
+    assert "Do53" not in header and "@127.0.0.1" not in header
+
+
+def test_received_spf_for_the_null_sender_without_helo_leaves_empty_values_out() -> None:
+    outcome = SpfOutcome("none", "no valid domain to check", "helo", "postmaster@")
+    header = received_spf_header(outcome, CLIENT, "", "relay.test")
+    assert "envelope-from" not in header and "helo=" not in header
+    assert 'postmaster@"' not in header

@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.canonicalization import CanonicalizationPolicy
 
 from relay.checks.dns import DnsTempError, Resolver
-from relay.checks.spf import SpfOutcome
 
 # RFC 8601 section 2.7.1 result values for the dkim method.
 DkimResult = Literal["pass", "fail", "neutral", "policy", "none", "temperror", "permerror"]
@@ -96,28 +95,39 @@ class _Signature:
 _KeyRecord = bytes | None | DnsTempError
 
 
+# Of the check's budget, the share key lookups may use; the rest is kept for parsing,
+# hashing and the public-key arithmetic, so a key that never answers costs its own
+# signature a temperror, never the verdicts of the others.
+KEY_SHARE = 0.8
+
+
 async def verify_dkim(
     resolver: Resolver, message: bytes, *, timeout: float, executor: Executor | None = None
 ) -> DkimOutcome:
     """Verify every DKIM-Signature of ``message`` (raw bytes, CRLF line endings).
 
-    Keys are fetched on the event loop through ``resolver``; parsing, hashing and the
-    public-key arithmetic run in ``executor`` (default: asyncio's thread pool). Never
-    raises: running out of ``timeout`` or failing to fetch a key is ``temperror``.
+    Keys are fetched on the event loop through ``resolver``, each lookup bounded by
+    KEY_SHARE of ``timeout`` (and never longer than the resolver's own bound); parsing,
+    hashing and the public-key arithmetic run in ``executor`` (default: asyncio's thread
+    pool). Never raises: running out of ``timeout`` or failing to fetch a key is
+    ``temperror`` for the signatures concerned.
     """
     end = message.find(b"\r\n\r\n")
     if b"dkim-signature" not in message[: end if end >= 0 else len(message)].lower():
         # Most mail from app servers is unsigned: no thread hop, no parse.
         return DkimOutcome("none")
     loop = asyncio.get_running_loop()
+    key_deadline = loop.time() + timeout * KEY_SHARE
     signatures: list[_Signature] = []
+    keys: dict[str, _KeyRecord] = {}
     try:
         async with asyncio.timeout(timeout):
             verifier, signatures = await loop.run_in_executor(executor, _parse, message)
             if not signatures:
                 return DkimOutcome("none")
             names = sorted({s.key_name for s in signatures if not s.problem})
-            records = await asyncio.gather(*(_fetch_key(resolver, n) for n in names))
+            budget = key_deadline - loop.time()
+            records = await asyncio.gather(*(_fetch_key(resolver, n, budget) for n in names))
             keys = dict(zip(names, records, strict=True))
             work = functools.partial(_verify_all, verifier, signatures, keys)
             results = await loop.run_in_executor(executor, work)
@@ -132,10 +142,10 @@ async def verify_dkim(
     except dkim.DKIMException as exc:
         # The header section cannot be parsed (RFC 5322 syntax), so no signature in it
         # can be evaluated.
-        return DkimOutcome("permerror", reason=f"unparsable message: {exc}")
+        return DkimOutcome("permerror", reason=f"unparsable message: {reason_text(exc)}")
     except Exception as exc:
         # A failure of ours says nothing about the message: temporary, never "fail".
-        return DkimOutcome("temperror", reason=f"{type(exc).__name__}: {exc}")
+        return DkimOutcome("temperror", reason=f"internal error ({type(exc).__name__})")
     return _outcome(results)
 
 
@@ -145,13 +155,30 @@ def _outcome(results: Sequence[DkimSignatureResult]) -> DkimOutcome:
     return DkimOutcome(best.result, domain, tuple(results))
 
 
-async def _fetch_key(resolver: Resolver, name: str) -> _KeyRecord:
+async def _fetch_key(resolver: Resolver, name: str, budget: float) -> _KeyRecord:
+    """The key record at ``name``, fetched within ``budget`` seconds."""
     try:
-        records = await resolver.txt(name)
+        async with asyncio.timeout(max(budget, 0.0)):
+            records = await resolver.txt(name, lifetime=budget)
     except DnsTempError as exc:
         return exc
+    except TimeoutError:
+        return DnsTempError(f"{name} TXT: no answer within {max(budget, 0.0):.2g}s")
     # RFC 6376 section 6.1.2: with several key records the verifier may pick one.
     return records[0] if records else None
+
+
+_BYTES_REPR = re.compile(r"""\bb(['"])(.*?)\1""")
+_MAX_REASON = 200
+
+
+def reason_text(exc: BaseException | str) -> str:
+    """An exception's text fit for a reason= (RFC 8601 section 2.7): dkimpy puts Python
+    bytes reprs in its messages (b'...'), which are shown as their plain content; the
+    text is bounded so that the field stays readable."""
+    text = _BYTES_REPR.sub(r"\2", str(exc))
+    text = _CONTROL.sub("", text)
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
 def _parse(message: bytes) -> tuple[Any, list[_Signature]]:
@@ -179,14 +206,16 @@ def _describe(verifier: Any, index: int) -> _Signature:
         # PERMFAIL, i.e. permerror.
         verifier.verify_headerprep(index)
     except Exception as exc:
-        return _Signature(index, domain, selector, algorithm, f"bad signature header: {exc}")
+        return _Signature(
+            index, domain, selector, algorithm, f"bad signature header: {reason_text(exc)}"
+        )
     if tags.get(b"a") not in _ALGORITHMS:
         # RFC 8301 section 3.1: rsa-sha1 signatures must not be considered valid.
         return _Signature(index, domain, selector, algorithm, f"unacceptable a={algorithm}")
     try:
         dns.name.from_text(f"{selector}._domainkey.{domain}")
-    except dns.exception.DNSException as exc:
-        return _Signature(index, domain, selector, algorithm, f"bad d= or s=: {exc}")
+    except dns.exception.DNSException:
+        return _Signature(index, domain, selector, algorithm, "bad d= or s=")
     return _Signature(index, domain, selector, algorithm)
 
 
@@ -213,7 +242,7 @@ def _verify_one(verifier: Any, sig: _Signature, key: _KeyRecord) -> DkimSignatur
     try:
         _pk, _size, ktag, _tlsrpt = dkim.evaluate_pk(sig.key_name.encode(), key)
     except Exception as exc:
-        return result("permerror", f"bad key record: {exc}")
+        return result("permerror", f"bad key record: {reason_text(exc)}")
     if not sig.algorithm.startswith(ktag.decode() + "-"):
         # RFC 6376 section 6.1.2 step 6: a key of another type is unusable.
         return result("permerror", f"k={ktag.decode()} key for a={sig.algorithm}")
@@ -226,15 +255,15 @@ def _verify_one(verifier: Any, sig: _Signature, key: _KeyRecord) -> DkimSignatur
 
     try:
         valid = verifier.verify(idx=sig.index, dnsfunc=served)
-    except _KeyUnavailable as exc:
-        return result("temperror", f"key not available: {exc}")
+    except _KeyUnavailable:
+        return result("temperror", "key not available")
     except dkim.ValidationError as exc:
         # dkimpy reports a body hash mismatch this way: the body changed after signing.
-        return result("fail", str(exc))
+        return result("fail", reason_text(exc))
     except Exception as exc:
         # KeyFormatError (key under 1024 bits, RFC 8301 section 3.2) and other format
         # problems: the signature cannot be evaluated.
-        return result("permerror", str(exc))
+        return result("permerror", reason_text(exc))
     if not valid:
         return result("fail", "signature does not verify")
     signed = [h.lower() for h in verifier.include_headers]
@@ -258,58 +287,7 @@ def _text(value: bytes) -> str:
     return value.decode("ascii", errors="replace")
 
 
-# -- Authentication-Results ---------------------------------------------------------------
-
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# RFC 8601 section 2.2: a pvalue is a token (RFC 2045), or [local-part "@"] domain.
-_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`{|}~]+")
-_ADDRESS = re.compile(
-    r"(?:[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*)?@[A-Za-z0-9.-]+"
-)
-
-
-def authentication_results_header(
-    authserv_id: str, spf: SpfOutcome | None, dkim_outcome: DkimOutcome | None
-) -> str:
-    """The RFC 8601 ``Authentication-Results:`` field for the checks that ran, one
-    resinfo per folded line, ending in CRLF. With no check at all it says ``none``."""
-    resinfos: list[str] = []
-    if spf is not None:
-        ptype = "smtp.helo" if spf.identity == "helo" else "smtp.mailfrom"
-        identity = spf.domain if spf.identity == "helo" else spf.envelope_from
-        resinfos.append(f"spf={spf.result}{_reason(spf)} {ptype}={_pvalue(identity)}")
-    if dkim_outcome is not None:
-        if not dkim_outcome.signatures:
-            reason = f" reason={_quoted(dkim_outcome.reason)}" if dkim_outcome.reason else ""
-            resinfos.append(f"dkim={dkim_outcome.result}{reason}")
-        for sig in dkim_outcome.signatures:
-            props = f"header.d={_pvalue(sig.domain)} header.s={_pvalue(sig.selector)}"
-            if sig.algorithm:
-                props += f" header.a={_pvalue(sig.algorithm)}"
-            reason = f" reason={_quoted(sig.reason)}" if sig.reason else ""
-            resinfos.append(f"dkim={sig.result}{reason} {props}")
-    head = f"Authentication-Results: {_pvalue(authserv_id)}"
-    if not resinfos:
-        return f"{head}; none\r\n"
-    return ";\r\n\t".join([head, *resinfos]) + "\r\n"
-
-
-def _reason(spf: SpfOutcome) -> str:
-    if spf.result in ("temperror", "permerror") and spf.explanation:
-        return f" reason={_quoted(spf.explanation)}"
-    return ""
-
-
-def _pvalue(text: str) -> str:
-    text = _CONTROL.sub("", text)
-    if _TOKEN.fullmatch(text) or _ADDRESS.fullmatch(text):
-        return text
-    return _quoted(text)
-
-
-def _quoted(text: str) -> str:
-    text = _CONTROL.sub("", text)
-    return '"' + re.sub(r'(["\\])', r"\\\1", text) + '"'
 
 
 # -- Signing ------------------------------------------------------------------------------
@@ -331,7 +309,7 @@ DEFAULT_SIGNED_HEADERS: tuple[str, ...] = (
     "content-transfer-encoding",
 )
 # RFC 6376 section 5.4.1: fields that are routinely added or changed in transit.
-_NEVER_SIGNED = frozenset(
+NEVER_SIGNED = frozenset(
     {"return-path", "received", "comments", "keywords", "bcc", "resent-bcc", "dkim-signature"}
 )
 
@@ -353,7 +331,7 @@ def sign(message: bytes, keys: Sequence[SigningKey], headers: Sequence[str]) -> 
     CPU-bound: call it off the event loop. The message bytes are not changed.
     """
     include = [h.strip().lower() for h in headers if h.strip()]
-    unsignable = sorted(set(include) & _NEVER_SIGNED)
+    unsignable = sorted(set(include) & NEVER_SIGNED)
     if unsignable:
         raise ValueError(f"header fields that must not be signed: {', '.join(unsignable)}")
     include = [h for h in include if h != "from"]

@@ -75,27 +75,40 @@ class Resolver:
 
     # -- asynchronous API, for code on the event loop -------------------------------------
 
-    async def query(self, name: str | dns.name.Name, rdtype: str) -> list[dns.rdata.Rdata]:
+    async def query(
+        self, name: str | dns.name.Name, rdtype: str, *, lifetime: float | None = None
+    ) -> list[dns.rdata.Rdata]:
         """Records of ``rdtype`` at ``name``; ``[]`` for NXDOMAIN or no data.
 
+        ``lifetime`` may only shorten the configured bound: a check passes what remains
+        of its own budget, so a lookup never outlives the check that asked for it.
         Raises DnsTempError for anything else (timeout, SERVFAIL, malformed name, ...).
         """
+        bound = self._bound(name, rdtype, lifetime)
         try:
             qname = _absolute(name)
             answer = await self._async.resolve(
-                qname, rdtype, search=False, raise_on_no_answer=False
+                qname, rdtype, search=False, raise_on_no_answer=False, lifetime=bound
             )
         except dns.resolver.NXDOMAIN:
             return []
         except dns.exception.DNSException as exc:
-            raise DnsTempError(f"{name} {rdtype}: {exc}") from exc
+            raise DnsTempError(_problem(name, rdtype, exc)) from exc
         return list(answer.rrset) if answer.rrset is not None else []
 
-    async def txt(self, name: str) -> list[bytes]:
+    def _bound(self, name: object, rdtype: str, lifetime: float | None) -> float:
+        bound = self.settings.lifetime
+        if lifetime is not None:
+            bound = min(lifetime, bound)
+        if bound <= 0:
+            raise DnsTempError(f"{name} {rdtype}: no time left")
+        return bound
+
+    async def txt(self, name: str, *, lifetime: float | None = None) -> list[bytes]:
         """TXT records at ``name``, each one's character-strings joined (RFC 7208
         section 3.3, RFC 6376 section 3.6.2.2: long records are split into strings of at
         most 255 octets that the reader concatenates without separators)."""
-        return [_joined(r) for r in await self.query(name, "TXT")]
+        return [_joined(r) for r in await self.query(name, "TXT", lifetime=lifetime)]
 
     async def a(self, name: str) -> list[str]:
         return [r.to_text() for r in await self.query(name, "A")]
@@ -117,11 +130,7 @@ class Resolver:
     ) -> list[dns.rdata.Rdata]:
         """Same contract as :meth:`query`, blocking; ``lifetime`` may only shorten the
         configured bound (pyspf passes what remains of its overall query time)."""
-        bound = self.settings.lifetime
-        if lifetime is not None:
-            bound = min(lifetime, bound)
-        if bound <= 0:
-            raise DnsTempError(f"{name} {rdtype}: no time left")
+        bound = self._bound(name, rdtype, lifetime)
         try:
             qname = _absolute(name)
             answer = self._sync.resolve(
@@ -130,11 +139,23 @@ class Resolver:
         except dns.resolver.NXDOMAIN:
             return []
         except dns.exception.DNSException as exc:
-            raise DnsTempError(f"{name} {rdtype}: {exc}") from exc
+            raise DnsTempError(_problem(name, rdtype, exc)) from exc
         return list(answer.rrset) if answer.rrset is not None else []
 
     def txt_sync(self, name: str) -> list[bytes]:
         return [_joined(r) for r in self.query_sync(name, "TXT")]
+
+
+def _problem(name: object, rdtype: str, exc: dns.exception.DNSException) -> str:
+    """What went wrong, without dnspython's text: that names our resolvers' addresses and
+    ports ("Server Do53:127.0.0.1@5353 answered ..."), which end up in headers we write."""
+    if isinstance(exc, dns.exception.Timeout):
+        why = "timed out"
+    elif isinstance(exc, dns.resolver.NoNameservers):
+        why = "server failure"
+    else:
+        why = f"lookup error ({type(exc).__name__})"
+    return f"{name} {rdtype}: {why}"
 
 
 def _absolute(name: str | dns.name.Name) -> dns.name.Name:

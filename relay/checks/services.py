@@ -6,13 +6,16 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from email.utils import getaddresses
 
 from relay.address import domain_of
 from relay.checks import dkim as dkimlib
+from relay.checks.dmarc import DmarcOutcome, author_domain, evaluate_dmarc
 from relay.checks.dns import Resolver
 from relay.checks.ratelimit import Limiter, LimitSpec, redis_client
 from relay.checks.settings import CheckSettings
 from relay.checks.spf import SpfOutcome, check_spf
+from relay.headers import header_fields
 from relay.ops.metrics import Metrics
 from relay.policy.engine import Facts
 
@@ -27,8 +30,14 @@ class CheckServices:
         self.settings = settings
         self.metrics = metrics
         self.resolver = Resolver(settings.dns)
-        # pyspf blocks; a bounded pool keeps slow DNS from piling up threads.
-        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spf")
+        # pyspf blocks, one thread per evaluation. The pool is bounded (max_concurrent)
+        # and every evaluation carries its deadline (spf timeout, time queued included),
+        # so senders whose DNS never answers hold at most that many threads for at most
+        # that long: a pool of a few threads would queue everyone else's SPF behind
+        # them. A thread waiting on a socket costs little; the bound is what matters.
+        self.executor = ThreadPoolExecutor(
+            max_workers=settings.spf_max_concurrent, thread_name_prefix="spf"
+        )
         redis = redis_client(settings.redis_url, timeout=settings.redis_timeout) \
             if settings.redis_url else None
         self.limiter = Limiter(
@@ -65,7 +74,11 @@ class SessionChecks:
         self.current = current
         self.services = current()
         self.spf_outcome: SpfOutcome | None = None
+        self.spf_helo_outcome: SpfOutcome | None = None
+        self._spf_helo_of: tuple[str, str] = ("", "")  # (client address, HELO name)
         self.dkim_outcome: dkimlib.DkimOutcome | None = None
+        self.dmarc_outcome: DmarcOutcome | None = None
+        self.dmarc_outbound_outcome: DmarcOutcome | None = None
         self._charges: dict[tuple[str, str], LimitCharge] = {}
 
     def new_transaction(self) -> None:
@@ -74,23 +87,48 @@ class SessionChecks:
         self.services = self.current()
         self.spf_outcome = None
         self.dkim_outcome = None
+        self.dmarc_outcome = None
+        self.dmarc_outbound_outcome = None
         self._charges = {k: v for k, v in self._charges.items() if k[1] == "session"}
 
     async def spf(self, facts: Facts) -> str:
-        if self.spf_outcome is None:
-            self.spf_outcome = await self._run_spf(facts)
-        return self.spf_outcome.result
+        return (await self._spf(facts)).result
 
-    async def _run_spf(self, facts: Facts) -> SpfOutcome:
+    async def _spf(self, facts: Facts) -> SpfOutcome:
+        if self.spf_outcome is None:
+            settings = self.services.settings
+            addresses = (
+                settings.spf_egress_addresses if settings.spf_mode == "egress"
+                else (facts.client_address,)
+            )
+            self.spf_outcome = await self._run_spf(facts.sender or "", facts, addresses)
+        return self.spf_outcome
+
+    async def spf_helo(self, facts: Facts) -> str:
+        """RFC 7208 section 2.3: the HELO identity checked on its own; for the null
+        sender it is the very check `spf` makes (section 2.4), done once."""
+        if facts.sender == "":
+            self.spf_helo_outcome = await self._spf(facts)
+            return self.spf_helo_outcome.result
+        key = (facts.client_address, facts.helo_name)
+        if self.spf_helo_outcome is None or self._spf_helo_of != key:
+            settings = self.services.settings
+            addresses = (
+                settings.spf_egress_addresses if settings.spf_mode == "egress"
+                else (facts.client_address,)
+            )
+            self.spf_helo_outcome = await self._run_spf("", facts, addresses)
+            self._spf_helo_of = key
+        return self.spf_helo_outcome.result
+
+    async def _run_spf(
+        self, sender: str, facts: Facts, addresses: tuple[str, ...]
+    ) -> SpfOutcome:
         settings = self.services.settings
-        addresses = (
-            settings.spf_egress_addresses if settings.spf_mode == "egress"
-            else (facts.client_address,)
-        )
         worst: SpfOutcome | None = None
         for ip in addresses:
             outcome = await check_spf(
-                self.services.resolver, ip, facts.sender or "", facts.helo_name,
+                self.services.resolver, ip, sender, facts.helo_name,
                 timeout=settings.spf_timeout, executor=self.services.executor,
             )
             # egress mode: every egress address must pass for the sender to be safe.
@@ -102,14 +140,58 @@ class SessionChecks:
         return worst
 
     async def dkim(self, facts: Facts) -> tuple[str, str]:
+        if facts.message is None:
+            return "none", ""
+        outcome = await self._dkim(facts.message)
+        return outcome.result, outcome.domain
+
+    async def _dkim(self, message: bytes) -> dkimlib.DkimOutcome:
         if self.dkim_outcome is None:
-            if facts.message is None:
-                return "none", ""
             self.dkim_outcome = await dkimlib.verify_dkim(
-                self.services.resolver, facts.message,
+                self.services.resolver, message,
                 timeout=self.services.settings.dkim_verify_timeout,
             )
-        return self.dkim_outcome.result, self.dkim_outcome.domain
+        return self.dkim_outcome
+
+    async def dmarc(self, facts: Facts) -> tuple[str, str]:
+        """(result, policy) of RFC 7489 for the message as it arrived: the From: domain's
+        record against the SPF and DKIM results the relay computed."""
+        if facts.message is None:
+            return "none", ""
+        if self.dmarc_outcome is None:
+            spf = await self._spf(facts)
+            dkim_outcome = await self._dkim(facts.message)
+            self.dmarc_outcome = await evaluate_dmarc(
+                self.services.resolver, author_domain(facts.message),
+                (spf.result, spf.domain), _passing(dkim_outcome),
+                timeout=self.services.settings.dmarc_timeout,
+            )
+        return self.dmarc_outcome.result, self.dmarc_outcome.policy
+
+    async def dmarc_outbound(self, facts: Facts) -> str:
+        """The DMARC result a receiver will compute for this message once it leaves:
+        the signatures this relay adds (assumed to verify: `policy-relay dkim check`
+        tells whether their keys are published) and those already passing, and SPF of
+        the sender from the [spf] egress addresses (none configured: SPF cannot align)."""
+        if facts.message is None:
+            return "none"
+        if self.dmarc_outbound_outcome is None:
+            settings = self.services.settings
+            sender = facts.sender or ""
+            domains = [k.domain for k in signing_keys_for(settings, facts.message, sender)]
+            domains += _passing(await self._dkim(facts.message))
+            spf: tuple[str, str] = ("none", "")
+            if settings.spf_egress_addresses:
+                outcome = (
+                    await self._spf(facts) if settings.spf_mode == "egress"
+                    else await self._run_spf(sender, facts, settings.spf_egress_addresses)
+                )
+                spf = (outcome.result, outcome.domain)
+            self.dmarc_outbound_outcome = await evaluate_dmarc(
+                self.services.resolver, author_domain(facts.message), spf, domains,
+                timeout=settings.dmarc_timeout,
+            )
+        return self.dmarc_outbound_outcome.result
 
     async def over_limit(self, name: str, stage: str, facts: Facts) -> tuple[bool, float]:
         limiter = self.services.limiter
@@ -138,6 +220,29 @@ class SessionChecks:
 
     def backend_failed(self, name: str) -> bool:
         return any(c.backend_error and c.over for (n, _), c in self._charges.items() if n == name)
+
+
+def _passing(outcome: dkimlib.DkimOutcome) -> list[str]:
+    return [s.domain for s in outcome.signatures if s.result == "pass"]
+
+
+def signing_keys_for(
+    settings: CheckSettings, message: bytes, sender: str
+) -> tuple[dkimlib.SigningKey, ...]:
+    """The keys this relay signs ``message`` with: those of its From: domain (which DMARC
+    aligns with), else of the envelope sender's domain."""
+    if not settings.dkim_keys:
+        return ()
+    return settings.signing_keys(from_domain(message) or (domain_of(sender) if sender else ""))
+
+
+def from_domain(message: bytes) -> str:
+    """The domain of the first address in the From: header, "" when there is none."""
+    for name, value in header_fields(message):
+        if name.lower() == "from":
+            found = [addr for _, addr in getaddresses([value]) if "@" in addr]
+            return domain_of(found[0]) if found else ""
+    return ""
 
 
 def limit_fields(facts: Facts) -> dict[str, str]:

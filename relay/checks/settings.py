@@ -1,4 +1,4 @@
-"""[dns], [spf], [dkim], [ratelimit] and [authentication_results]: the checks' settings."""
+"""[dns], [spf], [dkim], [dmarc], [ratelimit], [authentication_results]: the checks' settings."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ SpfMode = Literal["client", "egress"]
 
 @dataclass(frozen=True, slots=True)
 class CheckSettings:
-    """[dns], [spf], [dkim], [ratelimit] and the Authentication-Results authserv-id."""
+    """[dns], [spf], [dkim], [dmarc], [ratelimit] and the Authentication-Results authserv-id."""
 
     dns: DnsSettings = field(default_factory=DnsSettings)
     # RFC 8601 section 2.5; "" = the relay's hostname.
@@ -23,6 +23,11 @@ class CheckSettings:
     spf_mode: SpfMode = "client"
     spf_egress_addresses: tuple[str, ...] = ()
     spf_timeout: float = 20.0
+    # Concurrent SPF evaluations (pyspf is synchronous: one thread each). Each is bounded
+    # by spf_timeout, so senders with dead DNS hold at most this many threads for at most
+    # that long; everyone else's SPF runs beside them.
+    spf_max_concurrent: int = 64
+    dmarc_timeout: float = 5.0
     dkim_verify_timeout: float = 10.0
     dkim_sign_headers: tuple[str, ...] = dkimlib.DEFAULT_SIGNED_HEADERS
     dkim_keys: tuple[dkimlib.SigningKey, ...] = field(default=(), repr=False)
@@ -58,11 +63,20 @@ def read_check_settings(root: Table) -> CheckSettings:
     if mode == "egress" and not egress:
         spf.error("egress_addresses", 'must name the egress address(es) when mode = "egress"')
     spf_timeout = spf.duration("timeout", base.spf_timeout, low=0.1)
+    spf_max_concurrent = spf.integer("max_concurrent", base.spf_max_concurrent, 1, 1024)
     spf.finish()
+
+    dmarc = root.table("dmarc")
+    dmarc_timeout = dmarc.duration("timeout", base.dmarc_timeout, low=0.1)
+    dmarc.finish()
 
     dkim = root.table("dkim")
     verify_timeout = dkim.duration("verify_timeout", base.dkim_verify_timeout, low=0.1)
     headers = dkim.strings("sign_headers", base.dkim_sign_headers)
+    unsignable = sorted({h.strip().lower() for h in headers} & dkimlib.NEVER_SIGNED)
+    if unsignable:
+        # Checked here, not at signing time: a 451 for every message would never heal.
+        dkim.error("sign_headers", f"must not be signed: {', '.join(unsignable)}")
     keys = _read_dkim_keys(dkim)
     dkim.finish()
 
@@ -74,6 +88,8 @@ def read_check_settings(root: Table) -> CheckSettings:
         spf_mode=mode,  # type: ignore[arg-type]
         spf_egress_addresses=egress,
         spf_timeout=spf_timeout,
+        spf_max_concurrent=spf_max_concurrent,
+        dmarc_timeout=dmarc_timeout,
         dkim_verify_timeout=verify_timeout,
         dkim_sign_headers=headers,
         dkim_keys=keys,

@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import functools
 import re
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import dns.rdata
 import spf
 
 from relay.checks.dns import DnsTempError, Resolver
+from relay.headers import field_text, fold
 
 SpfResult = Literal["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"]
 SpfIdentity = Literal["mailfrom", "helo"]
@@ -111,8 +113,9 @@ async def check_spf(
         # too) gives "none" without any lookup.
         return SpfOutcome("none", "no valid domain to check", identity, checked)
     loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + timeout
     work = functools.partial(
-        _evaluate, _pyspf_lookup(resolver), ip, "" if null_sender else sender, helo, timeout
+        _evaluate, _pyspf_lookup(resolver), ip, "" if null_sender else sender, helo, deadline
     )
     try:
         async with asyncio.timeout(timeout):
@@ -122,9 +125,9 @@ async def check_spf(
     except Exception as exc:
         # pyspf 2.0.14 lets YXDOMAIN, NoRootSOA, LabelTooLong, OSError, ... escape
         # query.check(); none of them says anything about the sender's policy.
-        return SpfOutcome("temperror", _clean(f"{type(exc).__name__}: {exc}"), identity, checked)
+        return SpfOutcome("temperror", f"internal error ({type(exc).__name__})", identity, checked)
     if result not in _RESULTS:
-        return SpfOutcome("temperror", _clean(f"unexpected result {result!r}"), identity, checked)
+        return SpfOutcome("temperror", _clean(f"unexpected result {result}"), identity, checked)
     spf_result: SpfResult = result  # type: ignore[assignment]
     return SpfOutcome(spf_result, _clean(explanation), identity, checked)
 
@@ -140,9 +143,13 @@ def _is_domain_name(domain: str) -> bool:
 
 
 def _evaluate(
-    lookup: _Lookup, ip: str, sender: str, helo: str, querytime: float
+    lookup: _Lookup, ip: str, sender: str, helo: str, deadline: float
 ) -> tuple[str, str]:
-    """Run pyspf in this (worker) thread with ``lookup`` bound for its DNS."""
+    """Run pyspf in this (worker) thread with ``lookup`` bound for its DNS, within what
+    is left until ``deadline`` (time spent queued for a thread counts)."""
+    querytime = deadline - time.monotonic()
+    if querytime <= 0:
+        return "temperror", "no time left for the SPF check"
     token = _BOUND_LOOKUP.set(lookup)
     try:
         # strict=True: past 10 DNS-querying terms (RFC 7208 section 4.6.4) or 2 void
@@ -171,25 +178,35 @@ _COMMENTS: dict[str, str] = {
 }
 
 
-def received_spf_header(outcome: SpfOutcome, client_ip: str, helo: str, authserv_id: str) -> str:
-    """The RFC 7208 section 9.1 ``Received-SPF:`` field for ``outcome``, folded, ending
-    in CRLF, ready to prepend to the message bytes."""
-    who = _clean(outcome.envelope_from) or _clean(helo)
+def received_spf_header(
+    outcome: SpfOutcome, client_ip: str, helo: str, authserv_id: str, *, utf8: bool = False
+) -> str:
+    """The RFC 7208 section 9.1 ``Received-SPF:`` field for ``outcome``, folded at 78
+    (RFC 5322 section 2.1.1), ending in CRLF, ready to prepend to the message bytes.
+
+    Empty values are left out (no ``helo=""``, no ``envelope-from="postmaster@"``);
+    ``utf8``: the message is SMTPUTF8 and values may stay UTF-8 (RFC 6532 section 3.2).
+    """
+    envelope_from = "" if outcome.envelope_from.endswith("@") else outcome.envelope_from
+    who = field_text(envelope_from, utf8) or field_text(helo, utf8) or "the sender"
     comment = _COMMENTS[outcome.result].format(
-        who=who, ip=_clean(client_ip), why=_clean(outcome.explanation)
+        who=who, ip=field_text(client_ip), why=field_text(outcome.explanation, utf8)
     )
     pairs = [
         ("receiver", authserv_id),
         ("client-ip", client_ip),
-        ("envelope-from", outcome.envelope_from),
+        ("envelope-from", envelope_from),
         ("helo", helo),
         ("identity", outcome.identity),
     ]
     if outcome.result in ("temperror", "permerror") and outcome.explanation:
         pairs.append(("problem", outcome.explanation))
-    lines = [f"Received-SPF: {outcome.result} ({_comment(f'{_clean(authserv_id)}: {comment}')})"]
-    lines += [f"\t{key}={_value(value)};" for key, value in pairs if _clean(value)]
-    return "\r\n".join(lines) + "\r\n"
+    head = _comment(f"{field_text(authserv_id, utf8)}: {comment}")
+    lines = [f"Received-SPF: {outcome.result} ({head})"]
+    lines += [
+        f"\t{key}={_value(value, utf8)};" for key, value in pairs if field_text(value, utf8)
+    ]
+    return fold("\r\n".join(lines))
 
 
 def _clean(text: str) -> str:
@@ -202,9 +219,9 @@ def _comment(text: str) -> str:
     return re.sub(r"([()\\])", r"\\\1", text)
 
 
-def _value(text: str) -> str:
+def _value(text: str, utf8: bool) -> str:
     # RFC 7208 section 9.1: a value is a dot-atom or a quoted-string.
-    text = _clean(text)
+    text = field_text(text, utf8)
     if _DOT_ATOM.fullmatch(text):
         return text
     return '"' + re.sub(r'(["\\])', r"\\\1", text) + '"'

@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="send MAIL with SMTPUTF8 (RFC 6531), for non-ASCII addresses")
     test.add_argument("--spf", default="none", metavar="RESULT", help="SPF result to assume")
     test.add_argument("--dkim", default="none", metavar="RESULT", help="DKIM result to assume")
+    test.add_argument("--spf-helo", default="none", metavar="RESULT",
+                      help="SPF result of the HELO name to assume")
+    test.add_argument("--dmarc", default="none", metavar="RESULT",
+                      help="DMARC result to assume")
+    test.add_argument("--dmarc-policy", default="", metavar="POLICY",
+                      help="DMARC policy to assume (none, quarantine, reject)")
+    test.add_argument("--dmarc-outbound", default="none", metavar="RESULT",
+                      help="predicted outbound DMARC result to assume")
     test.add_argument("--over-limit", action="append", default=[], metavar="LIMIT",
                       help="treat this limit as exceeded (repeatable)")
     test.add_argument("--live-checks", action="store_true",
@@ -174,7 +182,9 @@ def _test(args: argparse.Namespace) -> int:
         message=args.message.read_bytes() if args.message else None,
     )
     checks = StaticChecks(spf=args.spf, dkim=(args.dkim, ""),
-                          over_limits=frozenset(args.over_limit))
+                          over_limits=frozenset(args.over_limit), spf_helo=args.spf_helo,
+                          dmarc=(args.dmarc, args.dmarc_policy),
+                          dmarc_outbound=args.dmarc_outbound)
     outcome = run_dry(loaded, client, checks, live=args.live_checks)
     print(outcome.json() if args.json else outcome.text, end="\n" if args.json else "")
     return outcome.exit_status

@@ -12,7 +12,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from relay import replies
 from relay.checks.services import SessionChecks
-from relay.headers import header_safe
+from relay.headers import fold, header_safe
 from relay.inbound.context import ListenerContext
 from relay.inbound.protocol import RelaySMTP, client_address, declared_size
 from relay.policy.session import PolicySession, Refusal
@@ -42,7 +42,9 @@ def received_header(
     )
     if len(envelope.rcpt_tos) == 1:
         line += f"\r\n\tfor <{header_safe(envelope.rcpt_tos[0])}>"
-    return f"{line}; {_date(int(when))}\r\n".encode("ascii")
+    # Folded at 78 (RFC 5322 section 2.1.1): a long HELO name or recipient moves to a
+    # continuation line of its own.
+    return fold(f"{line}; {_date(int(when))}").encode("ascii")
 
 
 @functools.lru_cache(maxsize=4)
@@ -70,6 +72,7 @@ class InboundHandler:
             context.current, SessionChecks(context.services), client, self.listener.name,
             on_decision=lambda stage, d: context.metrics.decision(stage, d.rule, d.action),
             on_refusal=lambda refusal: self._log_refusal(client, refusal),
+            on_unsigned=lambda why: context.metrics.dkim_unsigned(),
         )
 
     async def handle_PROXY(

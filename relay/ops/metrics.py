@@ -10,6 +10,7 @@ API (callers never touch prometheus objects):
     metrics.ratelimit_exceeded(limit)
     metrics.ratelimit_fallback()              # Redis unreachable, local decision used
     metrics.spf_result(result) / dkim_result(result)
+    metrics.dkim_unsigned()                   # a key matched, the header could not be signed
     metrics.delivered(upstream, status, seconds)   # once per message attempt; status is
                                               # sent | deferred | bounced | expired
     metrics.connect_failed(upstream)          # upstream = group name, never host:port
@@ -153,6 +154,10 @@ class Metrics:
         self._spf = Counter("relay_spf_results", "SPF check results.", ["result"], registry=r)
         self._dkim = Counter("relay_dkim_results", "DKIM verification results.", ["result"],
                              registry=r)
+        self._unsigned = Counter(
+            "relay_dkim_unsigned", "Messages delivered unsigned although a signing key "
+            "matched (dkimpy cannot parse their header section).", registry=r,
+        )
         self._deliveries = Counter(
             "relay_deliveries", "Delivery attempts by outcome.", ["upstream", "status"],
             registry=r,
@@ -229,6 +234,9 @@ class Metrics:
 
     def dkim_result(self, result: str) -> None:
         self._dkim.labels(_label(result)).inc()
+
+    def dkim_unsigned(self) -> None:
+        self._unsigned.inc()
 
     # -- outbound ---------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from relay import replies
 from relay.checks.services import CheckServices, SessionChecks
 from relay.headers import header_fields
 from relay.policy.engine import Decision, StaticChecks
-from relay.policy.match import DKIM_RESULTS, SPF_RESULTS
+from relay.policy.match import DKIM_RESULTS, DMARC_POLICIES, DMARC_RESULTS, SPF_RESULTS
 from relay.policy.session import PolicySession, TransactionChecks
 from relay.replies import Reply
 from relay.runtime import Runtime
@@ -129,8 +129,14 @@ async def simulate(runtime: Runtime, client: Client, checks: TransactionChecks) 
         heard = str(reply) if reply is not None else steps[-1].reply
         if isinstance(checks, SessionChecks):  # --live-checks: what the lookups said
             spf, dkim = checks.spf_outcome, checks.dkim_outcome
+            helo, dmarc = checks.spf_helo_outcome, checks.dmarc_outcome
+            outbound = checks.dmarc_outbound_outcome
             out.append(f"checks: spf={spf.result if spf else '-'} "
                        f"dkim={dkim.result if dkim else '-'} (- = not needed by any rule)")
+            if helo or dmarc or outbound:
+                out.append(f"checks: spf_helo={helo.result if helo else '-'} "
+                           f"dmarc={dmarc.result if dmarc else '-'} "
+                           f"dmarc_outbound={outbound.result if outbound else '-'}")
         out.append(f"result: {action} (rule {rule or '-'}): client sees {heard}")
         return Outcome(action, reply, rule, "\n".join(out) + "\n", tuple(steps))
 
@@ -243,6 +249,10 @@ _CASE_KEYS = {
     "spf": "an SPF result",
     "dkim": "a DKIM result",
     "dkim_domain": "a string",
+    "spf_helo": "an SPF result",
+    "dmarc": "a DMARC result",
+    "dmarc_policy": "none, quarantine or reject",
+    "dmarc_outbound": "a DMARC result",
     "over_limit": "a list of limit names",
     "expect": "accept, reject, tempfail, hold or discard",
     "expect_code": "an integer",
@@ -308,6 +318,14 @@ def _read_case(index: int, raw: Any, base: Path, source: str, errors: list[str])
     dkim = text("dkim", "none").lower()
     if dkim not in DKIM_RESULTS:
         err("dkim", f"expected one of {', '.join(DKIM_RESULTS)}, got {dkim!r}")
+    assumed: dict[str, str] = {}
+    for key, choices, default in (
+        ("spf_helo", SPF_RESULTS, "none"), ("dmarc", DMARC_RESULTS, "none"),
+        ("dmarc_policy", DMARC_POLICIES, ""), ("dmarc_outbound", DMARC_RESULTS, "none"),
+    ):
+        assumed[key] = text(key, default).lower()
+        if assumed[key] != default and assumed[key] not in choices:
+            err(key, f"expected one of {', '.join(choices)}, got {assumed[key]!r}")
     over = raw.get("over_limit", [])
     if isinstance(over, str):
         over = [over]
@@ -337,7 +355,11 @@ def _read_case(index: int, raw: Any, base: Path, source: str, errors: list[str])
         tls=tls,
         message=message,
     )
-    checks = StaticChecks(spf=spf, dkim=(dkim, text("dkim_domain")), over_limits=frozenset(over))
+    checks = StaticChecks(
+        spf=spf, dkim=(dkim, text("dkim_domain")), over_limits=frozenset(over),
+        spf_helo=assumed["spf_helo"], dmarc=(assumed["dmarc"], assumed["dmarc_policy"]),
+        dmarc_outbound=assumed["dmarc_outbound"],
+    )
     return _Case(text("name"), client, checks, expect, code, rule)
 
 

@@ -114,7 +114,13 @@ class Checks(Protocol):
 
     async def spf(self, facts: Facts) -> str: ...
 
+    async def spf_helo(self, facts: Facts) -> str: ...
+
     async def dkim(self, facts: Facts) -> tuple[str, str]: ...
+
+    async def dmarc(self, facts: Facts) -> tuple[str, str]: ...
+
+    async def dmarc_outbound(self, facts: Facts) -> str: ...
 
     async def over_limit(self, name: str, stage: Stage, facts: Facts) -> tuple[bool, float]: ...
 
@@ -122,7 +128,10 @@ class Checks(Protocol):
 class StaticChecks:
     """Fixed check results, for dry runs and tests. `calls` records what was asked."""
 
-    __slots__ = ("_dkim", "_over_limits", "_retry_after", "_spf", "calls")
+    __slots__ = (
+        "_dkim", "_dmarc", "_dmarc_outbound", "_over_limits", "_retry_after", "_spf",
+        "_spf_helo", "calls",
+    )
 
     def __init__(
         self,
@@ -130,8 +139,15 @@ class StaticChecks:
         dkim: tuple[str, str] = ("none", ""),
         over_limits: frozenset[str] = frozenset(),
         retry_after: float = 60.0,
+        *,
+        spf_helo: str = "none",
+        dmarc: tuple[str, str] = ("none", ""),
+        dmarc_outbound: str = "none",
     ) -> None:
         self._spf = spf
+        self._spf_helo = spf_helo
+        self._dmarc = dmarc
+        self._dmarc_outbound = dmarc_outbound
         self._dkim = dkim
         self._over_limits = over_limits
         self._retry_after = retry_after
@@ -147,9 +163,21 @@ class StaticChecks:
         self.calls.append("spf")
         return self._spf
 
+    async def spf_helo(self, facts: Facts) -> str:
+        self.calls.append("spf_helo")
+        return self._spf_helo
+
     async def dkim(self, facts: Facts) -> tuple[str, str]:
         self.calls.append("dkim")
         return self._dkim
+
+    async def dmarc(self, facts: Facts) -> tuple[str, str]:
+        self.calls.append("dmarc")
+        return self._dmarc
+
+    async def dmarc_outbound(self, facts: Facts) -> str:
+        self.calls.append("dmarc_outbound")
+        return self._dmarc_outbound
 
     async def over_limit(self, name: str, stage: Stage, facts: Facts) -> tuple[bool, float]:
         self.calls.append(f"over_limit:{name}")
@@ -163,10 +191,13 @@ class _Context:
 
     __slots__ = (
         "_dkim",
+        "_dmarc",
+        "_dmarc_outbound",
         "_headers",
         "_ip",
         "_limits",
         "_spf",
+        "_spf_helo",
         "checks",
         "facts",
         "recipients",
@@ -187,7 +218,10 @@ class _Context:
             self.recipients = facts.recipients if self.stage > RCPT else ()
         self._ip: tuple[int, int] | bool | None = False  # False = not parsed yet
         self._spf: str | None = None
+        self._spf_helo: str | None = None
         self._dkim: tuple[str, str] | None = None
+        self._dmarc: tuple[str, str] | None = None
+        self._dmarc_outbound: str | None = None
         self._limits: dict[str, tuple[bool, float]] | None = None
         self._headers: dict[str, list[str]] | None = None
 
@@ -249,11 +283,27 @@ class _Context:
             self._spf = (await self.checks.spf(self.facts)).lower()
         return self._spf
 
+    async def spf_helo(self) -> str:
+        if self._spf_helo is None:
+            self._spf_helo = (await self.checks.spf_helo(self.facts)).lower()
+        return self._spf_helo
+
     async def dkim(self) -> tuple[str, str]:
         if self._dkim is None:
             result, domain = await self.checks.dkim(self.facts)
             self._dkim = (result.lower(), domain.lower())
         return self._dkim
+
+    async def dmarc(self) -> tuple[str, str]:
+        if self._dmarc is None:
+            result, policy = await self.checks.dmarc(self.facts)
+            self._dmarc = (result.lower(), policy.lower())
+        return self._dmarc
+
+    async def dmarc_outbound(self) -> str:
+        if self._dmarc_outbound is None:
+            self._dmarc_outbound = (await self.checks.dmarc_outbound(self.facts)).lower()
+        return self._dmarc_outbound
 
     async def over_limit(self, name: str) -> tuple[bool, float]:
         if self._limits is None:

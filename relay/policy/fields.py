@@ -42,7 +42,10 @@ class View(Protocol):
     def size(self) -> int: ...
     def headers(self, name: str) -> list[str]: ...
     async def spf(self) -> str: ...
+    async def spf_helo(self) -> str: ...
     async def dkim(self) -> tuple[str, str]: ...
+    async def dmarc(self) -> tuple[str, str]: ...
+    async def dmarc_outbound(self) -> str: ...
     async def over_limit(self, name: str) -> tuple[bool, float]: ...
 
 
@@ -141,6 +144,30 @@ async def _dkim_domain_text(view: View) -> str:
     return (await view.dkim())[1]
 
 
+def _lazy(get: Callable[[View], Awaitable[str]]) -> Callable[[View, str], Awaitable[Values]]:
+    async def read(view: View, arg: str) -> Values:
+        value = await get(view)
+        return (value,) if value else ()
+
+    return read
+
+
+async def _spf_helo_text(view: View) -> str:
+    return await view.spf_helo()
+
+
+async def _dmarc_text(view: View) -> str:
+    return (await view.dmarc())[0]
+
+
+async def _dmarc_policy_text(view: View) -> str:
+    return (await view.dmarc())[1]
+
+
+async def _dmarc_outbound_text(view: View) -> str:
+    return await view.dmarc_outbound()
+
+
 async def _over_limit(view: View, arg: str) -> Values:
     return ((await view.over_limit(arg))[0],)
 
@@ -186,6 +213,9 @@ _FIELDS = (
           match.DomainBuilder, _cheap(_sender_domain), _as_text(_sender_domain)),
     Field("spf", MAIL, "the RFC 7208 SPF result for the client and the sender (or HELO)",
           lambda: match.ChoiceBuilder(match.SPF_RESULTS), _spf, _spf_text, lazy=True),
+    Field("spf_helo", HELO, "the RFC 7208 SPF result for the client and the HELO name",
+          lambda: match.ChoiceBuilder(match.SPF_RESULTS), _lazy(_spf_helo_text),
+          _spf_helo_text, lazy=True),
     # The SIZE= declared at MAIL FROM; when absent, the real size, known at DATA.
     Field("size", MAIL, "the message size in bytes (SIZE= at MAIL, else the real size)",
           lambda: match.NumberBuilder(sizes=True), _cheap(lambda v: v.size),
@@ -203,6 +233,15 @@ _FIELDS = (
           lambda: match.ChoiceBuilder(match.DKIM_RESULTS), _dkim, _dkim_text, lazy=True),
     Field("dkim_domain", DATA, "the d= domain of the signature that decided the result",
           match.DomainBuilder, _dkim_domain, _dkim_domain_text, lazy=True),
+    Field("dmarc", DATA, "the RFC 7489 DMARC result for the From: domain",
+          lambda: match.ChoiceBuilder(match.DMARC_RESULTS), _lazy(_dmarc_text), _dmarc_text,
+          lazy=True),
+    Field("dmarc_policy", DATA, "the From: domain's DMARC policy (no value without one)",
+          lambda: match.ChoiceBuilder(match.DMARC_POLICIES), _lazy(_dmarc_policy_text),
+          _dmarc_policy_text, lazy=True),
+    Field("dmarc_outbound", DATA, "the DMARC result receivers will compute once we sign",
+          lambda: match.ChoiceBuilder(match.DMARC_RESULTS), _lazy(_dmarc_outbound_text),
+          _dmarc_outbound_text, lazy=True),
     # A rule's `over_limit = "NAME"`: known at the stage where the thing it counts is.
     Field("over_limit", RCPT, "whether the rule's [limit.NAME] bucket is over its rate",
           match.BoolBuilder, _over_limit, None, lazy=True, show=_show_over),

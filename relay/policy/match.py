@@ -13,6 +13,8 @@ from relay.schema import parse_size
 
 # RFC 7208 section 2.6 result names, and RFC 8601 section 2.7.1 for DKIM.
 SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+DMARC_RESULTS = ("pass", "fail", "none", "temperror", "permerror")
+DMARC_POLICIES = ("none", "quarantine", "reject")
 DKIM_RESULTS = ("pass", "fail", "none", "policy", "neutral", "temperror", "permerror")
 
 _GLOB_CHARS = frozenset("*?[")

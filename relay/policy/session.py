@@ -20,16 +20,19 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.utils import getaddresses
 from pathlib import Path
 from typing import Protocol
 
+import dkim
+
 from relay import replies
-from relay.address import domain_of, problem
+from relay.address import problem
 from relay.checks import dkim as dkimlib
-from relay.checks.services import SessionChecks
+from relay.checks.authresults import authentication_results_header
+from relay.checks.dkim import reason_text
+from relay.checks.services import SessionChecks, signing_keys_for
 from relay.checks.spf import received_spf_header
-from relay.headers import header_fields, header_stats, strip_forged_authentication_results
+from relay.headers import fold, header_problem, header_stats, strip_forged_authentication_results
 from relay.message import has_bare_line_ending, has_long_line, longest_line
 from relay.policy.engine import Checks, Decision, Facts, evaluate
 from relay.policy.rules import Stage
@@ -94,6 +97,7 @@ class PolicySession:
         *,
         on_decision: Callable[[str, Decision], None] | None = None,
         on_refusal: Callable[[Refusal], None] | None = None,
+        on_unsigned: Callable[[str], None] | None = None,
         trace: bool = False,
     ) -> None:
         self.current = current
@@ -103,6 +107,7 @@ class PolicySession:
         self.smtputf8 = False
         self._on_decision = on_decision
         self._on_refusal = on_refusal
+        self._on_unsigned = on_unsigned
         self._trace = trace
         # The walk of the last stage (None when the server refused before the policy).
         self.last_decision: Decision | None = None
@@ -258,7 +263,7 @@ class PolicySession:
         prepend = b""
         if decision.action in ("accept", "hold"):
             try:
-                prepend = await self._headers(facts, message, decision)
+                prepend = await self._headers(facts, message, decision, queue_id)
             except Exception:
                 log.exception("adding headers or DKIM signature failed; answering 451")
                 return refused(BACKEND_FAILURE, detail, "internal-error")
@@ -270,32 +275,55 @@ class PolicySession:
         settings = self.runtime.settings
         return settings.checks.authserv_id or settings.smtp_hostname
 
-    async def _headers(self, facts: Facts, message: bytes, decision: Decision) -> bytes:
-        """Authentication-Results, Received-SPF and tag headers; then the DKIM signature
-        over exactly these plus the message, the bytes that go upstream."""
+    async def _headers(
+        self, facts: Facts, message: bytes, decision: Decision, queue_id: str
+    ) -> bytes:
+        """Authentication-Results, Received-SPF and tag headers, folded (RFC 5322
+        section 2.1.1); then the DKIM signature over exactly these plus the message, the
+        bytes that go upstream."""
         settings = self.runtime.settings.checks
+        utf8 = self.smtputf8
         lines = []
         if isinstance(self.checks, SessionChecks):
-            spf, dkim_outcome = self.checks.spf_outcome, self.checks.dkim_outcome
-            if spf is not None or dkim_outcome is not None:
-                lines.append(dkimlib.authentication_results_header(
-                    self.authserv_id, spf, dkim_outcome))
-            if spf is not None:
-                lines.append(received_spf_header(spf, facts.client_address, facts.helo_name,
-                                                 self.authserv_id))
+            checks = self.checks
+            spf, helo = checks.spf_outcome, checks.spf_helo_outcome
+            if any(o is not None for o in (spf, helo, checks.dkim_outcome, checks.dmarc_outcome)):
+                lines.append(authentication_results_header(
+                    self.authserv_id, spf, checks.dkim_outcome, spf_helo=helo,
+                    dmarc=checks.dmarc_outcome, utf8=utf8))
+            # RFC 7208 section 9.1: one Received-SPF per identity checked.
+            for outcome in (spf, helo if helo != spf else None):
+                if outcome is not None:
+                    lines.append(received_spf_header(
+                        outcome, facts.client_address, facts.helo_name, self.authserv_id,
+                        utf8=utf8))
         for name, value in decision.add_headers:
-            lines.append(f"{name}: {_header_text(value)}\r\n")
+            lines.append(fold(f"{name}: {_header_text(value, utf8)}"))
         prepend = "".join(lines).encode("utf-8")
-        keys = settings.dkim_keys and settings.signing_keys(
-            from_domain(message) or domain_of(facts.sender or "")
-        )
+        keys = signing_keys_for(settings, message, facts.sender or "")
+        if keys and (why := header_problem(message)):
+            # A permanent condition, so never a 4xx (retrying sends the same bytes): like
+            # Postfix, the relay takes a message whose first lines are not header fields
+            # (its whole text is then body), but no DKIM signature can cover it.
+            self._unsigned(queue_id, f"header section is not RFC 5322 syntax ({why})")
+            keys = ()
         if keys:
             signed = prepend + message
-            signature = await asyncio.to_thread(
-                dkimlib.sign, signed, keys, settings.dkim_sign_headers
-            )
+            try:
+                signature = await asyncio.to_thread(
+                    dkimlib.sign, signed, keys, settings.dkim_sign_headers
+                )
+            except dkim.DKIMException as exc:
+                # Whatever else dkimpy's parser objects to is just as permanent.
+                self._unsigned(queue_id, reason_text(exc))
+                signature = b""
             prepend = signature + prepend
         return prepend
+
+    def _unsigned(self, queue_id: str, why: str) -> None:
+        log.warning("%s: not DKIM-signed: %s", queue_id, why)
+        if self._on_unsigned is not None:
+            self._on_unsigned(why)
 
 
 def storage_short(spool: Path, min_free: int, declared: int) -> str | None:
@@ -317,14 +345,7 @@ def storage_short(spool: Path, min_free: int, declared: int) -> str | None:
     return None
 
 
-def _header_text(value: str) -> str:
-    return "".join(c if c == "\t" or " " <= c != "\x7f" else "?" for c in value)
-
-
-def from_domain(message: bytes) -> str:
-    """The domain of the From: header, which DKIM signs for (DMARC alignment)."""
-    for name, value in header_fields(message):
-        if name.lower() == "from":
-            found = [addr for _, addr in getaddresses([value]) if "@" in addr]
-            return domain_of(found[0]) if found else ""
-    return ""
+def _header_text(value: str, utf8: bool) -> str:
+    return "".join(
+        c if c == "\t" or (" " <= c != "\x7f" and (utf8 or c.isascii())) else "?" for c in value
+    )
