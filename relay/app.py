@@ -25,7 +25,7 @@ from relay.ops.metrics import Metrics, readiness, start_http
 from relay.ops.notify import Notifier, watchdog_task
 from relay.outbound.delivery import Delivery, Upstreams
 from relay.queue.control import ControlError, ControlServer
-from relay.queue.spool import Spool
+from relay.queue.spool import Spool, SpoolUnusable
 from relay.runtime import Runtime
 from relay.schema import parse_hostport
 
@@ -241,8 +241,14 @@ def serve(loaded: Runtime, reload: Callable[[], Runtime]) -> None:
 
 
 def run_worker(loaded: Runtime, reload: Callable[[], Runtime], worker: int) -> None:
-    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        runner.run(Relay(loaded, reload, worker).run())
+    try:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(Relay(loaded, reload, worker).run())
+    except SpoolUnusable as exc:
+        # One line an operator can act on, and a sysexits status the unit can tell
+        # apart (a busy spool may free up; a damaged one will not by restarting).
+        log.error("%s", exc)
+        raise SystemExit(exc.exit_status) from None
 
 
 class Supervisor:
@@ -276,6 +282,8 @@ class Supervisor:
                 if worker != 0:
                     os.environ.pop("NOTIFY_SOCKET", None)  # worker 0 speaks for the service
                 run_worker(self.loaded, self.reload, worker)
+            except SystemExit as exc:
+                status = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
                 log.exception("worker %d failed", worker)
                 status = 1

@@ -11,6 +11,7 @@ from relay import __version__, config, runtime
 from relay.cli import dkim as dkimcli
 from relay.cli.dkim import add_dkim_parser
 from relay.cli.queue import add_limits_parser, add_queue_parser, run_limits, run_queue
+from relay.cli.spool import add_spool_parser, run_spool
 from relay.ops.configdump import dump
 from relay.ops.logs import setup_logging
 
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run the [[case]] tables of this TOML file instead")
     test.set_defaults(run=_test)
 
+    add_spool_parser(commands)
+    commands.choices["spool"].set_defaults(run=run_spool)
     add_dkim_parser(commands)
     commands.choices["dkim"].set_defaults(run=_dkim)
     add_queue_parser(commands).set_defaults(run=_queue)

@@ -22,6 +22,7 @@ blocks on disk and the connection is never shared between threads.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import secrets
 import sqlite3
@@ -150,6 +151,23 @@ class SpoolError(Exception):
     """The spool could not store or update a message (disk full, I/O error, corruption)."""
 
 
+class SpoolUnusable(SpoolError):
+    """The spool cannot be opened for this relay; the message is one line for the
+    operator and `exit_status` the sysexits.h code the process exits with."""
+
+    exit_status = 74  # EX_IOERR
+
+
+class SpoolBusy(SpoolUnusable):
+    """Another process owns the spool (a second relay, or workers of a dead one)."""
+
+    exit_status = 75  # EX_TEMPFAIL: it may be free later
+
+
+class SpoolDamaged(SpoolUnusable):
+    """The database fails its integrity check, or committed data has gone missing."""
+
+
 def new_queue_id() -> str:
     # Time-ordered (microseconds) plus randomness: unique across restarts and relays.
     return f"{time.time_ns() // 1000:013X}{secrets.randbits(24):06X}"
@@ -166,6 +184,7 @@ class Spool:
         # transaction, and the future that gets its result once the commit returned.
         self._pending: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._lock: int | None = None  # the open lock file, held for the spool's lifetime
         self.commits = 0  # group commits so far (each one WAL flush)
 
     def __repr__(self) -> str:
@@ -182,14 +201,33 @@ class Spool:
         await self._run(self._open)
 
     def _open(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
-        db = sqlite3.connect(
-            self.directory / "spool.db", isolation_level=None, check_same_thread=False
-        )
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA foreign_keys=ON")
-        db.executescript(_SCHEMA)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        except OSError as exc:
+            raise SpoolUnusable(f"cannot create spool directory {self.directory}: "
+                                f"{exc.strerror}") from exc
+        self._lock = _own(self.directory)
+        database = self.directory / "spool.db"
+        wal = self.directory / "spool.db-wal"
+        if _size(wal) > 0 and _size(database) == 0:
+            # SQLite would start a new, empty database and drop the log's commits.
+            raise SpoolDamaged(f"spool {database} is empty or missing next to a non-empty "
+                               f"{wal.name}: committed mail would be lost; see "
+                               "`policy-relay spool check`")
+        try:
+            db = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            problem = integrity_problem(db)
+            if problem is None:
+                db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            problem = str(exc)
+        if problem is not None:
+            raise SpoolDamaged(f"spool {database} is damaged ({problem}); the relay will not "
+                               "accept mail into it: see `policy-relay spool check` and "
+                               "`policy-relay spool salvage`")
         self._db = db
         _fsync_directory(self.directory)
 
@@ -200,6 +238,9 @@ class Spool:
             await self._run(self._db.close)
             self._db = None
         self._executor.shutdown(wait=True)
+        if self._lock is not None:
+            os.close(self._lock)  # releases the lock
+            self._lock = None
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -424,6 +465,43 @@ class Spool:
             return self.db.execute("DELETE FROM message WHERE id = ?", (queue_id,)).rowcount > 0
 
         return await self._run(remove)
+
+
+def _own(directory: Path) -> int:
+    """Take the spool's lock for the life of this process, or raise SpoolBusy naming
+    the holder. flock(2) locks are released by the kernel when the holder dies, so a
+    crash never leaves a stale lock; processes forked while it is held share it."""
+    path = directory / "spool.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise SpoolUnusable(f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise SpoolBusy(f"spool {directory} is in use by process {holder}; one relay "
+                        "per spool") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def integrity_problem(db: sqlite3.Connection) -> str | None:
+    """SQLite's own check of every page and index (PRAGMA quick_check), or None if the
+    database is sound."""
+    rows = db.execute("PRAGMA quick_check").fetchall()
+    if rows == [("ok",)]:
+        return None
+    return "; ".join(str(r[0]) for r in rows[:3])
 
 
 def _fsync_directory(path: Path) -> None:

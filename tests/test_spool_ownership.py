@@ -1,0 +1,137 @@
+"""One owner per spool, and damage refused loudly: never two relays on one queue, never
+new mail into a spool whose stored mail cannot be read."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+from conftest import RelayProcess, Sink, free_port, relay_config, run_cli
+
+from relay.queue.spool import Envelope, Spool, SpoolBusy, SpoolDamaged
+
+MESSAGE = b"From: a@example.test\r\nSubject: spool\r\n\r\n" + (b"y" * 70 + b"\r\n") * 40
+COUNT = 200
+
+
+async def fill(directory: Path, count: int = COUNT) -> None:
+    spool = Spool(directory)
+    await spool.open()
+    envelope = Envelope("a@example.test", ("b@dest.test",), "127.0.0.1", "h", "smtp",
+                        received_at=time.time())
+    for i in range(count):
+        await spool.store(f"M{i:05d}", envelope, MESSAGE)
+    await spool.close()
+
+
+def damage_page_in_the_middle(database: Path) -> None:
+    size = database.stat().st_size
+    offset = (size // 2) // 4096 * 4096
+    with database.open("r+b") as f:
+        f.seek(offset)
+        f.write(os.urandom(4096))
+
+
+async def test_a_second_relay_on_the_same_spool_exits_and_the_first_keeps_serving(
+    sink: Sink, start_relay, tmp_path: Path
+):
+    first = start_relay(sink.port)
+    other_dir = tmp_path / "second"
+    other_dir.mkdir()
+    port = free_port()
+    second = RelayProcess(other_dir, relay_config(sink.port, port, tmp_path / "spool"), port)
+    second.start(wait=False)
+    assert second.proc is not None
+    assert second.proc.wait(timeout=15) == 75  # EX_TEMPFAIL
+    log = second.log_text()
+    assert first.proc is not None
+    assert f"spool {tmp_path / 'spool'} is in use by process {first.proc.pid}; " in log
+    assert "Traceback" not in log
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=first.port) as client:
+        await client.sendmail("a@example.test", ["b@dest.test"], MESSAGE)
+    assert len(sink.wait_messages(1)) == 1
+
+
+async def test_the_lock_goes_with_its_holder(tmp_path: Path):
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    with pytest.raises(SpoolBusy, match=f"in use by process {os.getpid()}"):
+        await Spool(tmp_path / "spool").open()
+    await spool.close()
+    again = Spool(tmp_path / "spool")
+    await again.open()  # released on close (and by the kernel if the holder dies)
+    await again.close()
+
+
+@pytest.mark.parametrize("damage", ["overwritten page", "truncated", "overwritten header",
+                                    "empty database with a WAL"])
+async def test_a_damaged_spool_is_refused_at_open(tmp_path: Path, damage: str):
+    directory = tmp_path / "spool"
+    await fill(directory)
+    database = directory / "spool.db"
+    if damage == "overwritten page":
+        damage_page_in_the_middle(database)
+    elif damage == "truncated":
+        os.truncate(database, database.stat().st_size // 2)
+    elif damage == "overwritten header":
+        with database.open("r+b") as f:
+            f.write(os.urandom(100))
+    else:
+        (directory / "spool.db-wal").write_bytes(database.read_bytes()[:8192])
+        os.truncate(database, 0)
+    with pytest.raises(SpoolDamaged):
+        await Spool(directory).open()
+
+
+async def test_the_relay_refuses_a_damaged_spool_with_one_line_and_exit_74(
+    sink: Sink, tmp_path: Path
+):
+    await fill(tmp_path / "spool")
+    damage_page_in_the_middle(tmp_path / "spool" / "spool.db")
+    port = free_port()
+    relay = RelayProcess(tmp_path, relay_config(sink.port, port, tmp_path / "spool"), port)
+    relay.start(wait=False)
+    assert relay.proc is not None
+    assert relay.proc.wait(timeout=15) == 74  # EX_IOERR: a restart cannot fix it
+    log = relay.log_text()
+    assert "is damaged (" in log and "policy-relay spool salvage" in log
+    assert "Traceback" not in log
+    assert not relay.log_text().count("listening on")
+
+
+async def test_check_and_salvage_recover_every_readable_message(sink: Sink, tmp_path: Path):
+    spool = tmp_path / "spool"
+    await fill(spool)
+    damage_page_in_the_middle(spool / "spool.db")
+    check = run_cli("spool", "check", str(spool))
+    assert check.returncode == 65, check.stdout + check.stderr
+    assert "damaged: " in check.stdout
+    saved_dir = tmp_path / "salvaged"
+    result = run_cli("spool", "salvage", str(spool), "--to", str(saved_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    saved = int(result.stdout.split("salvaged: ")[1].split()[0])
+    lost = int(result.stdout.split("unreadable: ")[1].split()[0])
+    assert saved > 0 and saved + lost <= COUNT
+    assert saved + lost >= COUNT - 30  # a 4 KB page holds at most a few rows
+    # The salvaged spool is sound and a relay delivers what it holds.
+    assert run_cli("spool", "check", str(saved_dir)).returncode == 0
+    port = free_port()
+    relay = RelayProcess(tmp_path, relay_config(sink.port, port, saved_dir), port).start()
+    try:
+        assert len(sink.wait_messages(saved, timeout=30)) == saved
+    finally:
+        relay.stop()
+
+
+def test_salvage_refuses_a_target_that_is_not_empty(tmp_path: Path):
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "spool.db").write_bytes(b"")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "x").write_text("keep")
+    result = run_cli("spool", "salvage", str(tmp_path / "spool"), "--to", str(tmp_path / "target"))
+    assert result.returncode == 65
+    assert "not empty" in result.stderr
+    assert (tmp_path / "target" / "x").read_text() == "keep"
