@@ -80,7 +80,7 @@ def test_unit_is_notify_with_checked_reload_and_no_restart_on_bad_config() -> No
     assert unit["Service.ExecStart"] == [f"{INSTALLED} serve {config}"]
     assert unit["Service.ExecReload"] == [check, "/bin/kill -HUP $MAINPID"]
     assert unit["Service.Restart"] == ["on-failure"]
-    assert unit["Service.RestartPreventExitStatus"] == ["78"]
+    assert unit["Service.RestartPreventExitStatus"] == ["74 78"]
     assert "Service.WatchdogSec" not in unit
     assert "#WatchdogSec=30s" in UNIT.read_text()
 
