@@ -36,6 +36,18 @@ log = logging.getLogger("relay")
 STOP_DEADLINE = 10.0
 
 
+EX_UNAVAILABLE = 69  # sysexits.h
+
+
+class StartupError(Exception):
+    """The relay cannot start; the message is one line for the operator and
+    `exit_status` the sysexits.h code the process exits with."""
+
+    def __init__(self, message: str, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
 class Relay:
     """Everything one `policy-relay serve` process runs.
 
@@ -93,7 +105,12 @@ class Relay:
                 self.delivery.offer, self.metrics, self.limits, self.budget,
                 tls.context if tls else None,
             )
-            server = await start_listener(context, reuse_port=self.settings.workers > 1)
+            try:
+                server = await start_listener(context, reuse_port=self.settings.workers > 1)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {listener.host}:{listener.port} (listener "
+                    f"{listener.name}): {exc.strerror or exc}", EX_UNAVAILABLE) from None
             self.servers.append(server)
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
@@ -115,7 +132,8 @@ class Relay:
             try:
                 self.http = await start_http(self.metrics, host, port, readiness({
                     "listeners": lambda: bool(self.servers),
-                    "spool": lambda: os.access(self.settings.spool_path, os.W_OK),
+                    "spool": lambda: self.spool.writable
+                    and os.access(self.settings.spool_path, os.W_OK),
                     # Delivery results wait for a spool that cannot take them.
                     "delivery": lambda: not self.delivery.paused,
                     "policy": lambda: self.runtime.policy is not None,
@@ -244,7 +262,7 @@ def run_worker(loaded: Runtime, reload: Callable[[], Runtime], worker: int) -> N
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(Relay(loaded, reload, worker).run())
-    except SpoolUnusable as exc:
+    except (SpoolUnusable, StartupError) as exc:
         # One line an operator can act on, and a sysexits status the unit can tell
         # apart (a busy spool may free up; a damaged one will not by restarting).
         log.error("%s", exc)

@@ -3,15 +3,20 @@ new mail into a spool whose stored mail cannot be read."""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import sqlite3
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
 from conftest import RelayProcess, Sink, free_port, relay_config, run_cli
 
-from relay.queue.spool import Envelope, Spool, SpoolBusy, SpoolDamaged
+from relay.queue.spool import Envelope, Spool, SpoolBusy, SpoolDamaged, SpoolError
 
 MESSAGE = b"From: a@example.test\r\nSubject: spool\r\n\r\n" + (b"y" * 70 + b"\r\n") * 40
 COUNT = 200
@@ -135,3 +140,70 @@ def test_salvage_refuses_a_target_that_is_not_empty(tmp_path: Path):
     assert result.returncode == 65
     assert "not empty" in result.stderr
     assert (tmp_path / "target" / "x").read_text() == "keep"
+
+
+# -- startup errors: one line each, with a sysexits status ---------------------------------
+
+
+def test_a_port_in_use_is_one_line_and_exit_69(sink: Sink, tmp_path: Path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        relay = RelayProcess(tmp_path, relay_config(sink.port, port, tmp_path / "spool"), port)
+        relay.start(wait=False)
+        assert relay.proc is not None
+        assert relay.proc.wait(timeout=15) == 69  # EX_UNAVAILABLE
+    log = relay.log_text()
+    assert f"cannot listen on 127.0.0.1:{port} (listener smtp): " in log
+    assert "Traceback" not in log
+
+
+def test_a_spool_directory_that_cannot_be_created_is_one_line_and_exit_73(
+    sink: Sink, tmp_path: Path
+):
+    (tmp_path / "file").write_text("not a directory")
+    port = free_port()
+    relay = RelayProcess(tmp_path, relay_config(sink.port, port, tmp_path / "file" / "spool"),
+                         port)
+    relay.start(wait=False)
+    assert relay.proc is not None
+    assert relay.proc.wait(timeout=15) == 73  # EX_CANTCREAT
+    log = relay.log_text()
+    assert f"cannot create spool directory {tmp_path / 'file' / 'spool'}: Not a directory" in log
+    assert "Traceback" not in log
+
+
+# -- a condition is logged when it starts and when it ends ---------------------------------
+
+
+class FullSpool(Spool):
+    """A real spool whose commits fail while `full` is set (a full disk)."""
+
+    full = False
+
+    def _commit(self, ops: Sequence[Callable[[], Any]]) -> list[Any]:
+        if self.full:
+            raise sqlite3.OperationalError("database or disk is full")
+        return super()._commit(ops)
+
+
+async def test_a_full_disk_is_logged_once_when_it_starts_and_once_when_it_ends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    spool = FullSpool(tmp_path / "spool")
+    await spool.open()
+    envelope = Envelope("a@example.test", ("b@dest.test",), "127.0.0.1", "h", "smtp")
+    spool.full = True
+    with caplog.at_level(logging.INFO, logger="relay.spool"):
+        for i in range(50):
+            with pytest.raises(SpoolError):
+                await spool.store(f"F{i}", envelope, MESSAGE)
+        assert not spool.writable
+        spool.full = False
+        await spool.store("OK", envelope, MESSAGE)
+    await spool.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "relay.spool"]
+    assert len(lines) == 2
+    assert lines[0].startswith(f"cannot write to the spool {tmp_path / 'spool'}: ")
+    assert lines[1] == f"spool {tmp_path / 'spool'} writable again after 50 refused writes"
+    assert not any(r.exc_info for r in caplog.records)
+    assert spool.writable

@@ -17,7 +17,7 @@ from relay.inbound.context import ListenerContext
 from relay.inbound.protocol import RelaySMTP, client_address, declared_size
 from relay.policy.session import PolicySession, Refusal
 from relay.queue.spool import Envelope as StoredEnvelope
-from relay.queue.spool import new_queue_id
+from relay.queue.spool import SpoolError, new_queue_id
 from relay.replies import Reply
 
 log = logging.getLogger("relay.inbound")
@@ -152,8 +152,10 @@ class InboundHandler:
         message = received + verdict.prepend + verdict.message
         try:
             await context.spool.store(queue_id, stored, message)
-        except Exception:
-            log.exception("%s: cannot write to the spool", queue_id)
+        except SpoolError:
+            # The spool logs the condition when it starts and ends; one line per message.
+            log.info("NOQUEUE: reject: DATA from [%s]: %s; spool write failed listener=%s",
+                     stored.client_address, replies.QUEUE_WRITE_ERROR, self.listener.name)
             return str(replies.QUEUE_WRITE_ERROR)
         context.metrics.message_received(self.listener.name)
         log.info(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
 import secrets
 import sqlite3
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger("relay.spool")
 
 MessageState = Literal["queued", "hold", "failed"]
 RecipientState = Literal["pending", "sent", "failed"]
@@ -158,6 +161,13 @@ class SpoolUnusable(SpoolError):
     exit_status = 74  # EX_IOERR
 
 
+class SpoolCannotCreate(SpoolUnusable):
+    """The spool directory or its files cannot be created or opened (permissions, a
+    read-only file system)."""
+
+    exit_status = 73  # EX_CANTCREAT
+
+
 class SpoolBusy(SpoolUnusable):
     """Another process owns the spool (a second relay, or workers of a dead one)."""
 
@@ -185,6 +195,9 @@ class Spool:
         self._pending: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._lock: int | None = None  # the open lock file, held for the spool's lifetime
+        # Writes refused since the spool last took one (a full disk, an I/O error): the
+        # condition is logged when it starts and when it ends, never once per message.
+        self.refused_writes = 0
         self.commits = 0  # group commits so far (each one WAL flush)
 
     def __repr__(self) -> str:
@@ -204,8 +217,8 @@ class Spool:
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
         except OSError as exc:
-            raise SpoolUnusable(f"cannot create spool directory {self.directory}: "
-                                f"{exc.strerror}") from exc
+            raise SpoolCannotCreate(f"cannot create spool directory {self.directory}: "
+                                    f"{exc.strerror}") from exc
         self._lock = _own(self.directory)
         database = self.directory / "spool.db"
         wal = self.directory / "spool.db-wal"
@@ -222,6 +235,11 @@ class Spool:
             problem = integrity_problem(db)
             if problem is None:
                 db.executescript(_SCHEMA)
+        except sqlite3.OperationalError as exc:
+            if "malformed" not in str(exc) and "not a database" not in str(exc):
+                # Permissions, a read-only file system, a full disk: not damage.
+                raise SpoolCannotCreate(f"cannot open spool {database}: {exc}") from exc
+            problem = str(exc)
         except sqlite3.DatabaseError as exc:
             problem = str(exc)
         if problem is not None:
@@ -273,12 +291,29 @@ class Spool:
             except Exception as exc:  # every waiter must hear about the failure
                 outcomes = [SpoolError(str(exc))] * len(batch)
             for (_, done), outcome in zip(batch, outcomes, strict=True):
+                self._note(outcome)
                 if done.done():
                     continue
                 if isinstance(outcome, BaseException):
                     done.set_exception(outcome)
                 else:
                     done.set_result(outcome)
+
+    @property
+    def writable(self) -> bool:
+        """False while the spool refuses writes (for /readyz)."""
+        return self.refused_writes == 0
+
+    def _note(self, outcome: object) -> None:
+        if isinstance(outcome, BaseException):
+            if self.refused_writes == 0:
+                log.error("cannot write to the spool %s: %s; new mail gets 451 and delivery "
+                          "results wait until it can", self.directory, outcome)
+            self.refused_writes += 1
+        elif self.refused_writes:
+            log.warning("spool %s writable again after %d refused writes", self.directory,
+                        self.refused_writes)
+            self.refused_writes = 0
 
     def _commit(self, ops: Sequence[Callable[[], Any]]) -> list[Any]:
         """One transaction for all `ops`, each in a savepoint: one that fails is undone
@@ -475,7 +510,7 @@ def _own(directory: Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
     except OSError as exc:
-        raise SpoolUnusable(f"cannot open {path}: {exc.strerror}") from exc
+        raise SpoolCannotCreate(f"cannot open {path}: {exc.strerror}") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
