@@ -76,10 +76,25 @@ class SinkHandler:
     transports: list[Any] = field(default_factory=list)
     # EHLO keywords this upstream does not offer ("8BITMIME", "SIZE", ...).
     without: set[str] = field(default_factory=set)
+    # Offer PIPELINING as real upstreams do (RFC 2920; aiosmtpd reads pipelined commands
+    # but does not say so).
+    pipelining: bool = True
+    # Reply to MAIL instead of accepting it ("" accepts).
+    mail_reply: str = ""
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):  # type: ignore[no-untyped-def]
         session.host_name = hostname  # aiosmtpd leaves it to the hook
-        return [r for r in responses if r[4:].split(" ")[0].upper() not in self.without]
+        kept = [r for r in responses if r[4:].split(" ")[0].upper() not in self.without]
+        if self.pipelining:
+            kept.insert(1, "250-PIPELINING")
+        return kept
+
+    async def handle_MAIL(self, server, session, envelope, address, options):  # type: ignore[no-untyped-def]
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
 
     async def handle_RCPT(self, server, session, envelope, address, options):  # type: ignore[no-untyped-def]
         reply = self.rcpt_replies.get(address)

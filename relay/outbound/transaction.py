@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class Transaction:
     results: list[RecipientResult]
     host_trouble: UpstreamReply | None = None
     unsuitable: bool = False
+    round_trips: int = 0  # times we waited for the server: 4 for one recipient, 2 pipelined
 
 
 class StaleConnection(Exception):
@@ -111,8 +113,14 @@ async def transmit(
     if client.supports_extension("size"):
         # RFC 1870 section 6: the size as the message is, before the transparency dots.
         mail += b" SIZE=%d" % len(data)
+    addresses = [b"RCPT TO:<%s>" % rcpt.encode("utf-8") for rcpt in recipients]
+    exchange: _Pipelined | _Stepwise
+    if client.supports_extension("pipelining"):
+        exchange = _Pipelined(conn, mail, addresses, timeout)
+    else:
+        exchange = _Stepwise(conn, mail, addresses, timeout)
     try:
-        response = await client.execute_command(mail, timeout=timeout)
+        response = await exchange.mail()
     except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
         # An upstream may drop an idle connection just as we reuse it (a race with its
         # idle timeout): that is a stale connection, not a failed delivery.
@@ -121,17 +129,18 @@ async def transmit(
         raise
     reply = _reply(response)
     if reply.code != 250:
+        await exchange.abandon()
         if reply.code == 421:
             conn.broken = True
         else:
             await _reset(conn, timeout)
         trouble = reply if reply.is_temporary else None
-        return Transaction(_all(reply, len(recipients)), host_trouble=trouble)
+        return Transaction(_all(reply, len(recipients)), host_trouble=trouble,
+                           round_trips=exchange.round_trips)
 
     results: list[RecipientResult | None] = []
-    for index, rcpt in enumerate(recipients):
-        response = await client.execute_command(b"RCPT TO:<%s>" % rcpt.encode("utf-8"),
-                                                timeout=timeout)
+    for index in range(len(recipients)):
+        response = await exchange.rcpt()
         if response.code in (250, 251):
             results.append(None)  # accepted for now; the final-dot reply decides
             continue
@@ -139,21 +148,27 @@ async def transmit(
         if reply.code == 421:
             # RFC 5321 section 3.8: the server is closing the channel.
             conn.broken = True
-            results += [RecipientResult(reply)] * (len(recipients) - index)
-            return Transaction([r or RecipientResult(reply) for r in results],
-                               host_trouble=reply)
+            await exchange.abandon()
+            rest = [RecipientResult(reply)] * (len(recipients) - index)
+            return Transaction([r or RecipientResult(reply) for r in results] + rest,
+                               host_trouble=reply, round_trips=exchange.round_trips)
         if reply.code == 452 and None in results:
             # RFC 5321 section 4.5.3.1.10: "too many recipients" is no failure; the
-            # client sends the rest in a new transaction after this one.
-            results += [RecipientResult(reply, again=True)] * (len(recipients) - index)
-            break
+            # client sends the rest in a new transaction after this one. Without
+            # pipelining the rest are not even asked for; with it, each recipient
+            # keeps its own answer (a later one may have been accepted).
+            if not exchange.pipelined:
+                results += [RecipientResult(reply, again=True)] * (len(recipients) - index)
+                break
+            results.append(RecipientResult(reply, again=True))
+            continue
         results.append(RecipientResult(reply))
 
+    response = await exchange.data(accepted=None in results)
     if None not in results:
         await _reset(conn, timeout)
-        return Transaction([r for r in results if r is not None])
-
-    response = await client.execute_command(b"DATA", timeout=timeout)
+        return Transaction([r for r in results if r is not None],
+                           round_trips=exchange.round_trips)
     if response.code == 354:
         protocol = client.protocol
         if protocol is None:
@@ -164,6 +179,7 @@ async def transmit(
             protocol.write(dot_stuffed(data))
             protocol.write(b".\r\n")
             response = await protocol.read_response(timeout=settings.data_timeout)
+            exchange.round_trips += 1
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
             client.close()  # what aiosmtplib's data() does: never reuse a desynced session
             raise
@@ -174,7 +190,170 @@ async def transmit(
         await _reset(conn, timeout)
     trouble = final if final.is_temporary else None
     return Transaction([RecipientResult(final) if r is None else r for r in results],
-                       host_trouble=trouble)
+                       host_trouble=trouble, round_trips=exchange.round_trips)
+
+
+class _Stepwise:
+    """MAIL, each RCPT and DATA one at a time, each waiting for its reply."""
+
+    pipelined = False
+
+    def __init__(self, conn: Connection, mail: bytes, rcpts: list[bytes], timeout: float):
+        self.client = conn.client
+        self.mail_command = mail
+        self.rcpts = iter(rcpts)
+        self.timeout = timeout
+        self.round_trips = 0
+
+    async def _command(self, command: bytes) -> aiosmtplib.SMTPResponse:
+        self.round_trips += 1
+        return await self.client.execute_command(command, timeout=self.timeout)
+
+    async def mail(self) -> aiosmtplib.SMTPResponse:
+        return await self._command(self.mail_command)
+
+    async def rcpt(self) -> aiosmtplib.SMTPResponse:
+        return await self._command(next(self.rcpts))
+
+    async def data(self, accepted: bool) -> aiosmtplib.SMTPResponse:
+        if not accepted:  # no DATA without a recipient
+            return aiosmtplib.SMTPResponse(503, "no valid recipients")
+        return await self._command(b"DATA")
+
+    async def abandon(self) -> None:
+        """The transaction ends before DATA: nothing was sent ahead."""
+
+
+class _Pipelined:
+    """RFC 2920: MAIL, every RCPT and DATA in one write, the replies read back in order
+    (one round trip instead of one per command)."""
+
+    pipelined = True
+
+    def __init__(self, conn: Connection, mail: bytes, rcpts: list[bytes], timeout: float):
+        self.conn = conn
+        self.timeout = timeout
+        self.batch = b"".join(c + b"\r\n" for c in (mail, *rcpts, b"DATA"))
+        self.count = len(rcpts) + 2
+        self.replies: list[aiosmtplib.SMTPResponse] | None = None
+        self.taken = 0
+        self.round_trips = 0
+
+    async def _next(self) -> aiosmtplib.SMTPResponse:
+        if self.replies is None:
+            self.round_trips += 1
+            self.replies = await read_pipelined(self.conn, self.batch, self.count,
+                                                self.timeout)
+        reply = self.replies[self.taken]
+        self.taken += 1
+        return reply
+
+    async def mail(self) -> aiosmtplib.SMTPResponse:
+        return await self._next()
+
+    async def rcpt(self) -> aiosmtplib.SMTPResponse:
+        return await self._next()
+
+    async def data(self, accepted: bool) -> aiosmtplib.SMTPResponse:
+        reply = await self._next()
+        if reply.code == 354 and not accepted:
+            # RFC 2920 section 3.1: a server that starts DATA with no valid recipient
+            # gets an empty message, which it must refuse; nothing is delivered.
+            await self._finish_empty_data()
+            return aiosmtplib.SMTPResponse(503, "no valid recipients")
+        return reply
+
+    async def abandon(self) -> None:
+        """MAIL or a RCPT ended the transaction: the rest of the replies are read (the
+        server answered them), and a DATA it accepted gets an empty message."""
+        if self.replies is None:
+            return
+        data = self.replies[-1]
+        self.taken = len(self.replies)
+        if data.code == 354:
+            await self._finish_empty_data()
+
+    async def _finish_empty_data(self) -> None:
+        client = self.conn.client
+        protocol = client.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost")
+        protocol.write(b".\r\n")
+        self.round_trips += 1
+        await protocol.read_response(timeout=self.timeout)
+        self.conn.broken = True  # a server that misread the batch is not to be trusted
+
+
+async def read_pipelined(
+    conn: Connection, batch: bytes, count: int, timeout: float
+) -> list[aiosmtplib.SMTPResponse]:
+    """Write `batch` (several commands) and read `count` replies.
+
+    aiosmtplib's protocol keeps one reply at a time and drops what arrives while one
+    waits to be picked up, so for the batch the transport reads into a reader of our
+    own (asyncio's set_protocol), handed back to aiosmtplib afterwards.
+    """
+    protocol = conn.client.protocol
+    transport = protocol.transport if protocol is not None else None
+    if protocol is None or transport is None or transport.is_closing():
+        raise aiosmtplib.SMTPServerDisconnected("connection lost")
+    reader = _ReplyReader(count, protocol)
+    transport.set_protocol(reader)
+    try:
+        transport.write(batch)  # type: ignore[attr-defined]
+        return await asyncio.wait_for(asyncio.shield(reader.done), timeout)
+    except TimeoutError as exc:
+        conn.broken = True
+        raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") \
+            from exc
+    finally:
+        if not transport.is_closing():
+            transport.set_protocol(protocol)
+        if reader.buffer:
+            conn.broken = True  # more than we asked for: the session is out of step
+
+
+class _ReplyReader(asyncio.Protocol):
+    """Collects `count` SMTP replies (RFC 5321 section 4.2: "NNN-" lines continue a
+    reply, "NNN " ends it) from the transport."""
+
+    def __init__(self, count: int, original: asyncio.BaseProtocol) -> None:
+        self.count = count
+        self.original = original
+        self.buffer = bytearray()
+        self.lines: list[str] = []
+        self.replies: list[aiosmtplib.SMTPResponse] = []
+        self.done: asyncio.Future[list[aiosmtplib.SMTPResponse]] = \
+            asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while not self.done.done():
+            end = self.buffer.find(b"\n")
+            if end < 0:
+                return
+            line = bytes(self.buffer[:end + 1]).decode("utf-8", "surrogateescape").rstrip()
+            del self.buffer[:end + 1]
+            code = line[:3]
+            if len(code) < 3 or not code.isdigit():
+                self.done.set_exception(aiosmtplib.SMTPResponseException(
+                    -1, f"malformed reply line {line[:80]!r}"))
+                return
+            self.lines.append(line[4:])
+            if line[3:4] != "-":
+                self.replies.append(aiosmtplib.SMTPResponse(int(code), "\n".join(self.lines)))
+                self.lines = []
+                if len(self.replies) == self.count:
+                    self.done.set_result(self.replies)
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(aiosmtplib.SMTPServerDisconnected("connection lost"))
+            self.done.exception()  # retrieved here; the caller awaits it
+        self.original.connection_lost(exc)
 
 
 _BARE_LINE_ENDING = re.compile(rb"\r\n|\n|\r(?!\n)")
