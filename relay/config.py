@@ -7,6 +7,7 @@ relay/checks/settings.py, ...) through the one schema reader; this module assemb
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -29,7 +30,7 @@ class Settings:
     hostname: str = ""
     relay_networks: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
     inbound: InboundSettings = field(default_factory=InboundSettings)
-    workers: int = 1
+    workers: int = 0  # 0: "auto", one per CPU core
     policies_dir: str = ""
     listeners: tuple[ListenerSettings, ...] = (
         ListenerSettings("smtp", *parse_hostport(DEFAULT_LISTEN)),
@@ -47,6 +48,11 @@ class Settings:
     @property
     def spool_path(self) -> Path:
         return self.queue.spool_path
+
+    @property
+    def worker_count(self) -> int:
+        """The worker processes to run: `workers`, or one per usable CPU core for "auto"."""
+        return self.workers or len(os.sched_getaffinity(0)) or 1
 
     @property
     def smtp_hostname(self) -> str:
@@ -96,7 +102,7 @@ def _read(root: Table, source: str) -> Settings:
         hostname=server.string("hostname", base.hostname),
         relay_networks=server.networks("relay_networks", base.relay_networks),
         inbound=read_inbound(server),
-        workers=server.integer("workers", base.workers, 1, 64),
+        workers=read_workers(server, base.workers),
         policies_dir=server.string("policies_dir", base.policies_dir),
         listeners=read_listeners(root) or base.listeners,
         upstreams=read_upstreams(root) or base.upstreams,
@@ -111,6 +117,19 @@ def _read(root: Table, source: str) -> Settings:
     log.finish()
     root.finish()
     return settings
+
+
+def read_workers(server: Table, default: int) -> int:
+    """[server] workers: "auto" (0 here) or 1..64."""
+
+    def convert(raw: Any) -> int:
+        if raw == "auto":
+            return 0
+        if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= 64:
+            raise ValueError
+        return raw
+
+    return server.value("workers", default, convert, '"auto" or an integer 1..64')
 
 
 def _apply(settings: Settings, flags: Overrides, errors: Errors) -> Settings:

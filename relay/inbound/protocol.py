@@ -323,7 +323,7 @@ class RelaySMTP(SMTP):
                 self.close_with(None)
                 return
             # Admission waits for the PROXY header: the limits count the real client.
-        elif not self._admit() or not await self._connect_stage():
+        elif not await self._admit() or not await self._connect_stage():
             return
         try:
             await super()._handle_client()
@@ -341,19 +341,23 @@ class RelaySMTP(SMTP):
                      client_address(self.session), proxy.src_addr, proxy.src_port)
             self.session.peer = cast(Any, (str(proxy.src_addr), proxy.src_port or 0))
         # else: PROXY v2 LOCAL or v1 UNKNOWN (health checks): the proxy is the client.
-        return self._admit() and await self._connect_stage()
+        return await self._admit() and await self._connect_stage()
 
-    def _admit(self) -> bool:
+    async def _admit(self) -> bool:
         assert self.session is not None
         address = client_address(self.session)
         settings = self.settings
-        why = self.limits.admit(
+        why = await self.limits.enter(
             address, settings.inbound.max_connections, settings.inbound.max_connections_per_client
         )
         if why is not None:
             log.info("NOQUEUE: reject: CONNECT from [%s]: %s; %s listener=%s",
                      address, replies.TOO_MANY_CONNECTIONS, why, self.listener.name)
             self.close_with(replies.TOO_MANY_CONNECTIONS)
+            return False
+        if self.transport is None or self._closing:
+            # The client left while the hub was asked: give its place back.
+            self.limits.release(address)
             return False
         self._admitted = address
         self.context.metrics.connection_opened(self.listener.name)
@@ -566,7 +570,7 @@ class RelaySMTP(SMTP):
                     # RFC 1870 section 6: the message goes over the size limit.
                     refusal = (replies.LINE_TOO_LONG if has_long_line(buf, line_limit)
                                else replies.MESSAGE_TOO_BIG)
-                elif not budget.take(len(chunk)):
+                elif not await budget.reserve(len(chunk)):
                     self._over_budget(budget)
                     refusal = replies.INSUFFICIENT_STORAGE
                 else:
