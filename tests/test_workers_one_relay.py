@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sqlite3
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,3 +154,62 @@ def test_ready_comes_once_when_every_worker_listens(
     with pytest.raises(TimeoutError):  # nobody else says READY=1
         while True:
             assert "READY=1" not in sock.recv(4096).decode()
+
+
+# -- the operator's commands without sharp edges ----------------------------------------
+
+
+async def test_queue_and_limits_options_work_after_the_subcommand(held_relay: RelayProcess):
+    socket_path = str(held_relay.control_socket)
+    for argv in (("queue", "list", "--control-socket", socket_path),
+                 ("queue", "--control-socket", socket_path, "list"),
+                 ("limits", "show", "--control-socket", socket_path)):
+        result = run_cli(*argv)
+        assert result.returncode == 0, (argv, result.stderr)
+
+
+def test_unknown_limit_is_an_error_named_by_its_own_command(held_relay: RelayProcess):
+    result = run_cli("limits", "show", "no-such-limit",
+                     "--control-socket", str(held_relay.control_socket))
+    assert result.returncode == 1
+    assert result.stderr.startswith("policy-relay limits: no limit named 'no-such-limit'")
+    assert "all buckets idle" not in result.stdout
+
+
+async def test_a_closed_pipe_ends_queue_list_quietly(held_relay: RelayProcess):
+    both_listening(held_relay)
+    assert await send_each_on_its_own_connection(held_relay.port, 3) == [250] * 3
+    command = (f"{sys.executable} -m relay queue list --json "
+               f"--control-socket {held_relay.control_socket} | head -c 1")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    # A pipe buffer smaller than the output would be needed to force EPIPE; `head -c 1`
+    # exits at once, so the relay's answer (printed line by line) meets a closed pipe.
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
+def test_every_command_help_shows_an_example():
+    for argv in (("serve",), ("check",), ("test",), ("queue",), ("queue", "list"),
+                 ("limits", "show"), ("passwd",), ("dkim", "keygen"), ("config", "dump")):
+        result = run_cli(*argv, "--help")
+        assert result.returncode == 0
+        assert "example:\n  policy-relay " + argv[0] in result.stdout, argv
+
+
+def test_queue_list_header_lines_up_with_long_ids():
+    from relay.cli.queue import format_mailq
+
+    message = {"id": "661749CF797B8FB4FB4", "state": "queued", "size": 411,
+               "arrival_time": 0.0, "sender": "a@example.com",
+               "recipients": [{"address": "b@example.org", "state": "queued", "reply": ""}]}
+    short = {**message, "id": "ACTIVE1"}
+
+    def offsets(m: dict[str, object]) -> tuple[int, int]:
+        """Where the header's columns sit against the row's and the recipient's."""
+        header, row, recipient = format_mailq([m]).splitlines()[:3]
+        return (header.index("--Size--") + 8 - (row.index("411") + 3),
+                header.index("-Sender/Recipient") - recipient.index("b@example.org"))
+
+    # The same layout as postqueue -p gives for its 10-character ids.
+    assert offsets(message) == offsets(short) == (1, 1)

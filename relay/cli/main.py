@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -10,12 +11,16 @@ from pathlib import Path
 from relay import __version__, config, runtime
 from relay.cli import dkim as dkimcli
 from relay.cli.dkim import add_dkim_parser
+from relay.cli.examples import add_examples
 from relay.cli.queue import add_limits_parser, add_queue_parser, run_limits, run_queue
 from relay.ops.configdump import dump
 from relay.ops.logs import setup_logging
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus
 EX_USAGE = 64
+
+
+EX_PIPE = 141  # what a shell reports for a command killed by SIGPIPE (128 + 13)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(dump_parser)
     dump_parser.add_argument("--json", action="store_true", help="as one JSON object")
     dump_parser.set_defaults(run=_config_dump)
+    add_examples(parser)
     return parser
 
 
@@ -226,4 +232,11 @@ def _dkim(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
-    return run(args)
+    try:
+        return run(args)
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): stop quietly, as cat does. Point stdout at
+        # /dev/null so the interpreter's final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EX_PIPE

@@ -401,7 +401,11 @@ class ControlServer(ControlSocket):
             key is not None and not isinstance(key, str)
         ):
             raise _BadRequest("name and key must be strings")
-        states = await self.limiter().show(name, key)
+        limiter = self.limiter()
+        if name is not None and name not in limiter.specs:
+            known = ", ".join(sorted(limiter.specs)) or "none"
+            raise _BadRequest(f"no limit named {name!r} (configured: {known})")
+        states = await limiter.show(name, key)
         return {"ok": True, "buckets": [dataclasses.asdict(s) for s in states]}
 
 
