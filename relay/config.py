@@ -90,7 +90,7 @@ def load(path: str | Path | None, overrides: Overrides | None = None) -> Setting
     if overrides is not None:
         settings = _apply(settings, overrides, errors)
     if errors:
-        raise ConfigError(errors.messages)
+        raise ConfigError(errors.messages, partial=settings)
     return settings
 
 
