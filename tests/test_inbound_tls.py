@@ -62,6 +62,7 @@ def start(directory: Path, sink: Sink, ca: trustme.CA) -> TLSRelay:
     text = f"""
 [server]
 hostname = "relay.test"
+workers = 1  # one spool.db to look into
 # Loopback clients may not relay on their address: only AUTH lets them.
 relay_networks = ["192.0.2.0/24"]
 max_auth_failures = 3
