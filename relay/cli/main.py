@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from relay import __version__, config, runtime
 from relay.cli import dkim as dkimcli
@@ -102,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     dump_parser = dump_commands.add_parser("dump", help="print every setting, secrets redacted")
     _config_flags(dump_parser)
     dump_parser.add_argument("--json", action="store_true", help="as one JSON object")
+    dump_parser.add_argument("--changed", action="store_true",
+                             help="only what differs from the defaults (like postconf -n)")
     dump_parser.set_defaults(run=_config_dump)
     add_examples(parser)
     return parser
@@ -190,7 +194,16 @@ def _config_dump(args: argparse.Namespace) -> int:
     loaded = _load(args)
     if loaded is None:
         return EX_CONFIG
-    print(dump(loaded.settings, args.json), end="")
+    user: dict[str, Any] = {}
+    if args.config is not None:
+        user = tomllib.loads(Path(args.config).read_text(encoding="utf-8"))
+    server = user.setdefault("server", {})
+    if args.policies is not None or server.get("policies_dir"):
+        # Absolute, so that the dump loads the same policies wherever it is pasted.
+        server["policies_dir"] = str(loaded.policies_dir.resolve())
+    if not server:
+        del user["server"]
+    print(dump(user, only_changed=args.changed, as_json=args.json), end="")
     return 0
 
 
