@@ -64,6 +64,9 @@ class Refusal:
     detail: str  # what the log says of the client's input
     rule: str = ""  # the policy rule that refused, "" for the server's own checks
     limit: str | None = None  # the limit that rule consulted, if any
+    sender: str | None = None  # the session's facts when it refused, for the log
+    helo: str = ""
+    recipient: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +139,12 @@ class PolicySession:
         limit = self.runtime.policy.over_limit_of(rule_name)
         return limit is not None and self.checks.backend_failed(limit)
 
-    def _refuse(self, stage: str, reply: Reply, detail: str, rule: str = "") -> Reply:
+    def _refuse(self, stage: str, reply: Reply, detail: str, rule: str = "",
+                recipient: str | None = None) -> Reply:
         if self._on_refusal is not None:
             limit = self.runtime.policy.over_limit_of(rule) if rule else None
-            self._on_refusal(Refusal(stage, reply, detail, rule, limit))
+            self._on_refusal(Refusal(stage, reply, detail, rule, limit, self.facts.sender,
+                                     self.facts.helo_name or "", recipient))
         return reply
 
     def _early(self, stage: str, decision: Decision, detail: str) -> Reply | None:
@@ -163,7 +168,7 @@ class PolicySession:
         self.last_decision = None
         self.facts = Facts(self.facts.client_address, self.facts.listener, helo_name=name,
                            tls=tls)
-        return self._early("HELO", await self._walk("helo", self.facts), f"helo=<{name}>")
+        return self._early("HELO", await self._walk("helo", self.facts), "")
 
     async def mail(
         self, sender: str, *, size: int | None, smtputf8: bool, sasl_username: str, tls: bool
@@ -179,14 +184,14 @@ class PolicySession:
             recipient=None, recipients=(), message=None,
         )
         settings = self.runtime.settings
-        detail = f"from=<{sender}>"
+        detail = ""  # the log line names the sender itself
         if size is not None and size > settings.inbound.max_message_size:
             # RFC 1870 section 6.1: refused at MAIL when the declared size is too big.
-            return self._refuse("MAIL", replies.MESSAGE_TOO_BIG, f"{detail} size={size}")
+            return self._refuse("MAIL", replies.MESSAGE_TOO_BIG, f"size={size}")
         if sender and not sender.isascii() and not smtputf8:
             return self._refuse("MAIL", replies.NEEDS_SMTPUTF8, detail)
         if sender and (why := problem(sender, utf8=smtputf8)):
-            return self._refuse("MAIL", replies.BAD_SENDER_SYNTAX, f"{detail} {why}")
+            return self._refuse("MAIL", replies.BAD_SENDER_SYNTAX, why)
         if why := storage_short(settings.spool_path, settings.inbound.min_free_space, size or 0):
             return self._refuse("MAIL", replies.INSUFFICIENT_STORAGE, why)
         refusal = self._early("MAIL", await self._walk("mail", self.facts), detail)
@@ -195,22 +200,17 @@ class PolicySession:
     async def rcpt(self, recipient: str) -> Reply:
         self.last_decision = None
         settings = self.runtime.settings
-        detail = f"to=<{recipient}>"
         if not recipient.isascii() and not self.smtputf8:
-            return self._refuse("RCPT", replies.NEEDS_SMTPUTF8, detail)
+            return self._refuse("RCPT", replies.NEEDS_SMTPUTF8, "", recipient=recipient)
         if why := problem(recipient, utf8=self.smtputf8):
-            return self._refuse("RCPT", replies.BAD_RECIPIENT_SYNTAX, f"{detail} {why}")
+            return self._refuse("RCPT", replies.BAD_RECIPIENT_SYNTAX, why, recipient=recipient)
         if len(self.facts.recipients) >= settings.inbound.max_recipients:
-            return self._refuse("RCPT", replies.TOO_MANY_RECIPIENTS, detail)
+            return self._refuse("RCPT", replies.TOO_MANY_RECIPIENTS, "", recipient=recipient)
         decision = await self._walk(
             "rcpt", dataclasses.replace(self.facts, recipient=recipient)
         )
         if decision.refused and decision.reply is not None:
-            return self._refuse(
-                "RCPT", decision.reply,
-                f"from=<{self.facts.sender}> {detail} helo=<{self.facts.helo_name}>",
-                decision.rule,
-            )
+            return self._refuse("RCPT", decision.reply, "", decision.rule, recipient=recipient)
         self.facts = dataclasses.replace(
             self.facts, recipients=(*self.facts.recipients, recipient)
         )
@@ -224,7 +224,7 @@ class PolicySession:
         """The end of DATA: the message checks, then the policy's final word."""
         self.last_decision = None
         settings = self.runtime.settings
-        detail = f"from=<{self.facts.sender}>"
+        detail = ""  # the log line names the sender itself
 
         def refused(reply: Reply, why: str, rule: str = "") -> Verdict:
             self._refuse("DATA", reply, why, rule)
@@ -232,18 +232,18 @@ class PolicySession:
             return Verdict(action, reply, rule, message, b"", None)
 
         if len(message) > settings.inbound.max_message_size:
-            return refused(replies.MESSAGE_TOO_BIG, f"{detail} size={len(message)}")
+            return refused(replies.MESSAGE_TOO_BIG, f"size={len(message)}")
         if has_bare_line_ending(message):
             return refused(replies.BAD_LINE_ENDING, detail)
         if has_long_line(message, settings.inbound.max_line_length):
             return refused(replies.LINE_TOO_LONG,
-                           f"{detail} line of {longest_line(message)} octets")
+                           f"line of {longest_line(message)} octets")
         header_size, hops = header_stats(message)
         if header_size > settings.inbound.max_header_size:
-            return refused(replies.HEADER_TOO_BIG, f"{detail} header size {header_size}")
+            return refused(replies.HEADER_TOO_BIG, f"header_size={header_size}")
         if hops >= settings.inbound.max_hops:
             # RFC 5321 section 6.3: count Received: fields to break mail loops.
-            return refused(replies.TOO_MANY_HOPS, f"{detail} hops {hops}")
+            return refused(replies.TOO_MANY_HOPS, f"hops={hops}")
         message, forged = strip_forged_authentication_results(message, self.authserv_id)
         if forged:
             log.info("%s: removed %d Authentication-Results header(s) claiming to be ours",
