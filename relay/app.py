@@ -257,6 +257,12 @@ def keep_large_buffers_returnable() -> None:
 
 def serve(loaded: Runtime, reload: Callable[[], Runtime]) -> None:
     keep_large_buffers_returnable()
+    hostname = loaded.settings.smtp_hostname
+    if config.is_localhost(hostname):
+        # Receivers refuse or distrust HELO localhost, and Received: says nothing.
+        log.warning('the relay calls itself "%s" in its banner, EHLO and Received:; set '
+                    '[server] hostname or give the machine a fully qualified name '
+                    "(hostname -f)", hostname)
     if loaded.settings.worker_count > 1:
         Supervisor(loaded, reload, run_worker).run()
         return

@@ -6,6 +6,7 @@ relay/checks/settings.py, ...) through the one schema reader; this module assemb
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
@@ -56,7 +57,29 @@ class Settings:
 
     @property
     def smtp_hostname(self) -> str:
-        return self.hostname or socket.getfqdn()
+        return self.hostname or system_fqdn()
+
+
+@functools.cache
+def system_fqdn() -> str:
+    """The machine's fully qualified name as `hostname -f` gives it: the canonical name
+    of gethostname() (getaddrinfo with AI_CANONNAME), else the plain host name.
+
+    socket.getfqdn() differs: it takes the first alias of a reverse lookup, "localhost"
+    on machines whose /etc/hosts lists it first. Looked up once per process.
+    """
+    name = socket.gethostname()
+    try:
+        infos = socket.getaddrinfo(name, None, flags=socket.AI_CANONNAME)
+    except OSError:
+        return name
+    return next((info[3] for info in infos if info[3]), name)
+
+
+def is_localhost(name: str) -> bool:
+    """A name no other host can use to reach this one (RFC 6761 section 6.3)."""
+    name = name.lower().rstrip(".")
+    return name == "localhost" or name.endswith(".localhost") or name.startswith("localhost.")
 
 
 @dataclass(frozen=True, slots=True)

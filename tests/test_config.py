@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,15 @@ def test_sizes_and_durations_are_strict(tmp_path: Path):
     path.write_text('[server]\nmax_message_size = "25m"\nidle_timeout = "1.5s"\n')
     settings = config.load(path)
     assert settings.inbound.max_message_size == 25 * 1024 * 1024
+
+
+def test_hostname_defaults_to_the_name_hostname_f_gives():
+    binary = shutil.which("hostname")
+    if binary is None:
+        pytest.skip("no hostname command to compare with")
+    expected = subprocess.run([binary, "-f"], capture_output=True, text=True, timeout=10)
+    if expected.returncode != 0:
+        pytest.skip(f"hostname -f fails here: {expected.stderr.strip()}")
+    assert config.load(None).smtp_hostname == expected.stdout.strip()
+    assert config.is_localhost("localhost") and config.is_localhost("LOCALHOST.localdomain")
+    assert not config.is_localhost("relay.example.com")
