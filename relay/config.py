@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from relay.address import problem
 from relay.checks.settings import CheckSettings, read_check_settings
 from relay.inbound.listeners import DEFAULT_LISTEN, ListenerSettings, read_listeners
 from relay.inbound.settings import InboundSettings, read_inbound
@@ -30,6 +31,7 @@ from relay.schema import Errors, Table, parse_hostport
 class Settings:
     hostname: str = ""
     relay_networks: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
+    qualify_domain: str = ""
     inbound: InboundSettings = field(default_factory=InboundSettings)
     workers: int = 0  # 0: "auto", one per CPU core
     policies_dir: str = ""
@@ -124,6 +126,7 @@ def _read(root: Table, source: str) -> Settings:
     settings = Settings(
         hostname=server.string("hostname", base.hostname),
         relay_networks=server.networks("relay_networks", base.relay_networks),
+        qualify_domain=read_qualify_domain(server, base.qualify_domain),
         inbound=read_inbound(server),
         workers=read_workers(server, base.workers),
         policies_dir=server.string("policies_dir", base.policies_dir),
@@ -140,6 +143,17 @@ def _read(root: Table, source: str) -> Settings:
     log.finish()
     root.finish()
     return settings
+
+
+def read_qualify_domain(server: Table, default: str) -> str:
+    """[server] qualify_domain: "" or a domain that makes "user@domain" a valid address."""
+
+    def convert(raw: Any) -> str:
+        if not isinstance(raw, str) or (raw and problem(f"postmaster@{raw}")):
+            raise ValueError
+        return raw.lower()
+
+    return server.value("qualify_domain", default, convert, 'a domain name such as "example.com"')
 
 
 def read_workers(server: Table, default: int) -> int:

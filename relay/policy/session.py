@@ -30,6 +30,7 @@ from relay.checks import dkim as dkimlib
 from relay.checks.services import SessionChecks
 from relay.checks.spf import received_spf_header
 from relay.headers import header_fields, header_stats, strip_forged_authentication_results
+from relay.ipaddr import in_networks
 from relay.message import has_bare_line_ending, has_long_line, longest_line
 from relay.policy.engine import Checks, Decision, Facts, evaluate
 from relay.policy.rules import Stage
@@ -139,6 +140,20 @@ class PolicySession:
         limit = self.runtime.policy.over_limit_of(rule_name)
         return limit is not None and self.checks.backend_failed(limit)
 
+    def _qualified(self, address: str, sasl_username: str) -> str:
+        """[server] qualify_domain: "root" becomes "root@<qualify_domain>" for a client
+        allowed to relay (in relay_networks, or authenticated), before any check, as
+        Postfix's myorigin does for local submissions. Others keep what they sent (and
+        get 501 for an unqualified address)."""
+        settings = self.runtime.settings
+        domain = settings.qualify_domain
+        if not domain or not address or "@" in address:
+            return address
+        if not sasl_username and not in_networks(self.facts.client_address,
+                                                 settings.relay_networks):
+            return address
+        return f"{address}@{domain}"
+
     def _refuse(self, stage: str, reply: Reply, detail: str, rule: str = "",
                 recipient: str | None = None) -> Reply:
         if self._on_refusal is not None:
@@ -176,6 +191,7 @@ class PolicySession:
         """MAIL FROM, with the null sender as "" and `size` the SIZE= declared, if any."""
         # A transaction runs on the configuration in force at its MAIL.
         self.runtime = self.current()
+        sender = self._qualified(sender, sasl_username)
         self.last_decision = None
         self.checks.new_transaction()
         self.smtputf8 = smtputf8
@@ -199,6 +215,7 @@ class PolicySession:
 
     async def rcpt(self, recipient: str) -> Reply:
         self.last_decision = None
+        recipient = self._qualified(recipient, self.facts.sasl_username or "")
         settings = self.runtime.settings
         if not recipient.isascii() and not self.smtputf8:
             return self._refuse("RCPT", replies.NEEDS_SMTPUTF8, "", recipient=recipient)
