@@ -213,3 +213,13 @@ def test_queue_list_header_lines_up_with_long_ids():
 
     # The same layout as postqueue -p gives for its 10-character ids.
     assert offsets(message) == offsets(short) == (1, 1)
+
+
+def test_ready_answers_once_every_worker_serves(held_relay: RelayProcess, tmp_path: Path):
+    ready = run_cli("ready", "--control-socket", str(held_relay.control_socket))
+    assert ready.returncode == 0, ready.stderr
+    assert "worker 0)" in held_relay.log_text() and "worker 1)" in held_relay.log_text()
+    nobody = run_cli("ready", "--control-socket", str(tmp_path / "none.sock"),
+                     "--timeout", "0.3")
+    assert nobody.returncode == 69
+    assert nobody.stderr.startswith("policy-relay ready: not ready after 0.3s")

@@ -20,6 +20,8 @@ EXAMPLES = {
     "queue summary": "policy-relay queue summary",
     "limits": "policy-relay limits show per_app_server --key '10.20.*'",
     "limits show": "policy-relay limits show per_app_server --key '10.20.*'",
+    "ready": "policy-relay ready --timeout 120 && swaks --server 127.0.0.1:2525 "
+             "--to you@example.org",
     "passwd": "policy-relay passwd --config /etc/policy-relay/config.toml alice",
     "dkim": "policy-relay dkim keygen --domain example.com --selector r2026 "
             "--key-directory /etc/policy-relay/dkim",

@@ -14,7 +14,14 @@ from relay import __version__, config, runtime
 from relay.cli import dkim as dkimcli
 from relay.cli.dkim import add_dkim_parser
 from relay.cli.examples import add_examples
-from relay.cli.queue import add_limits_parser, add_queue_parser, run_limits, run_queue
+from relay.cli.queue import (
+    add_limits_parser,
+    add_queue_parser,
+    run_limits,
+    run_queue,
+    socket_flags,
+    wait_ready,
+)
 from relay.ops.configdump import dump
 from relay.ops.logs import setup_logging
 
@@ -88,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands.choices["dkim"].set_defaults(run=_dkim)
     add_queue_parser(commands).set_defaults(run=_queue)
     add_limits_parser(commands).set_defaults(run=_limits)
+
+    ready = commands.add_parser(
+        "ready", help="wait until the running relay serves (for scripts)",
+        description="Exit 0 as soon as the relay answers on its control socket (with "
+        "workers, every worker listens); 69 if it does not within --timeout seconds.",
+    )
+    socket_flags(ready)
+    ready.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="how long to wait (default 60)")
+    ready.set_defaults(run=_ready)
 
     passwd = commands.add_parser(
         "passwd", help="set a user's AUTH password in the users file",
@@ -232,6 +249,12 @@ def _queue(args: argparse.Namespace) -> int:
 
 def _limits(args: argparse.Namespace) -> int:
     return run_limits(args) if _find_control_socket(args) else EX_CONFIG
+
+
+def _ready(args: argparse.Namespace) -> int:
+    if not _find_control_socket(args):
+        return EX_CONFIG
+    return wait_ready(args.control_socket, args.timeout)
 
 
 def _dkim(args: argparse.Namespace) -> int:

@@ -317,6 +317,35 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Path], Awaitable[int]]] = {
 }
 
 
+# -- ready -----------------------------------------------------------------------------
+
+
+def wait_ready(path: Path, timeout: float) -> int:
+    """Poll the control socket until the relay answers (bounded by `timeout` seconds)."""
+
+    async def poll() -> int:
+        deadline = time.monotonic() + timeout
+        problem = "no answer"
+        while True:
+            try:
+                answer = await control.request(path, {"op": "summary"}, timeout=5.0)
+            except control.ControlUnavailable as exc:
+                if exc.permission:
+                    _error(str(exc), "policy-relay ready")
+                    return EX_NOPERM
+                problem = str(exc)
+            else:
+                if answer.get("ok"):
+                    return 0
+                problem = str(answer.get("error"))
+            if time.monotonic() >= deadline:
+                _error(f"not ready after {timeout:g}s: {problem}", "policy-relay ready")
+                return EX_UNAVAILABLE
+            await asyncio.sleep(0.2)
+
+    return asyncio.run(poll())
+
+
 # -- limits -----------------------------------------------------------------------------
 
 
