@@ -301,7 +301,9 @@ def test_passwd_writes_a_salted_scrypt_entry(tmp_path: Path):
     assert users.check(users_file, b"bob", b"pw2")
     assert not users.check(users_file, b"bob", b"pw1")
     assert not users.check(users_file, b"nobody", b"pw1")
-    assert users_file.stat().st_mode & 0o777 == 0o600
+    # Readable by the group of its directory (the service's, under systemd), nobody else.
+    assert users_file.stat().st_mode & 0o777 == 0o640
+    assert users_file.stat().st_gid == users_file.parent.stat().st_gid
     assert passwd(users_file, "bad:name", "x").returncode == 64
 
 
