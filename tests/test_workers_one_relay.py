@@ -223,3 +223,26 @@ def test_ready_answers_once_every_worker_serves(held_relay: RelayProcess, tmp_pa
                      "--timeout", "0.3")
     assert nobody.returncode == 69
     assert nobody.stderr.startswith("policy-relay ready: not ready after 0.3s")
+
+
+def test_the_hub_counts_every_worker_and_takes_back_what_a_dead_one_held(tmp_path: Path):
+    from relay.workers.hub import Hub, _Holdings
+
+    hub = Hub(tmp_path / "hub.sock", on_ready=lambda worker, status: None)
+    one, two = _Holdings(worker=0), _Holdings(worker=1)
+
+    def admit(mine: _Holdings) -> object:
+        answer = hub.handle({"id": 1, "op": "admit", "client": "127.0.0.1",
+                             "max_total": 3, "max_per_client": 2}, mine)
+        assert answer is not None
+        return answer["why"]
+
+    assert admit(one) is None and admit(two) is None
+    assert admit(one) == "too many connections from 127.0.0.1 (2 of 2)"
+    assert hub.handle({"id": 2, "op": "take", "size": 700, "limit": 1000}, one) == \
+        {"id": 2, "ok": True}
+    assert hub.handle({"id": 3, "op": "take", "size": 400, "limit": 1000}, two) == \
+        {"id": 3, "ok": False}
+    hub._give_back(one)  # worker 0 died: its connection and its bytes are free again
+    assert repr(hub) == "<Hub connections=1 held=0>"
+    assert admit(two) is None

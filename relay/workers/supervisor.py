@@ -17,7 +17,7 @@ from relay.ops.metrics import readiness, start_http
 from relay.ops.notify import Notifier, watchdog_task
 from relay.queue.control import ControlError
 from relay.runtime import Runtime
-from relay.schema import parse_hostport
+from relay.schema import ConfigError, parse_hostport
 from relay.workers.fanout import MergedMetrics, ShardedControl
 from relay.workers.hub import Hub
 
@@ -122,6 +122,10 @@ class Supervisor:
             self.notifier.reloading()
             self.ready.clear()
             self.told_ready = False
+            # A worker started after this (to replace one that died) starts with what
+            # the others reload; on errors they keep the old, and so does this.
+            with contextlib.suppress(ConfigError):
+                self.loaded = self.reload()
         for pid in list(self.children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
