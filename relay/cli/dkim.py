@@ -44,7 +44,8 @@ def keygen(args: argparse.Namespace) -> int:
     domain = args.domain.lower().rstrip(".")
     path = directory / domain / f"{args.selector}.key"
     if path.exists():
-        print(f"{path}: exists; choose a new selector to rotate keys", file=sys.stderr)
+        print(f"policy-relay dkim keygen: {path}: exists; choose a new selector to rotate "
+              "keys", file=sys.stderr)
         return 1
     pem, value = dkim.generate_key(args.type, args.bits)
     make_private_directory(path.parent)
