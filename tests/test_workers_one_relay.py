@@ -179,13 +179,14 @@ def test_unknown_limit_is_an_error_named_by_its_own_command(held_relay: RelayPro
 async def test_a_closed_pipe_ends_queue_list_quietly(held_relay: RelayProcess):
     both_listening(held_relay)
     assert await send_each_on_its_own_connection(held_relay.port, 3) == [250] * 3
+    # `true` exits without reading: every write of the command meets a closed pipe.
     command = (f"{sys.executable} -m relay queue list --json "
-               f"--control-socket {held_relay.control_socket} | head -c 1")
+               f"--control-socket {held_relay.control_socket} | true; "
+               "echo ${PIPESTATUS[0]} >&2")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
-    # A pipe buffer smaller than the output would be needed to force EPIPE; `head -c 1`
-    # exits at once, so the relay's answer (printed line by line) meets a closed pipe.
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
                             timeout=60, env=env)
+    assert result.stderr.strip() == "141", result.stderr
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
 
 

@@ -269,7 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return run(args)
+        status = run(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return status
     except BrokenPipeError:
         # The reader went away (`| head -1`): stop quietly, as cat does. Point stdout at
         # /dev/null so the interpreter's final flush does not complain either.
