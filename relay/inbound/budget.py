@@ -32,6 +32,15 @@ class DataBudget:
         self.held += size
         return True
 
+    async def full(self) -> bool:
+        """exhausted, for the global budget when there is a hub."""
+        if self.link is None:
+            return self.exhausted
+        try:
+            return await self.link.full(self.limit)
+        except LinkDown:
+            return True
+
     async def reserve(self, size: int) -> bool:
         """take(), against the global budget when there is a hub."""
         if self.link is None:

@@ -512,7 +512,7 @@ class RelaySMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         budget = self.context.budget
-        if budget.exhausted:
+        if await budget.full():
             self._over_budget(budget)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push(str(replies.INSUFFICIENT_STORAGE))

@@ -15,6 +15,7 @@ the same "id"; a request without one (release, give, ready) gets none.
     {"op": "release", "client"}
     {"id", "op": "take", "size", "limit"}                           -> {"id", "ok": bool}
     {"op": "give", "size"}
+    {"id", "op": "full", "limit"}                                   -> {"id", "full": bool}
     {"id", "op": "check", "store", "spec", "key", "cost", "update"} -> {"id", "result"}
     {"id", "op": "states", "store", "specs", "name", "key"}         -> {"id", "states"}
     {"op": "clear", "store"}
@@ -124,6 +125,8 @@ class Hub:
             if answer["ok"]:
                 self.held += size
                 mine.held += size
+        elif op == "full":
+            answer["full"] = self.held >= int(request["limit"])
         elif op == "give":
             size = min(int(request["size"]), mine.held)
             self.held -= size

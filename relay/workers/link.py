@@ -91,6 +91,9 @@ class Link:
     async def take(self, size: int, limit: int) -> bool:
         return bool((await self.call("take", size=size, limit=limit))["ok"])
 
+    async def full(self, limit: int) -> bool:
+        return bool((await self.call("full", limit=limit))["full"])
+
     async def check(self, store: str, spec: LimitSpec, key: str, cost: int,
                     update: bool) -> LimitResult:
         answer = await self.call("check", store=store, spec=dataclasses.asdict(spec), key=key,
