@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -15,6 +17,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 from conftest import RelayProcess, Sink, free_port, run_cli, wait_until
+from test_workers import alive
 
 MESSAGE = b"From: a@example.test\r\nSubject: one relay\r\n\r\nbody\r\n"
 
@@ -247,3 +250,11 @@ def test_the_hub_counts_every_worker_and_takes_back_what_a_dead_one_held(tmp_pat
     hub._give_back(one)  # worker 0 died: its connection and its bytes are free again
     assert repr(hub) == "<Hub connections=1 held=0>"
     assert admit(two) is None
+
+
+def test_workers_die_with_a_supervisor_killed_by_sigkill(held_relay: RelayProcess):
+    both_listening(held_relay)
+    pids = [int(p) for p in re.findall(r"started worker \d \(pid (\d+)\)", held_relay.log_text())]
+    assert len(pids) == 2
+    held_relay.kill(signal.SIGKILL)
+    wait_until(lambda: not any(alive(pid) for pid in pids), what="both workers gone")

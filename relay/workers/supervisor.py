@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
@@ -23,6 +25,8 @@ from relay.workers.hub import Hub
 
 log = logging.getLogger("relay")
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
 
 @dataclass(frozen=True, slots=True)
 class Place:
@@ -34,6 +38,16 @@ class Place:
 
 
 RunWorker = Callable[[Runtime, Callable[[], Runtime], Place], None]
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGTERM this process when the supervisor dies, even by SIGKILL (prctl(2)
+    PR_SET_PDEATHSIG): workers die with their supervisor, never serve alone."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Supervisor:
@@ -68,6 +82,7 @@ class Supervisor:
         )
         self.http: asyncio.Server | None = None
         self.loop = asyncio.new_event_loop()
+        self.parent = os.getpid()
         self._event = asyncio.Event()
         self._due: list[int] = []
 
@@ -92,6 +107,7 @@ class Supervisor:
         self.children.clear()  # a signal before the reset below must not reach siblings
         status = 0
         try:
+            die_with_parent(self.parent)
             # The supervisor's loop is not running while it forks; the worker runs its own
             # and leaves that one alone: closing it would unregister the parent's file
             # descriptors from the epoll instance both processes share.
