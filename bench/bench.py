@@ -195,6 +195,11 @@ class Sink:
 _CAPS: dict[str, str] = {}
 
 
+def relay_workers(args: argparse.Namespace) -> str:
+    """[server] workers for --relay-workers N (0: "auto", one per CPU core)."""
+    return str(args.relay_workers) if args.relay_workers else '"auto"'
+
+
 def connection_caps(args: argparse.Namespace) -> str:
     """Raise the relay's connection caps above what the benchmark opens (21 sessions from
     one address; 1,000 idle connections), if this relay version has such settings."""
@@ -224,7 +229,7 @@ class Relay:
             'relay_networks = ["127.0.0.0/8"]\n'
             f'max_message_size = "{args.max_message_size}"\n'
             f"{connection_caps(args)}"
-            f"{f'workers = {args.relay_workers}' + chr(10) if args.relay_workers > 1 else ''}"
+            f"workers = {relay_workers(args)}\n"
             "[listener.bench]\n"
             f'address = "{LOOPBACK}:{self.port}"\n'
             "[upstream.default]\n"
@@ -833,7 +838,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=40, help="relay delivery_workers")
     p.add_argument("--relay-workers", type=int, default=1,
                    help="relay [server] workers (processes sharing the port, one spool "
-                   "shard each; pool_size and delivery_workers are per worker)")
+                   "shard each; pool_size and delivery_workers are per worker; 0 = auto)")
     p.add_argument("--max-messages-per-connection", type=int, default=100)
     p.add_argument("--max-message-size", default="25M")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")

@@ -9,7 +9,6 @@ import ctypes.util
 import logging
 import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +27,8 @@ from relay.queue.control import ControlError, ControlServer
 from relay.queue.spool import Spool, SpoolUnusable
 from relay.runtime import Runtime
 from relay.schema import parse_hostport
+from relay.workers.link import Link
+from relay.workers.supervisor import Place, Supervisor
 
 log = logging.getLogger("relay")
 
@@ -57,25 +58,33 @@ class Relay:
     """
 
     def __init__(
-        self, loaded: Runtime, reload: Callable[[], Runtime] | None = None, worker: int = 0
+        self, loaded: Runtime, reload: Callable[[], Runtime] | None = None,
+        place: Place | None = None,
     ) -> None:
         self.runtime = loaded
         settings = loaded.settings
         self._reload = reload
-        self.worker = worker
+        self.place = place
+        self.worker = place.worker if place else 0
+        # A worker shares caps, budget and in-memory buckets through the supervisor's hub.
+        self.link = Link(place.hub, place.worker) if place else None
         self.metrics = Metrics()
         self.notifier = Notifier.from_environment()
-        self.services = CheckServices(settings.checks, dict(loaded.policy.limits), self.metrics)
-        self.spool = Spool(spool_shard(settings, worker))
+        self.services = CheckServices(
+            settings.checks, dict(loaded.policy.limits), self.metrics, self.link
+        )
+        self.spool = Spool(spool_shard(settings, self.worker))
         self.upstreams = Upstreams(settings)
         self.delivery = Delivery(self.spool, settings, self.upstreams, metrics=self.metrics)
         self.control = ControlServer(
-            self.spool, self.delivery.flush, settings.ops.control_socket_path,
-            settings.ops.control_group or None, limiter=lambda: self.services.limiter,
+            self.spool, self.delivery.flush,
+            place.control if place else settings.ops.control_socket_path,
+            None if place else settings.ops.control_group or None,
+            limiter=lambda: self.services.limiter, metrics=self._exposition,
             probe=self.delivery.probe_results,
         )
-        self.limits = ConnectionLimits()
-        self.budget = DataBudget(settings.inbound.max_data_memory)
+        self.limits = ConnectionLimits(link=self.link)
+        self.budget = DataBudget(settings.inbound.max_data_memory, self.link)
         self.tls: dict[str, ListenerTLS] = {}
         self.servers: list[asyncio.Server] = []
         self.http: asyncio.Server | None = None
@@ -96,6 +105,8 @@ class Relay:
     async def start(self) -> None:
         await self.spool.open()
         queued = await self.spool.count()
+        if self.link is not None:
+            await self.link.open()
         for listener in self.settings.listeners:
             if listener.tls != "none":
                 self.tls[listener.name] = ListenerTLS(listener.tls_cert, listener.tls_key)
@@ -106,7 +117,8 @@ class Relay:
                 tls.context if tls else None,
             )
             try:
-                server = await start_listener(context, reuse_port=self.settings.workers > 1)
+                server = await start_listener(
+                    context, reuse_port=self.settings.worker_count > 1)
             except OSError as exc:
                 raise StartupError(
                     f"cannot listen on {listener.host}:{listener.port} (listener "
@@ -115,10 +127,13 @@ class Relay:
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
                 log.info("listening on %s:%d (listener %s%s)", host, port, listener.name,
-                         f", worker {self.worker}" if self.settings.workers > 1 else "")
-        if self.worker != 0:
-            # Only worker 0 answers `policy-relay queue` and /metrics (its shard only).
-            self.notifier.ready(f"{queued} messages queued")
+                         f", worker {self.worker}" if self.settings.worker_count > 1 else "")
+        if self.link is not None:
+            # The supervisor serves the public control socket and /metrics over every
+            # shard, asking each worker on its private socket (relay/workers/fanout.py).
+            await self.control.start()
+            self.metrics.reload_succeeded()
+            self._ready(f"{queued} messages queued")
             return
         # The operator's endpoints matter less than mail: a relay that cannot open them
         # (a stale socket of another relay, a port in use) says so and keeps serving.
@@ -144,7 +159,16 @@ class Relay:
                 log.info("metrics on http://%s:%d/metrics", host, port)
         self.metrics.reload_succeeded()
         log.info("spool %s holds %d messages", self.settings.spool_path, queued)
-        self.notifier.ready(f"{queued} messages queued")
+        self._ready(f"{queued} messages queued")
+
+    def _ready(self, status: str) -> None:
+        if self.link is not None:
+            self.link.send("ready", status=status)
+        self.notifier.ready(status)
+
+    async def _exposition(self) -> bytes:
+        await self._refresh_metrics()
+        return self.metrics.exposition()
 
     async def _refresh_metrics(self) -> None:
         groups = self.upstreams.groups
@@ -167,13 +191,13 @@ class Relay:
         # Certificates renewed in place (certbot and the like) take effect now.
         for tls in self.tls.values():
             tls.reload()
-        self.notifier.ready(f"{await self.spool.count()} messages queued")
+        self._ready(f"{await self.spool.count()} messages queued")
 
     async def _swap(self, new: Runtime) -> None:
         if new.settings.checks != self.settings.checks:
             # New resolver or Redis settings: new services (in-memory buckets restart).
             old, self.services = self.services, CheckServices(
-                new.settings.checks, dict(new.policy.limits), self.metrics
+                new.settings.checks, dict(new.policy.limits), self.metrics, self.link
             )
             await old.close()
         else:
@@ -213,13 +237,14 @@ class Relay:
             for task in (delivery, watchdog):
                 task.cancel()
             await asyncio.gather(delivery, watchdog, return_exceptions=True)
-            if self.worker == 0:
-                await self.control.stop()
+            await self.control.stop()
             if self.http is not None:
                 self.http.close()
             await self.upstreams.close()
             await self.services.close()
             await self.spool.close()
+            if self.link is not None:
+                await self.link.close()
             log.info("stopped")
 
 
@@ -250,91 +275,32 @@ def keep_large_buffers_returnable() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 256 * 1024)
 
 
-def serve(loaded: Runtime, reload: Callable[[], Runtime]) -> None:
+def serve(loaded: Runtime, reload: Callable[[], Runtime]) -> int:
+    """Run the relay until it stops; the process's exit status."""
     keep_large_buffers_returnable()
-    if loaded.settings.workers > 1:
-        Supervisor(loaded, reload).run()
-        return
-    run_worker(loaded, reload, 0)
+    hostname = loaded.settings.smtp_hostname
+    if config.is_localhost(hostname):
+        # Receivers refuse or distrust HELO localhost, and Received: says nothing.
+        log.warning('the relay calls itself "%s" in its banner, EHLO and Received:; set '
+                    '[server] hostname or give the machine a fully qualified name '
+                    "(hostname -f)", hostname)
+    if loaded.settings.worker_count > 1:
+        supervisor = Supervisor(loaded, reload, run_worker)
+        supervisor.run()
+        return supervisor.exit_status
+    try:
+        run_worker(loaded, reload, None)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
 
 
-def run_worker(loaded: Runtime, reload: Callable[[], Runtime], worker: int) -> None:
+def run_worker(loaded: Runtime, reload: Callable[[], Runtime], place: Place | None) -> None:
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            runner.run(Relay(loaded, reload, worker).run())
+            runner.run(Relay(loaded, reload, place).run())
     except (SpoolUnusable, StartupError) as exc:
         # One line an operator can act on, and a sysexits status the unit can tell
         # apart (a busy spool may free up; a damaged one will not by restarting).
         log.error("%s", exc)
         raise SystemExit(exc.exit_status) from None
-
-
-class Supervisor:
-    """[server] workers > 1: the parent of the worker processes.
-
-    Each worker is a whole relay (listeners bound with SO_REUSEPORT, so the kernel
-    spreads connections over them, its own spool shard and delivery). The parent only
-    forwards SIGTERM/SIGINT and SIGHUP to every worker, restarts a worker that died
-    (after RESTART_PAUSE), and exits once all have stopped after a SIGTERM.
-    """
-
-    RESTART_PAUSE = 1.0
-
-    def __init__(self, loaded: Runtime, reload: Callable[[], Runtime]) -> None:
-        self.loaded = loaded
-        self.reload = reload
-        self.children: dict[int, int] = {}  # pid -> worker
-        self.stopping = False
-
-    def spawn(self, worker: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            self.children.clear()  # a signal before the reset below must not reach siblings
-            status = 0
-            try:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    signal.signal(sig, signal.SIG_DFL)
-                # SIGHUP's default action terminates: a reload forwarded before the
-                # worker's event loop handles it (Relay.run) must not kill the worker.
-                signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                if worker != 0:
-                    os.environ.pop("NOTIFY_SOCKET", None)  # worker 0 speaks for the service
-                run_worker(self.loaded, self.reload, worker)
-            except SystemExit as exc:
-                status = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                log.exception("worker %d failed", worker)
-                status = 1
-            finally:
-                logging.shutdown()
-                os._exit(status)
-        self.children[pid] = worker
-        log.info("started worker %d (pid %d)", worker, pid)
-
-    def forward(self, signum: int, _frame: object = None) -> None:
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            self.stopping = True
-            signum = signal.SIGTERM
-        for pid in list(self.children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    def run(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self.forward)
-        for worker in range(self.loaded.settings.workers):
-            self.spawn(worker)
-        while self.children:
-            try:
-                pid, status = os.wait()
-            except ChildProcessError:
-                break
-            worker = self.children.pop(pid)
-            if self.stopping:
-                continue
-            log.error("worker %d (pid %d) exited with status %d; restarting it", worker, pid,
-                      os.waitstatus_to_exitcode(status))
-            time.sleep(self.RESTART_PAUSE)
-            if not self.stopping:
-                self.spawn(worker)
-        log.info("all workers stopped")

@@ -6,13 +6,16 @@ relay/checks/settings.py, ...) through the one schema reader; this module assemb
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import os
 import socket
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from relay.address import problem
 from relay.checks.settings import CheckSettings, read_check_settings
 from relay.inbound.listeners import DEFAULT_LISTEN, ListenerSettings, read_listeners
 from relay.inbound.settings import InboundSettings, read_inbound
@@ -28,8 +31,9 @@ from relay.schema import Errors, Table, parse_hostport
 class Settings:
     hostname: str = ""
     relay_networks: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
+    qualify_domain: str = ""
     inbound: InboundSettings = field(default_factory=InboundSettings)
-    workers: int = 1
+    workers: int = 0  # 0: "auto", one per CPU core
     policies_dir: str = ""
     listeners: tuple[ListenerSettings, ...] = (
         ListenerSettings("smtp", *parse_hostport(DEFAULT_LISTEN)),
@@ -49,8 +53,35 @@ class Settings:
         return self.queue.spool_path
 
     @property
+    def worker_count(self) -> int:
+        """The worker processes to run: `workers`, or one per usable CPU core for "auto"."""
+        return self.workers or len(os.sched_getaffinity(0)) or 1
+
+    @property
     def smtp_hostname(self) -> str:
-        return self.hostname or socket.getfqdn()
+        return self.hostname or system_fqdn()
+
+
+@functools.cache
+def system_fqdn() -> str:
+    """The machine's fully qualified name as `hostname -f` gives it: the canonical name
+    of gethostname() (getaddrinfo with AI_CANONNAME), else the plain host name.
+
+    socket.getfqdn() differs: it takes the first alias of a reverse lookup, "localhost"
+    on machines whose /etc/hosts lists it first. Looked up once per process.
+    """
+    name = socket.gethostname()
+    try:
+        infos = socket.getaddrinfo(name, None, flags=socket.AI_CANONNAME)
+    except OSError:
+        return name
+    return next((info[3] for info in infos if info[3]), name)
+
+
+def is_localhost(name: str) -> bool:
+    """A name no other host can use to reach this one (RFC 6761 section 6.3)."""
+    name = name.lower().rstrip(".")
+    return name == "localhost" or name.endswith(".localhost") or name.startswith("localhost.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +115,7 @@ def load(path: str | Path | None, overrides: Overrides | None = None) -> Setting
     if overrides is not None:
         settings = _apply(settings, overrides, errors)
     if errors:
-        raise ConfigError(errors.messages)
+        raise ConfigError(errors.messages, partial=settings)
     return settings
 
 
@@ -95,8 +126,9 @@ def _read(root: Table, source: str) -> Settings:
     settings = Settings(
         hostname=server.string("hostname", base.hostname),
         relay_networks=server.networks("relay_networks", base.relay_networks),
+        qualify_domain=read_qualify_domain(server, base.qualify_domain),
         inbound=read_inbound(server),
-        workers=server.integer("workers", base.workers, 1, 64),
+        workers=read_workers(server, base.workers),
         policies_dir=server.string("policies_dir", base.policies_dir),
         listeners=read_listeners(root) or base.listeners,
         upstreams=read_upstreams(root) or base.upstreams,
@@ -111,6 +143,30 @@ def _read(root: Table, source: str) -> Settings:
     log.finish()
     root.finish()
     return settings
+
+
+def read_qualify_domain(server: Table, default: str) -> str:
+    """[server] qualify_domain: "" or a domain that makes "user@domain" a valid address."""
+
+    def convert(raw: Any) -> str:
+        if not isinstance(raw, str) or (raw and problem(f"postmaster@{raw}")):
+            raise ValueError
+        return raw.lower()
+
+    return server.value("qualify_domain", default, convert, 'a domain name such as "example.com"')
+
+
+def read_workers(server: Table, default: int) -> int:
+    """[server] workers: "auto" (0 here) or 1..64."""
+
+    def convert(raw: Any) -> int:
+        if raw == "auto":
+            return 0
+        if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= 64:
+            raise ValueError
+        return raw
+
+    return server.value("workers", default, convert, '"auto" or an integer 1..64')
 
 
 def _apply(settings: Settings, flags: Overrides, errors: Errors) -> Settings:

@@ -44,14 +44,30 @@ def policies_dir_of(settings: Settings) -> Path:
 
 
 def load(config_path: str | Path | None, overrides: Overrides | None = None) -> Runtime:
-    """Load settings and then the policies they name; ConfigError lists every problem."""
-    settings = config.load(config_path, overrides)
-    policy = load_policy(
+    """Load settings and then the policies they name; ConfigError lists every problem.
+
+    A config with errors still names its policies (from what could be read), so one run
+    reports the mistakes of both.
+    """
+    try:
+        settings = config.load(config_path, overrides)
+    except ConfigError as exc:
+        if not isinstance(exc.partial, Settings):
+            raise
+        try:
+            _load_policy(exc.partial)
+        except ConfigError as more:
+            raise ConfigError(exc.messages + more.messages) from None
+        raise
+    return Runtime(settings, _load_policy(settings))
+
+
+def _load_policy(settings: Settings) -> Policy:
+    return load_policy(
         policies_dir_of(settings),
         upstream_groups=settings.upstreams.keys(),
         builtin_lists={"relay_networks": tuple(str(n) for n in settings.relay_networks)},
     )
-    return Runtime(settings, policy)
 
 
 __all__ = ["ConfigError", "Runtime", "embedded_policies_dir", "load"]

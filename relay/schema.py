@@ -12,9 +12,10 @@ from relay.ipaddr import IPNetwork
 
 T = TypeVar("T")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+# Strict on purpose: "5 min", "25MB" or "1.5.3" are errors, never read as something else.
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]?)B?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^(\d+)([KMG]?)$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
 
@@ -22,9 +23,12 @@ _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 class ConfigError(Exception):
     """Raised with every error found, one per line, when settings cannot be loaded."""
 
-    def __init__(self, messages: list[str]) -> None:
+    def __init__(self, messages: list[str], partial: Any = None) -> None:
         super().__init__("\n".join(messages))
         self.messages = messages
+        # What could be read despite the errors (config.Settings), so that `check` can
+        # go on to the policies and report their errors in the same run.
+        self.partial = partial
 
 
 @dataclass
@@ -153,14 +157,18 @@ class Table:
         return value
 
     def duration(self, name: str, default: float, low: float = 0.0) -> float:
-        value = self.value(name, default, parse_duration, 'a duration such as "30s", "5m", "1h"')
+        value = self.value(name, default, parse_duration,
+                           'a duration: seconds, or a number with ms, s, m, h or d ("30s", '
+                           '"5m", "1h")')
         if value < low:
             self.error(name, f"must be at least {low:g}s, got {value:g}s")
             return default
         return value
 
     def size(self, name: str, default: int, low: int = 0) -> int:
-        value = self.value(name, default, parse_size, 'a size such as 1048576, "512K", "25M"')
+        value = self.value(name, default, parse_size,
+                           'a size: bytes, or a number with K, M or G (1024-based: "512K", '
+                           '"25M"; no "B")')
         if value < low:
             self.error(name, f"must be at least {low} bytes, got {value}")
             return default

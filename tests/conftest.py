@@ -174,9 +174,12 @@ def relay_config(
     upstream_extra: str = "",
     metrics: str = "",
 ) -> str:
+    # One worker unless the test asks for more: its spool is then the one spool.db.
+    workers = "" if "workers" in extra else "workers = 1"
     return f"""
 [server]
 hostname = "relay.test"
+{workers}
 {extra}
 
 [listener.smtp]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,78 @@ def test_every_reply_in_the_table_agrees_with_its_class():
 def test_a_reply_whose_classes_disagree_cannot_exist(code: int, status: str):
     with pytest.raises(ValueError):
         replies.Reply(code, status, "text")
+
+
+CHANGED = """
+[server]
+hostname = "relay.example.test"
+max_message_size = "10M"
+workers = 2
+idle_timeout = "90s"
+
+[listener.smtp]
+address = "127.0.0.1:2600"
+
+[listener.submission]
+address = "127.0.0.1:2601"
+auth_plaintext_loopback = true
+
+[upstream.default]
+hosts = ["smtp.example.test:587"]
+pool_size = 4
+
+[upstream.bulk]
+hosts = ["bulk.example.test:25"]
+
+[queue]
+retry_schedule = ["1m", "5m"]
+
+[ratelimit]
+redis_url = "redis://relay:hunter2@10.0.0.5:6379/0"
+"""
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_config_dump_loads_back_as_the_same_config(tmp_path: Path, changed: bool):
+    original = tmp_path / "config.toml"
+    original.write_text(CHANGED)
+    args = ["config", "dump", "--config", str(original)] + (["--changed"] if changed else [])
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout and "<redacted>" in result.stdout
+    pasted = tmp_path / "pasted.toml"
+    pasted.write_text(result.stdout.replace("<redacted>", "hunter2"))
+    assert without_source(config.load(pasted)) == without_source(config.load(original))
+    assert "300.0" not in result.stdout and "metrics_listen" not in result.stdout
+
+
+def test_config_dump_changed_is_only_what_differs():
+    result = run_cli("config", "dump", "--changed", "--config", "config.toml")
+    assert (result.returncode, result.stdout) == (0, "")
+    result = run_cli("config", "dump", "--changed", "--config",
+                     str(BAD / "many-errors.toml"))
+    assert result.returncode == 78
+
+
+def test_sizes_and_durations_are_strict(tmp_path: Path):
+    path = tmp_path / "config.toml"
+    for text in ('max_message_size = "25MB"', 'max_message_size = "25 M"',
+                 'idle_timeout = "5 min"', 'idle_timeout = "1.5.3s"'):
+        path.write_text(f"[server]\n{text}\n")
+        with pytest.raises(config.ConfigError):
+            config.load(path)
+    path.write_text('[server]\nmax_message_size = "25m"\nidle_timeout = "1.5s"\n')
+    settings = config.load(path)
+    assert settings.inbound.max_message_size == 25 * 1024 * 1024
+
+
+def test_hostname_defaults_to_the_name_hostname_f_gives():
+    binary = shutil.which("hostname")
+    if binary is None:
+        pytest.skip("no hostname command to compare with")
+    expected = subprocess.run([binary, "-f"], capture_output=True, text=True, timeout=10)
+    if expected.returncode != 0:
+        pytest.skip(f"hostname -f fails here: {expected.stderr.strip()}")
+    assert config.load(None).smtp_hostname == expected.stdout.strip()
+    assert config.is_localhost("localhost") and config.is_localhost("LOCALHOST.localdomain")
+    assert not config.is_localhost("relay.example.com")

@@ -14,7 +14,8 @@ def keygen(directory: Path, selector: str, kind: str) -> str:
                      "--type", kind, "--key-directory", str(directory))
     assert result.returncode == 0, result.stderr
     key = directory / "example.test" / f"{selector}.key"
-    assert key.stat().st_mode & 0o777 == 0o600
+    assert key.stat().st_mode & 0o777 == 0o640  # the group of its directory may read
+    assert key.stat().st_gid == key.parent.stat().st_gid
     assert f"wrote {key}" in result.stdout
     record = result.stdout.splitlines()[-1]
     assert record.startswith(f"{selector}._domainkey.example.test. IN TXT ( ")

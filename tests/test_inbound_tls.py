@@ -62,6 +62,7 @@ def start(directory: Path, sink: Sink, ca: trustme.CA) -> TLSRelay:
     text = f"""
 [server]
 hostname = "relay.test"
+workers = 1  # one spool.db to look into
 # Loopback clients may not relay on their address: only AUTH lets them.
 relay_networks = ["192.0.2.0/24"]
 max_auth_failures = 3
@@ -300,7 +301,9 @@ def test_passwd_writes_a_salted_scrypt_entry(tmp_path: Path):
     assert users.check(users_file, b"bob", b"pw2")
     assert not users.check(users_file, b"bob", b"pw1")
     assert not users.check(users_file, b"nobody", b"pw1")
-    assert users_file.stat().st_mode & 0o777 == 0o600
+    # Readable by the group of its directory (the service's, under systemd), nobody else.
+    assert users_file.stat().st_mode & 0o777 == 0o640
+    assert users_file.stat().st_gid == users_file.parent.stat().st_gid
     assert passwd(users_file, "bad:name", "x").returncode == 64
 
 
@@ -330,3 +333,52 @@ def test_sighup_reloads_the_certificate(tmp_path: Path):
     finally:
         setup.relay.stop()
         sink.stop()
+
+
+# -- every refusal in one log shape ------------------------------------------------------
+
+
+def refusal_lines(relay: TLSRelay, code: str) -> list[str]:
+    return [line.split("relay.inbound: ", 1)[1] for line in relay.relay.log_text().splitlines()
+            if "NOQUEUE: reject: " in line and f"]: {code} " in line]
+
+
+def test_530_538_and_535_are_logged_like_every_other_refusal(relay: TLSRelay):
+    with RawSMTP(relay.ports["strict"]) as raw:
+        raw.reply()
+        raw.chat(b"EHLO client.test\r\n")
+        raw.chat(b"MAIL FROM:<app@example.test>\r\n")
+    with RawSMTP(relay.ports["submission"]) as raw:
+        raw.reply()
+        raw.chat(b"EHLO client.test\r\n")
+        raw.chat(b"AUTH PLAIN " + plain("alice", PASSWORD) + b"\r\n")
+    with RawSMTP(relay.ports["submission"], source="127.0.0.9") as raw:
+        raw.reply()
+        raw.chat(b"EHLO client.test\r\n")
+        raw.chat(b"STARTTLS\r\n")
+        raw.starttls(relay.client_context())
+        raw.chat(b"EHLO client.test\r\n")
+        raw.chat(b"AUTH PLAIN " + plain("alice", "wrong") + b"\r\n")
+    wait_until(lambda: refusal_lines(relay, "535"), what="the 535 line")
+    assert ("NOQUEUE: reject: MAIL from [127.0.0.1]: 530 5.7.0 Must issue a STARTTLS command "
+            "first; from=<> helo=<client.test> listener=strict rule=require_tls"
+            ) in refusal_lines(relay, "530")
+    assert ("NOQUEUE: reject: AUTH from [127.0.0.1]: 538 5.7.11 Encryption required for "
+            "requested authentication mechanism; from=<> helo=<client.test> "
+            "listener=submission rule=auth_needs_tls") in refusal_lines(relay, "538")
+    assert ("NOQUEUE: reject: AUTH from [127.0.0.9]: 535 5.7.8 Authentication credentials "
+            "invalid; from=<> helo=<client.test> sasl_method=PLAIN sasl_username=alice "
+            "listener=submission rule=auth_failed") in refusal_lines(relay, "535")
+
+
+async def test_the_message_line_names_the_user_and_the_message_id(relay: TLSRelay):
+    with RawSMTP(relay.ports["smtps"], tls=relay.client_context()) as raw:
+        raw.reply()
+        raw.chat(b"EHLO client.test\r\n")
+        raw.chat(b"AUTH PLAIN " + plain("alice", PASSWORD) + b"\r\n")
+        said = raw.chat(b"MAIL FROM:<app@example.test>\r\nRCPT TO:<ops@dest.test>\r\nDATA\r\n"
+                        + b"Message-ID: <m1@app.test>\r\n" + MESSAGE + b".\r\n", 4)
+        queue_id = said[3].rsplit(" ", 1)[1]
+    line = next(line for line in relay.relay.log_text().splitlines()
+                if f"{queue_id}: client=" in line)
+    assert "listener=smtps, sasl_username=alice, message_id=<m1@app.test>, rule=" in line

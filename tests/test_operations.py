@@ -173,3 +173,14 @@ async def test_a_busy_control_socket_or_metrics_port_does_not_stop_mail(
         assert f"metrics endpoint 127.0.0.1:{metrics_port} unavailable" in log
     finally:
         second.stop()
+
+
+def test_a_relay_called_localhost_warns_at_start(sink: Sink, tmp_path: Path):
+    port = free_port()
+    text = relay_config(sink.port, port, tmp_path / "spool").replace(
+        'hostname = "relay.test"', 'hostname = "localhost"')
+    relay = RelayProcess(tmp_path, text, port).start()
+    try:
+        assert 'the relay calls itself "localhost"' in relay.log_text()
+    finally:
+        relay.stop()

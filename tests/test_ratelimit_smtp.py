@@ -9,7 +9,15 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from conftest import RelayProcess, Sink, free_port, relay_config, run_cli, wait_until
+from conftest import (
+    RelayProcess,
+    Sink,
+    free_port,
+    port_open,
+    relay_config,
+    run_cli,
+    wait_until,
+)
 from redisserver import RedisServer
 
 LIMITS = r"""
@@ -143,6 +151,8 @@ def test_addresses_in_one_ipv6_64_share_a_bucket(tmp_path: Path, sink: Sink, sta
         sections=f'\n[listener.lb]\naddress = "127.0.0.1:{lb_port}"\nproxy_protocol = true\n',
     )
     assert relay.proc is not None
+    # start_relay waits for the first listener; "lb" is bound just after it.
+    wait_until(lambda: port_open(lb_port), what="the lb listener")
     first = proxied_session(lb_port, "2001:db8:1:2::5", ["a@dest.test", "b@dest.test"],
                             "one@example.test")
     second = proxied_session(lb_port, "2001:db8:1:2:ffff::9", ["c@dest.test", "d@dest.test"],

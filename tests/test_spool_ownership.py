@@ -207,3 +207,23 @@ async def test_a_full_disk_is_logged_once_when_it_starts_and_once_when_it_ends(
     assert lines[1] == f"spool {tmp_path / 'spool'} writable again after 50 refused writes"
     assert not any(r.exc_info for r in caplog.records)
     assert spool.writable
+
+
+async def test_with_workers_a_second_relay_stops_instead_of_restarting_its_workers(
+    sink: Sink, start_relay, tmp_path: Path
+):
+    first = start_relay(sink.port, extra="workers = 2")
+    other_dir = tmp_path / "second"
+    other_dir.mkdir()
+    port = free_port()
+    text = relay_config(sink.port, port, tmp_path / "spool", "workers = 2")
+    second = RelayProcess(other_dir, text.replace(str(tmp_path / "control.sock"),
+                                                  str(other_dir / "control.sock")), port)
+    second.start(wait=False)
+    assert second.proc is not None
+    assert second.proc.wait(timeout=20) == 75
+    log = second.log_text()
+    assert "is in use by process" in log
+    assert "could not start (exit status 75); stopping" in log
+    assert "restarting it" not in log
+    assert first.proc is not None and first.proc.poll() is None

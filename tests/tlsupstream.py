@@ -93,6 +93,7 @@ def config_text(
     return f"""
 [server]
 hostname = "relay.test"
+workers = 1  # one spool.db to look into
 
 [listener.smtp]
 address = "127.0.0.1:{port}"

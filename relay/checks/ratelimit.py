@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -22,6 +22,9 @@ from redis.exceptions import RedisError
 from relay.address import domain_of
 from relay.ipaddr import client_ip
 from relay.schema import Table
+
+if TYPE_CHECKING:
+    from relay.workers.link import Link
 
 log = logging.getLogger("relay.ratelimit")
 
@@ -534,6 +537,7 @@ class Limiter:
         on_backend_error: BackendErrorPolicy = "local",
         redis_timeout: float = 0.25,
         redis_retry_interval: float = 5.0,
+        shared: Link | None = None,
     ):
         if on_backend_error not in ("local", "tempfail", "allow"):
             raise ValueError(
@@ -544,6 +548,9 @@ class Limiter:
         self._specs = self._index(specs)
         self._local = LocalBuckets(clock)
         self._fallback = LocalBuckets(clock)
+        # With workers, the in-memory buckets live in the supervisor's hub, so that they
+        # count every worker's traffic (relay/workers/hub.py).
+        self._shared = shared
         self._on_backend_error = on_backend_error
         self._redis_timeout = redis_timeout
         self._retry_interval = redis_retry_interval
@@ -582,6 +589,8 @@ class Limiter:
             return LimitResult(True, 0.0, spec.burst, exempt=True)
         key = bucket_key(spec, fields)
         if spec.backend == "local" or self._redis is None:
+            if self._shared is not None:
+                return await self._shared.check("local", spec, key, cost, update)
             return self._local.check(spec, key, cost, update=update)
         return await self._check_redis(self._redis, spec, key, cost, update)
 
@@ -591,7 +600,7 @@ class Limiter:
         if self._redis_down:
             now = self._clock()
             if now < self._retry_at:
-                return self._without_redis(spec, key, cost, update)
+                return await self._without_redis(spec, key, cost, update)
             # claim the probe: concurrent checks keep using the fallback meanwhile
             self._retry_at = now + self._retry_interval
         try:
@@ -611,16 +620,22 @@ class Limiter:
                     self._on_backend_error,
                     self._retry_interval,
                 )
-            return self._without_redis(spec, key, cost, update)
+            return await self._without_redis(spec, key, cost, update)
         if self._redis_down:
             self._redis_down = False
             self._fallback.clear()  # Redis holds the shared truth again
+            if self._shared is not None:
+                self._shared.send("clear", store="fallback")
             log.info("rate-limit Redis answers again; shared buckets restored")
         return result
 
-    def _without_redis(self, spec: LimitSpec, key: str, cost: int, update: bool) -> LimitResult:
+    async def _without_redis(
+        self, spec: LimitSpec, key: str, cost: int, update: bool
+    ) -> LimitResult:
         self.fallbacks += 1
         if self._on_backend_error == "local":
+            if self._shared is not None:
+                return await self._shared.check("fallback", spec, key, cost, update)
             return self._fallback.check(spec, key, cost, update=update)
         if self._on_backend_error == "allow":
             return LimitResult(True, 0.0, 0, key, backend_error=True)
@@ -649,8 +664,13 @@ class Limiter:
 
     async def show(self, name: str | None = None, key: str | None = None) -> list[BucketState]:
         """Non-idle buckets, optionally of one limit and matching a key glob."""
-        states = self._local.states(self._specs, name, key)
-        states += self._fallback.states(self._specs, name, key, backend="fallback")
+        if self._shared is not None:
+            specs = self._specs.values()
+            states = await self._shared.states("local", specs, name, key)
+            states += await self._shared.states("fallback", specs, name, key)
+        else:
+            states = self._local.states(self._specs, name, key)
+            states += self._fallback.states(self._specs, name, key, backend="fallback")
         wants_redis = any(
             s.backend == "redis" and name in (None, s.name) for s in self._specs.values()
         )

@@ -18,6 +18,7 @@ from relay.checks.spf import SpfOutcome, check_spf
 from relay.headers import header_fields
 from relay.ops.metrics import Metrics
 from relay.policy.engine import Facts
+from relay.workers.link import Link
 
 log = logging.getLogger("relay.checks")
 
@@ -25,7 +26,8 @@ class CheckServices:
     """The long-lived parts the checks share: resolver, SPF thread pool, rate limiter."""
 
     def __init__(
-        self, settings: CheckSettings, limits: dict[str, LimitSpec], metrics: Metrics | None = None
+        self, settings: CheckSettings, limits: dict[str, LimitSpec],
+        metrics: Metrics | None = None, shared: Link | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -46,6 +48,7 @@ class CheckServices:
             key_prefix=settings.redis_key_prefix,
             on_backend_error=settings.on_backend_error,
             redis_timeout=settings.redis_timeout,
+            shared=shared,
         )
 
     async def close(self) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from relay.checks import dkim
 from relay.checks.dns import Resolver
 from relay.runtime import Runtime
+from relay.secretfile import make_private_directory, share_with_directory_group
 
 # RFC 1035 section 3.3.14: one character-string in a TXT record holds at most 255 octets.
 _TXT_CHUNK = 255
@@ -43,13 +44,16 @@ def keygen(args: argparse.Namespace) -> int:
     domain = args.domain.lower().rstrip(".")
     path = directory / domain / f"{args.selector}.key"
     if path.exists():
-        print(f"{path}: exists; choose a new selector to rotate keys", file=sys.stderr)
+        print(f"policy-relay dkim keygen: {path}: exists; choose a new selector to rotate "
+              "keys", file=sys.stderr)
         return 1
     pem, value = dkim.generate_key(args.type, args.bits)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-    # The private key is readable by its owner only, from the moment it exists.
+    make_private_directory(path.parent)
+    # The private key is readable by its owner only from the moment it exists, then by
+    # the service's group too (relay/secretfile.py), before any byte of it is written.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
+        share_with_directory_group(out.fileno(), path.parent)
         out.write(pem)
     print(f"wrote {path}")
     print("publish this record, then run `policy-relay dkim check`:")

@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from relay import __version__, config, runtime
 from relay.cli import dkim as dkimcli
 from relay.cli.dkim import add_dkim_parser
-from relay.cli.queue import add_limits_parser, add_queue_parser, run_limits, run_queue
+from relay.cli.examples import add_examples
+from relay.cli.queue import (
+    add_limits_parser,
+    add_queue_parser,
+    run_limits,
+    run_queue,
+    socket_flags,
+    wait_ready,
+)
 from relay.cli.spool import add_spool_parser, run_spool
 from relay.ops.configdump import dump
 from relay.ops.logs import setup_logging
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus
 EX_USAGE = 64
+
+
+EX_PIPE = 141  # what a shell reports for a command killed by SIGPIPE (128 + 13)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_queue_parser(commands).set_defaults(run=_queue)
     add_limits_parser(commands).set_defaults(run=_limits)
 
+    ready = commands.add_parser(
+        "ready", help="wait until the running relay serves (for scripts)",
+        description="Exit 0 as soon as the relay answers on its control socket (with "
+        "workers, every worker listens); 69 if it does not within --timeout seconds.",
+    )
+    socket_flags(ready)
+    ready.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="how long to wait (default 60)")
+    ready.set_defaults(run=_ready)
+
     passwd = commands.add_parser(
         "passwd", help="set a user's AUTH password in the users file",
         description="Reads the password twice from a terminal, or one line from stdin.",
@@ -108,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     dump_parser = dump_commands.add_parser("dump", help="print every setting, secrets redacted")
     _config_flags(dump_parser)
     dump_parser.add_argument("--json", action="store_true", help="as one JSON object")
+    dump_parser.add_argument("--changed", action="store_true",
+                             help="only what differs from the defaults (like postconf -n)")
     dump_parser.set_defaults(run=_config_dump)
+    add_examples(parser)
     return parser
 
 
@@ -150,8 +177,7 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(loaded.settings.log_level, loaded.settings.log_format)
     from relay.app import serve
 
-    serve(loaded, lambda: runtime.load(args.config, _overrides(args)))
-    return 0
+    return serve(loaded, lambda: runtime.load(args.config, _overrides(args)))
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -197,7 +223,16 @@ def _config_dump(args: argparse.Namespace) -> int:
     loaded = _load(args)
     if loaded is None:
         return EX_CONFIG
-    print(dump(loaded.settings, args.json), end="")
+    user: dict[str, Any] = {}
+    if args.config is not None:
+        user = tomllib.loads(Path(args.config).read_text(encoding="utf-8"))
+    server = user.setdefault("server", {})
+    if args.policies is not None or server.get("policies_dir"):
+        # Absolute, so that the dump loads the same policies wherever it is pasted.
+        server["policies_dir"] = str(loaded.policies_dir.resolve())
+    if not server:
+        del user["server"]
+    print(dump(user, only_changed=args.changed, as_json=args.json), end="")
     return 0
 
 
@@ -228,6 +263,12 @@ def _limits(args: argparse.Namespace) -> int:
     return run_limits(args) if _find_control_socket(args) else EX_CONFIG
 
 
+def _ready(args: argparse.Namespace) -> int:
+    if not _find_control_socket(args):
+        return EX_CONFIG
+    return wait_ready(args.control_socket, args.timeout)
+
+
 def _dkim(args: argparse.Namespace) -> int:
     if args.dkim_command == "keygen":
         return dkimcli.keygen(args)
@@ -239,4 +280,13 @@ def _dkim(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
-    return run(args)
+    try:
+        status = run(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): stop quietly, as cat does. Point stdout at
+        # /dev/null so the interpreter's final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EX_PIPE

@@ -43,11 +43,11 @@ from relay.queue import control
 EX_UNAVAILABLE = 69  # sysexits.h
 EX_NOPERM = 77
 PROG = "policy-relay queue"
+LIMITS_PROG = "policy-relay limits"
 
 # Postfix's postqueue -p layout: rows "%-10s%c%8ld %20.20s %s" (id, mark, size, arrival,
 # sender), recipients at column 41, and a header one column wider than the id field.
 _HEADER = "-Queue ID-  --Size-- ----Arrival Time---- -Sender/Recipient-------"
-_RECIPIENT_INDENT = " " * 41
 _MARKS = {"hold": "!", "failed": "#"}
 
 
@@ -59,11 +59,7 @@ def add_queue_parser(
         "queue", help="list and manage the queue of a running relay",
         description="Talk to the running relay over its control socket.",
     )
-    queue.add_argument("--control-socket", metavar="PATH", type=Path, default=None,
-                       help="the relay's control socket (default: [control] socket of the "
-                       "config, see config.toml)")
-    queue.add_argument("--config", metavar="FILE", type=Path,
-                       help="config file naming the control socket")
+    socket_flags(queue)
     commands = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
 
     listing = commands.add_parser("list", help="list queued messages (like mailq)")
@@ -88,7 +84,20 @@ def add_queue_parser(
                         help="queue ids, or ALL (upper case) optionally followed by a queue")
 
     commands.add_parser("summary", help="counts by queue and age (like qshape)")
+    for sub in commands.choices.values():
+        socket_flags(sub, after=True)
     return queue
+
+
+def socket_flags(parser: argparse.ArgumentParser, after: bool = False) -> None:
+    """--control-socket and --config, before the sub-command or after it (`after`: a
+    flag not given there must not undo one given before it)."""
+    default: Any = argparse.SUPPRESS if after else None
+    parser.add_argument("--control-socket", metavar="PATH", type=Path, default=default,
+                        help="the relay's control socket (default: [control] socket of the "
+                        "config, see config.toml)")
+    parser.add_argument("--config", metavar="FILE", type=Path, default=default,
+                        help="config file naming the control socket")
 
 
 def run_queue(args: argparse.Namespace) -> int:
@@ -112,8 +121,8 @@ class _Usage(Exception):
     pass
 
 
-def _error(text: str) -> None:
-    print(f"{PROG}: {text}", file=sys.stderr)
+def _error(text: str, prog: str = PROG) -> None:
+    print(f"{prog}: {text}", file=sys.stderr)
 
 
 async def _call(path: Path, payload: dict[str, Any]) -> dict[str, Any]:
@@ -141,10 +150,13 @@ def format_mailq(messages: list[dict[str, Any]]) -> str:
     if not messages:
         return "Mail queue is empty\n"
     blocks = []
+    # Postfix's ids are 10 characters at most; ours are longer: widen the column.
+    width = max(10, *(len(m["id"]) for m in messages))
+    indent = " " * (width + 31)
     for m in messages:
         mark = _MARKS.get(m["state"], " ")
         arrival = time.asctime(time.localtime(m["arrival_time"]))[:20]
-        lines = [f"{m['id']:<10}{mark}{m['size']:>8} {arrival:20.20} "
+        lines = [f"{m['id']:<{width}}{mark}{m['size']:>8} {arrival:20.20} "
                  f"{m['sender'] or 'MAILER-DAEMON'}"]
         previous = None
         for r in _undelivered(m):
@@ -153,12 +165,13 @@ def format_mailq(messages: list[dict[str, Any]]) -> str:
             if r["reply"] and r["reply"] != previous:
                 lines.append(f"{'':>{max(0, 76 - len(r['reply']))}}({r['reply']})")
             previous = r["reply"]
-            lines.append(_RECIPIENT_INDENT + r["address"])
+            lines.append(indent + r["address"])
         blocks.append("\n".join(lines) + "\n")
     total = sum(m["size"] for m in messages)
     count = len(messages)
     footer = f"-- {total // 1024} Kbytes in {count} Request{'' if count == 1 else 's'}.\n"
-    return _HEADER + "\n" + "\n".join(blocks) + "\n" + footer
+    header = f"{'-Queue ID-':<{width + 2}}" + _HEADER.removeprefix("-Queue ID-  ")
+    return header + "\n" + "\n".join(blocks) + "\n" + footer
 
 
 def _undelivered(message: dict[str, Any]) -> list[dict[str, Any]]:
@@ -307,6 +320,35 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Path], Awaitable[int]]] = {
 }
 
 
+# -- ready -----------------------------------------------------------------------------
+
+
+def wait_ready(path: Path, timeout: float) -> int:
+    """Poll the control socket until the relay answers (bounded by `timeout` seconds)."""
+
+    async def poll() -> int:
+        deadline = time.monotonic() + timeout
+        problem = "no answer"
+        while True:
+            try:
+                answer = await control.request(path, {"op": "summary"}, timeout=5.0)
+            except control.ControlUnavailable as exc:
+                if exc.permission:
+                    _error(str(exc), "policy-relay ready")
+                    return EX_NOPERM
+                problem = str(exc)
+            else:
+                if answer.get("ok"):
+                    return 0
+                problem = str(answer.get("error"))
+            if time.monotonic() >= deadline:
+                _error(f"not ready after {timeout:g}s: {problem}", "policy-relay ready")
+                return EX_UNAVAILABLE
+            await asyncio.sleep(0.2)
+
+    return asyncio.run(poll())
+
+
 # -- limits -----------------------------------------------------------------------------
 
 
@@ -315,20 +357,23 @@ def add_limits_parser(
 ) -> argparse.ArgumentParser:
     """Add `limits show [NAME] [--key GLOB]`: bucket states of the running relay."""
     limits = subparsers.add_parser("limits", help="rate-limit buckets of a running relay")
-    limits.add_argument("--control-socket", metavar="PATH", type=Path, default=None)
-    limits.add_argument("--config", metavar="FILE", type=Path,
-                        help="config file naming the control socket")
+    socket_flags(limits)
     commands = limits.add_subparsers(dest="limits_command", required=True, metavar="COMMAND")
     show = commands.add_parser("show", help="buckets that are not idle (local and Redis)")
     show.add_argument("name", nargs="?", metavar="NAME", help="only this limit")
     show.add_argument("--key", metavar="GLOB", help="only keys matching this glob")
+    socket_flags(show, after=True)
     return limits
 
 
 def run_limits(args: argparse.Namespace) -> int:
     async def show() -> int:
         payload = {"op": "limits", "name": args.name, "key": args.key}
-        buckets = (await _call(args.control_socket, payload))["buckets"]
+        answer = await control.request(args.control_socket, payload)
+        if not answer.get("ok"):
+            _error(str(answer.get("error")), LIMITS_PROG)
+            return 1
+        buckets = answer["buckets"]
         if not buckets:
             print("all buckets idle")
             return 0
@@ -342,5 +387,5 @@ def run_limits(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(show())
     except control.ControlUnavailable as exc:
-        _error(str(exc))
+        _error(str(exc), LIMITS_PROG)
         return EX_NOPERM if exc.permission else EX_UNAVAILABLE

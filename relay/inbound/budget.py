@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from relay.workers.link import Link, LinkDown
+
 
 class DataBudget:
     """Message bytes that the sessions of this process hold in memory at once.
@@ -9,11 +11,13 @@ class DataBudget:
     A DATA that would take it over `limit` is read to its end, kept nowhere, and
     answered "452 4.3.1" (RFC 5321 section 4.5.3.1.9): the client tries again later.
     The bytes count from the first chunk until the message is spooled or refused.
+    With workers, `link` makes the budget global: the hub counts every worker's bytes.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, link: Link | None = None) -> None:
         self.limit = limit
         self.held = 0
+        self.link = link
 
     def __repr__(self) -> str:
         return f"<DataBudget {self.held}/{self.limit}>"
@@ -28,5 +32,28 @@ class DataBudget:
         self.held += size
         return True
 
+    async def full(self) -> bool:
+        """exhausted, for the global budget when there is a hub."""
+        if self.link is None:
+            return self.exhausted
+        try:
+            return await self.link.full(self.limit)
+        except LinkDown:
+            return True
+
+    async def reserve(self, size: int) -> bool:
+        """take(), against the global budget when there is a hub."""
+        if self.link is None:
+            return self.take(size)
+        try:
+            if not await self.link.take(size, self.limit):
+                return False
+        except LinkDown:
+            return False
+        self.held += size
+        return True
+
     def release(self, size: int) -> None:
+        if self.link is not None and size:
+            self.link.send("give", size=size)
         self.held -= size

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from relay.ipaddr import client_ip
+from relay.workers.link import Link, LinkDown
 
 # AUTH failures of a client are forgotten after this long without a new one.
 AUTH_FAILURE_MEMORY = 900.0
@@ -34,10 +35,17 @@ def client_key(address: str) -> str:
 
 
 class ConnectionLimits:
-    """In-memory counters shared by every listener of one process."""
+    """In-memory counters shared by every listener of one process.
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    With workers, `link` makes the caps global: the hub (relay/workers/hub.py) counts
+    every worker's sessions, and this process only counts its own for the drain.
+    """
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, link: Link | None = None
+    ) -> None:
         self.clock = clock
+        self.link = link
         self.total = 0
         self.per_client: collections.Counter[str] = collections.Counter()
         self.sessions: set[Drainable] = set()
@@ -62,8 +70,22 @@ class ConnectionLimits:
         self.per_client[key] += 1
         return None
 
+    async def enter(self, address: str, max_total: int, max_per_client: int) -> str | None:
+        """admit(), against the global counts when there is a hub."""
+        if self.link is None:
+            return self.admit(address, max_total, max_per_client)
+        try:
+            why = await self.link.admit(client_key(address), max_total, max_per_client)
+        except LinkDown as exc:
+            return str(exc)
+        if why is None:
+            self.admit(address, max_total=2**62, max_per_client=2**62)
+        return why
+
     def release(self, address: str) -> None:
         key = client_key(address)
+        if self.link is not None:
+            self.link.send("release", client=key)
         self.total -= 1
         self.per_client[key] -= 1
         if self.per_client[key] <= 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from email.utils import formatdate
 
 from aiosmtpd.proxy_protocol import ProxyData
@@ -15,6 +16,7 @@ from relay.checks.services import SessionChecks
 from relay.headers import fold, header_safe
 from relay.inbound.context import ListenerContext
 from relay.inbound.protocol import RelaySMTP, client_address, declared_size
+from relay.ops.logs import refusal_line
 from relay.policy.session import PolicySession, Refusal
 from relay.queue.spool import Envelope as StoredEnvelope
 from relay.queue.spool import SpoolError, new_queue_id
@@ -158,11 +160,14 @@ class InboundHandler:
                      stored.client_address, replies.QUEUE_WRITE_ERROR, self.listener.name)
             return str(replies.QUEUE_WRITE_ERROR)
         context.metrics.message_received(self.listener.name)
+        user = f", sasl_username={header_safe(stored.sasl_username)}" \
+            if stored.sasl_username else ""
         log.info(
-            "%s: client=[%s], from=<%s>, size=%d, nrcpt=%d, listener=%s, rule=%s%s",
+            "%s: client=[%s], from=<%s>, size=%d, nrcpt=%d, listener=%s%s, "
+            "message_id=<%s>, rule=%s%s",
             queue_id, stored.client_address, stored.sender, len(message),
-            len(stored.recipients), self.listener.name, verdict.rule,
-            ", hold" if stored.hold else "",
+            len(stored.recipients), self.listener.name, user, message_id(verdict.message),
+            verdict.rule, ", hold" if stored.hold else "",
         )
         if not stored.hold:
             context.on_queued(queue_id, stored, message)
@@ -183,15 +188,55 @@ class InboundHandler:
             self.context.metrics.dkim_result(checks.dkim_outcome.result)
 
     def _log_refusal(self, client: str, refusal: Refusal) -> None:
-        log.info(
-            "NOQUEUE: reject: %s from [%s]: %s; %s listener=%s%s",
-            refusal.stage, client, refusal.reply, refusal.detail, self.listener.name,
-            f" rule={refusal.rule}" if refusal.rule else "",
-        )
+        log.info(refusal_line(
+            refusal.stage, client, refusal.reply, sender=refusal.sender, helo=refusal.helo,
+            listener=self.listener.name, rule=refusal.rule or server_rule(refusal.reply),
+            recipient=refusal.recipient, detail=refusal.detail,
+        ))
         metrics = self.context.metrics
         metrics.rejected(refusal.stage.lower(), refusal.reply.code)
         if refusal.limit is not None:
             metrics.ratelimit_exceeded(refusal.limit)
+
+
+# The server setting or check behind a refusal no policy rule made, for rule= in the log.
+SERVER_RULES = {
+    replies.MESSAGE_TOO_BIG: "max_message_size",
+    replies.TOO_MANY_RECIPIENTS: "max_recipients",
+    replies.NEEDS_SMTPUTF8: "smtputf8",
+    replies.BAD_SENDER_SYNTAX: "address_syntax",
+    replies.BAD_RECIPIENT_SYNTAX: "address_syntax",
+    replies.INSUFFICIENT_STORAGE: "min_free_space",
+    replies.BAD_LINE_ENDING: "smuggling",
+    replies.LINE_TOO_LONG: "max_line_length",
+    replies.HEADER_TOO_BIG: "max_header_size",
+    replies.TOO_MANY_HOPS: "max_hops",
+    replies.TOO_MANY_CONNECTIONS: "max_connections",
+    replies.TLS_REQUIRED: "require_tls",
+    replies.AUTH_REQUIRED: "auth_required",
+    replies.AUTH_NEEDS_TLS: "auth_needs_tls",
+    replies.AUTH_FAILED: "auth_failed",
+}
+
+
+def server_rule(reply: Reply) -> str:
+    return SERVER_RULES.get(reply, "server")
+
+
+# The field with its folded continuation lines (RFC 5322 section 2.2.3).
+_MESSAGE_ID = re.compile(
+    rb"^Message-ID:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", re.IGNORECASE | re.MULTILINE
+)
+
+
+def message_id(message: bytes) -> str:
+    """The Message-ID (RFC 5322 section 3.6.4) without its angle brackets, "" if none."""
+    end = message.find(b"\r\n\r\n")
+    found = _MESSAGE_ID.search(message, 0, len(message) if end < 0 else end + 2)
+    if found is None:
+        return ""
+    value = b" ".join(found.group(1).split()).decode("utf-8", "replace")
+    return header_safe(value.strip("<>"))[:200]
 
 
 def sasl_username(session: Session) -> str:

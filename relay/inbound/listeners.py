@@ -74,6 +74,15 @@ def read_listeners(root: Table) -> tuple[ListenerSettings, ...]:
     return tuple(listeners)
 
 
+def unreadable(path: str) -> str | None:
+    """Why this process cannot open `path` for reading, or None if it can."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
 def _check(table: Table, listener: ListenerSettings) -> None:
     if listener.tls != "none":
         if not listener.tls_cert or not listener.tls_key:
@@ -85,6 +94,10 @@ def _check(table: Table, listener: ListenerSettings) -> None:
         table.error("require_tls", 'only meaningful with tls = "starttls"')
     if listener.auth != "off" and not listener.users_file:
         table.error("auth", f'"{listener.auth}" needs users_file')
+    elif listener.auth != "off" and (problem := unreadable(listener.users_file)):
+        # Read at every AUTH: a file the relay's user cannot open would answer every
+        # AUTH 454, so `check` (ExecStartPre, as the service user) says so first.
+        table.error("users_file", f"cannot read {listener.users_file}: {problem}")
     if listener.auth == "required" and listener.tls == "none" and (
         not listener.auth_plaintext_loopback
     ):

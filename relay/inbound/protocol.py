@@ -34,6 +34,7 @@ from relay.inbound.budget import DataBudget
 from relay.inbound.context import ListenerContext
 from relay.ipaddr import LOOPBACK_NETWORKS, in_networks
 from relay.message import has_bare_line_ending, has_long_line
+from relay.ops.logs import refusal_line
 from relay.policy.session import PolicySession
 from relay.replies import Reply
 
@@ -114,6 +115,13 @@ def with_enhanced_code(line: str) -> str:
     return line
 
 
+_SERVER_REFUSALS = {
+    str(replies.TLS_REQUIRED): (replies.TLS_REQUIRED, "require_tls"),
+    str(replies.AUTH_REQUIRED): (replies.AUTH_REQUIRED, "auth_required"),
+    str(replies.AUTH_NEEDS_TLS): (replies.AUTH_NEEDS_TLS, "auth_needs_tls"),
+}
+
+
 class BadCommandLine(Exception):
     """A command line ended by a bare LF, or holding a control character or invalid UTF-8."""
 
@@ -163,6 +171,8 @@ class _LineReader(asyncio.StreamReader):
             self.overrun = False
         elif why := command_line_problem(line):
             raise BadCommandLine(why)
+        verb = line.split(maxsplit=1)[:1]
+        self.protocol.last_command = verb[0].decode("ascii", "replace").upper() if verb else ""
         return line
 
 
@@ -235,6 +245,7 @@ class RelaySMTP(SMTP):
             lambda: COMMAND_LINE, {"MAIL": MAIL_LINE}
         )
         self._admitted: str | None = None
+        self.last_command = ""  # the verb of the command being answered, for the log
         self._closing = False
         self._errors = 0
         self._deadline: asyncio.TimerHandle | None = None
@@ -323,7 +334,7 @@ class RelaySMTP(SMTP):
                 self.close_with(None)
                 return
             # Admission waits for the PROXY header: the limits count the real client.
-        elif not self._admit() or not await self._connect_stage():
+        elif not await self._admit() or not await self._connect_stage():
             return
         try:
             await super()._handle_client()
@@ -341,19 +352,24 @@ class RelaySMTP(SMTP):
                      client_address(self.session), proxy.src_addr, proxy.src_port)
             self.session.peer = cast(Any, (str(proxy.src_addr), proxy.src_port or 0))
         # else: PROXY v2 LOCAL or v1 UNKNOWN (health checks): the proxy is the client.
-        return self._admit() and await self._connect_stage()
+        return await self._admit() and await self._connect_stage()
 
-    def _admit(self) -> bool:
+    async def _admit(self) -> bool:
         assert self.session is not None
         address = client_address(self.session)
         settings = self.settings
-        why = self.limits.admit(
+        why = await self.limits.enter(
             address, settings.inbound.max_connections, settings.inbound.max_connections_per_client
         )
         if why is not None:
-            log.info("NOQUEUE: reject: CONNECT from [%s]: %s; %s listener=%s",
-                     address, replies.TOO_MANY_CONNECTIONS, why, self.listener.name)
+            log.info(refusal_line("CONNECT", address, replies.TOO_MANY_CONNECTIONS,
+                                  sender=None, helo="", listener=self.listener.name,
+                                  rule="max_connections", detail=why))
             self.close_with(replies.TOO_MANY_CONNECTIONS)
+            return False
+        if self.transport is None or self._closing:
+            # The client left while the hub was asked: give its place back.
+            self.limits.release(address)
             return False
         self._admitted = address
         self.context.metrics.connection_opened(self.listener.name)
@@ -419,6 +435,10 @@ class RelaySMTP(SMTP):
             await super().push(status)
             return
         line = with_enhanced_code(status)
+        if line in _SERVER_REFUSALS and self.session is not None:
+            # 530 and 538 come from aiosmtpd's own checks: log them like the others.
+            self.log_refusal(self.last_command, _SERVER_REFUSALS[line][0],
+                             _SERVER_REFUSALS[line][1])
         await super().push(line)
         self._count_error(line)
 
@@ -492,7 +512,7 @@ class RelaySMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         budget = self.context.budget
-        if budget.exhausted:
+        if await budget.full():
             self._over_budget(budget)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push(str(replies.INSUFFICIENT_STORAGE))
@@ -566,7 +586,7 @@ class RelaySMTP(SMTP):
                     # RFC 1870 section 6: the message goes over the size limit.
                     refusal = (replies.LINE_TOO_LONG if has_long_line(buf, line_limit)
                                else replies.MESSAGE_TOO_BIG)
-                elif not budget.take(len(chunk)):
+                elif not await budget.reserve(len(chunk)):
                     self._over_budget(budget)
                     refusal = replies.INSUFFICIENT_STORAGE
                 else:
@@ -591,11 +611,20 @@ class RelaySMTP(SMTP):
         return bytes(buf), None
 
     def _over_budget(self, budget: DataBudget) -> None:
-        assert self.session is not None
-        log.info("NOQUEUE: reject: DATA from [%s]: %s; message data in memory over %d "
-                 "bytes listener=%s", client_address(self.session),
-                 replies.INSUFFICIENT_STORAGE, budget.limit, self.listener.name)
+        self.log_refusal("DATA", replies.INSUFFICIENT_STORAGE, "max_data_memory",
+                         f"message data in memory over {budget.limit} bytes")
         self.context.metrics.rejected("data", replies.INSUFFICIENT_STORAGE.code)
+
+    def log_refusal(self, stage: str, reply: Reply, rule: str, detail: str = "") -> None:
+        """A refusal of the server's own (no policy rule), in the shape of every other."""
+        assert self.session is not None
+        facts = self._policy.facts if self._policy is not None else None
+        log.info(refusal_line(
+            stage, client_address(self.session), reply,
+            sender=facts.sender if facts else None,
+            helo=(facts.helo_name or "") if facts else "",
+            listener=self.listener.name, rule=rule, detail=detail,
+        ))
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self.tls_active:
@@ -645,8 +674,8 @@ class RelaySMTP(SMTP):
             log.info("AUTH %s ok: user=%s client=[%s] listener=%s", mechanism,
                      header_safe(name), client, self.listener.name)
             return AuthResult(success=True, auth_data=name)
-        log.info("AUTH %s failed: user=%s client=[%s] listener=%s", mechanism,
-                 header_safe(name), client, self.listener.name)
+        self.log_refusal("AUTH", replies.AUTH_FAILED, "auth_failed",
+                         f"sasl_method={mechanism} sasl_username={header_safe(name)}")
         if self.limits.auth_failed(client, self.settings.inbound.max_auth_failures):
             self.close_with(replies.TOO_MANY_AUTH_FAILURES)
             return AuthResult(success=False, handled=True)

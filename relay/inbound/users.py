@@ -12,6 +12,8 @@ import secrets
 import tempfile
 from pathlib import Path
 
+from relay.secretfile import share_with_directory_group
+
 # scrypt cost: N = 2**15, r = 8, p = 1 needs 32 MiB and some 50-100 ms per check
 # (RFC 7914 section 2; the interactive-login figures of the scrypt paper).
 LOG_N = 15
@@ -93,7 +95,8 @@ def check(path: str | Path, login: bytes, password: bytes) -> bool:
 
 
 def set_password(path: str | Path, name: str, password: str) -> None:
-    """Add or replace one user's entry; the file is replaced atomically, mode 0600."""
+    """Add or replace one user's entry; the file is replaced atomically, mode 0640 with
+    its directory's group (0600 where that group cannot be given)."""
     if not valid_username(name):
         raise ValueError(f"invalid user name {name!r}: no spaces, colons or control characters")
     target = Path(path)
@@ -107,10 +110,11 @@ def set_password(path: str | Path, name: str, password: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
+            # Readable by the service's group (relay/secretfile.py), before any byte.
+            share_with_directory_group(out.fileno(), target.parent)
             out.write("\n".join(lines) + "\n")
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o600)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

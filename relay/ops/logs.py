@@ -16,6 +16,28 @@ _FIELD = re.compile(r"(?P<key>[a-z_]+)=(?P<value><[^>]*>|\[[^\]]*\]|[^\s,;]+)")
 _STATUS_REPLY = re.compile(r"status=\w+ \((?P<reply>.*)\)$")
 
 
+def refusal_line(
+    stage: str, client: str, reply: object, *, sender: str | None, helo: str,
+    listener: str, rule: str, recipient: str | None = None, detail: str = "",
+) -> str:
+    """Every refusal in one shape, whoever refused (a rule, a limit, the server):
+
+    NOQUEUE: reject: RCPT from [10.9.8.7]: 554 5.7.1 ...; from=<a@b> to=<c@d> helo=<app1>
+    listener=smtp rule=final_action
+
+    `from=<>` before MAIL too (Postfix prints what it has); `rule` names the policy
+    rule, or the server setting that refused (max_connections, require_tls, ...).
+    """
+    fields = [f"from=<{sender or ''}>"]
+    if recipient is not None:
+        fields.append(f"to=<{recipient}>")
+    fields.append(f"helo=<{helo}>")
+    if detail:
+        fields.append(detail)
+    fields += [f"listener={listener}", f"rule={rule}"]
+    return f"NOQUEUE: reject: {stage} from [{client}]: {reply}; {' '.join(fields)}"
+
+
 def fields_of(message: str) -> dict[str, str]:
     """The key=value fields of one of our log lines, for structured output."""
     fields: dict[str, str] = {}

@@ -306,6 +306,10 @@ class Metrics:
 Readiness = Callable[[], tuple[bool, str]]
 
 
+class Exposition(Protocol):
+    def exposition(self) -> bytes: ...
+
+
 def readiness(checks: Mapping[str, Callable[[], bool]]) -> Readiness:
     """Combine named checks into one readiness callable: ready when all pass.
 
@@ -335,7 +339,7 @@ _REASONS = {
 
 
 async def start_http(
-    metrics: Metrics,
+    metrics: Exposition,
     host: str,
     port: int,
     ready: Readiness,
@@ -366,7 +370,7 @@ async def start_http(
 
 async def _answer(
     reader: asyncio.StreamReader,
-    metrics: Metrics,
+    metrics: Exposition,
     ready: Readiness,
     refresh: Callable[[], Awaitable[None]] | None,
 ) -> tuple[int, str, bytes, bool]:

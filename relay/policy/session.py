@@ -32,7 +32,13 @@ from relay.checks.authresults import authentication_results_header
 from relay.checks.dkim import reason_text
 from relay.checks.services import SessionChecks, signing_keys_for
 from relay.checks.spf import received_spf_header
-from relay.headers import fold, header_problem, header_stats, strip_forged_authentication_results
+from relay.headers import (
+    fold,
+    header_problem,
+    header_stats,
+    strip_forged_authentication_results,
+)
+from relay.ipaddr import in_networks
 from relay.message import has_bare_line_ending, has_long_line, longest_line
 from relay.policy.engine import Checks, Decision, Facts, evaluate
 from relay.policy.rules import Stage
@@ -67,6 +73,9 @@ class Refusal:
     detail: str  # what the log says of the client's input
     rule: str = ""  # the policy rule that refused, "" for the server's own checks
     limit: str | None = None  # the limit that rule consulted, if any
+    sender: str | None = None  # the session's facts when it refused, for the log
+    helo: str = ""
+    recipient: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,10 +150,26 @@ class PolicySession:
         limit = self.runtime.policy.over_limit_of(rule_name)
         return limit is not None and self.checks.backend_failed(limit)
 
-    def _refuse(self, stage: str, reply: Reply, detail: str, rule: str = "") -> Reply:
+    def _qualified(self, address: str, sasl_username: str) -> str:
+        """[server] qualify_domain: "root" becomes "root@<qualify_domain>" for a client
+        allowed to relay (in relay_networks, or authenticated), before any check, as
+        Postfix's myorigin does for local submissions. Others keep what they sent (and
+        get 501 for an unqualified address)."""
+        settings = self.runtime.settings
+        domain = settings.qualify_domain
+        if not domain or not address or "@" in address:
+            return address
+        if not sasl_username and not in_networks(self.facts.client_address,
+                                                 settings.relay_networks):
+            return address
+        return f"{address}@{domain}"
+
+    def _refuse(self, stage: str, reply: Reply, detail: str, rule: str = "",
+                recipient: str | None = None) -> Reply:
         if self._on_refusal is not None:
             limit = self.runtime.policy.over_limit_of(rule) if rule else None
-            self._on_refusal(Refusal(stage, reply, detail, rule, limit))
+            self._on_refusal(Refusal(stage, reply, detail, rule, limit, self.facts.sender,
+                                     self.facts.helo_name or "", recipient))
         return reply
 
     def _early(self, stage: str, decision: Decision, detail: str) -> Reply | None:
@@ -168,7 +193,7 @@ class PolicySession:
         self.last_decision = None
         self.facts = Facts(self.facts.client_address, self.facts.listener, helo_name=name,
                            tls=tls)
-        return self._early("HELO", await self._walk("helo", self.facts), f"helo=<{name}>")
+        return self._early("HELO", await self._walk("helo", self.facts), "")
 
     async def mail(
         self, sender: str, *, size: int | None, smtputf8: bool, sasl_username: str, tls: bool
@@ -176,6 +201,7 @@ class PolicySession:
         """MAIL FROM, with the null sender as "" and `size` the SIZE= declared, if any."""
         # A transaction runs on the configuration in force at its MAIL.
         self.runtime = self.current()
+        sender = self._qualified(sender, sasl_username)
         self.last_decision = None
         self.checks.new_transaction()
         self.smtputf8 = smtputf8
@@ -184,14 +210,14 @@ class PolicySession:
             recipient=None, recipients=(), message=None,
         )
         settings = self.runtime.settings
-        detail = f"from=<{sender}>"
+        detail = ""  # the log line names the sender itself
         if size is not None and size > settings.inbound.max_message_size:
             # RFC 1870 section 6.1: refused at MAIL when the declared size is too big.
-            return self._refuse("MAIL", replies.MESSAGE_TOO_BIG, f"{detail} size={size}")
+            return self._refuse("MAIL", replies.MESSAGE_TOO_BIG, f"size={size}")
         if sender and not sender.isascii() and not smtputf8:
             return self._refuse("MAIL", replies.NEEDS_SMTPUTF8, detail)
         if sender and (why := problem(sender, utf8=smtputf8)):
-            return self._refuse("MAIL", replies.BAD_SENDER_SYNTAX, f"{detail} {why}")
+            return self._refuse("MAIL", replies.BAD_SENDER_SYNTAX, why)
         if why := storage_short(settings.spool_path, settings.inbound.min_free_space, size or 0):
             return self._refuse("MAIL", replies.INSUFFICIENT_STORAGE, why)
         refusal = self._early("MAIL", await self._walk("mail", self.facts), detail)
@@ -199,23 +225,19 @@ class PolicySession:
 
     async def rcpt(self, recipient: str) -> Reply:
         self.last_decision = None
+        recipient = self._qualified(recipient, self.facts.sasl_username or "")
         settings = self.runtime.settings
-        detail = f"to=<{recipient}>"
         if not recipient.isascii() and not self.smtputf8:
-            return self._refuse("RCPT", replies.NEEDS_SMTPUTF8, detail)
+            return self._refuse("RCPT", replies.NEEDS_SMTPUTF8, "", recipient=recipient)
         if why := problem(recipient, utf8=self.smtputf8):
-            return self._refuse("RCPT", replies.BAD_RECIPIENT_SYNTAX, f"{detail} {why}")
+            return self._refuse("RCPT", replies.BAD_RECIPIENT_SYNTAX, why, recipient=recipient)
         if len(self.facts.recipients) >= settings.inbound.max_recipients:
-            return self._refuse("RCPT", replies.TOO_MANY_RECIPIENTS, detail)
+            return self._refuse("RCPT", replies.TOO_MANY_RECIPIENTS, "", recipient=recipient)
         decision = await self._walk(
             "rcpt", dataclasses.replace(self.facts, recipient=recipient)
         )
         if decision.refused and decision.reply is not None:
-            return self._refuse(
-                "RCPT", decision.reply,
-                f"from=<{self.facts.sender}> {detail} helo=<{self.facts.helo_name}>",
-                decision.rule,
-            )
+            return self._refuse("RCPT", decision.reply, "", decision.rule, recipient=recipient)
         self.facts = dataclasses.replace(
             self.facts, recipients=(*self.facts.recipients, recipient)
         )
@@ -229,7 +251,7 @@ class PolicySession:
         """The end of DATA: the message checks, then the policy's final word."""
         self.last_decision = None
         settings = self.runtime.settings
-        detail = f"from=<{self.facts.sender}>"
+        detail = ""  # the log line names the sender itself
 
         def refused(reply: Reply, why: str, rule: str = "") -> Verdict:
             self._refuse("DATA", reply, why, rule)
@@ -237,18 +259,18 @@ class PolicySession:
             return Verdict(action, reply, rule, message, b"", None)
 
         if len(message) > settings.inbound.max_message_size:
-            return refused(replies.MESSAGE_TOO_BIG, f"{detail} size={len(message)}")
+            return refused(replies.MESSAGE_TOO_BIG, f"size={len(message)}")
         if has_bare_line_ending(message):
             return refused(replies.BAD_LINE_ENDING, detail)
         if has_long_line(message, settings.inbound.max_line_length):
             return refused(replies.LINE_TOO_LONG,
-                           f"{detail} line of {longest_line(message)} octets")
+                           f"line of {longest_line(message)} octets")
         header_size, hops = header_stats(message)
         if header_size > settings.inbound.max_header_size:
-            return refused(replies.HEADER_TOO_BIG, f"{detail} header size {header_size}")
+            return refused(replies.HEADER_TOO_BIG, f"header_size={header_size}")
         if hops >= settings.inbound.max_hops:
             # RFC 5321 section 6.3: count Received: fields to break mail loops.
-            return refused(replies.TOO_MANY_HOPS, f"{detail} hops {hops}")
+            return refused(replies.TOO_MANY_HOPS, f"hops={hops}")
         message, forged = strip_forged_authentication_results(message, self.authserv_id)
         if forged:
             log.info("%s: removed %d Authentication-Results header(s) claiming to be ours",

@@ -105,42 +105,17 @@ def age_bucket(age_seconds: float) -> int:
     return len(AGE_BUCKETS)
 
 
-class ControlServer:
-    """Answers queue requests from the CLI, acting on the spool directly."""
+class ControlSocket:
+    """The socket's life and its line protocol; `handle` answers each request."""
 
-    def __init__(
-        self,
-        spool: Spool,
-        wake: Callable[[], None],
-        path: Path,
-        group: str | None = None,
-        clock: Callable[[], float] = time.time,
-        limiter: Callable[[], Limiter] | None = None,
-        probe: Callable[[], Awaitable[list[str]]] | None = None,
-    ) -> None:
-        self.limiter = limiter
-        # After a flush: what the probes of down upstream hosts found, one line each.
-        self.probe = probe
-        self.spool = spool
-        self.wake = wake
+    def __init__(self, path: Path, group: str | None = None) -> None:
         self.path = Path(path)
         self.group = group
-        self.clock = clock
         self._server: asyncio.Server | None = None
         self._inode: int | None = None
-        self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[Response]]] = {
-            "list": self._list,
-            "show": self._show,
-            "flush": self._flush,
-            "hold": self._hold,
-            "release": self._release,
-            "delete": self._delete,
-            "summary": self._summary,
-            "limits": self._limits,
-        }
 
-    def __repr__(self) -> str:
-        return f"<ControlServer {self.path} {'listening' if self._server else 'closed'}>"
+    async def handle(self, request: dict[str, Any]) -> Response:
+        raise NotImplementedError
 
     # -- socket life ------------------------------------------------------------------
 
@@ -248,6 +223,43 @@ class ControlServer:
         if not isinstance(request, dict):
             return {"ok": False, "error": "request must be a JSON object"}
         return await self.handle(request)
+
+class ControlServer(ControlSocket):
+    """Answers queue requests from the CLI, acting on the spool directly."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        wake: Callable[[], None],
+        path: Path,
+        group: str | None = None,
+        clock: Callable[[], float] = time.time,
+        limiter: Callable[[], Limiter] | None = None,
+        metrics: Callable[[], Awaitable[bytes]] | None = None,
+        probe: Callable[[], Awaitable[list[str]]] | None = None,
+    ) -> None:
+        self.limiter = limiter
+        # After a flush: what the probes of down upstream hosts found, one line each.
+        self.probe = probe
+        self.spool = spool
+        self.wake = wake
+        super().__init__(path, group)
+        self.clock = clock
+        self.metrics = metrics
+        self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[Response]]] = {
+            "list": self._list,
+            "show": self._show,
+            "flush": self._flush,
+            "hold": self._hold,
+            "release": self._release,
+            "delete": self._delete,
+            "summary": self._summary,
+            "limits": self._limits,
+            "metrics": self._metrics,
+        }
+
+    def __repr__(self) -> str:
+        return f"<ControlServer {self.path} {'listening' if self._server else 'closed'}>"
 
     async def handle(self, request: dict[str, Any]) -> Response:
         """Answer one request (also callable directly, without the socket)."""
@@ -379,6 +391,12 @@ class ControlServer:
         }
 
 
+    async def _metrics(self, request: dict[str, Any]) -> Response:
+        """This process's metrics in the text exposition format (for the supervisor)."""
+        if self.metrics is None:
+            return {"ok": True, "text": ""}
+        return {"ok": True, "text": (await self.metrics()).decode()}
+
     async def _limits(self, request: dict[str, Any]) -> Response:
         """Bucket states of the rate limits (local, fallback and Redis)."""
         if self.limiter is None:
@@ -388,7 +406,11 @@ class ControlServer:
             key is not None and not isinstance(key, str)
         ):
             raise _BadRequest("name and key must be strings")
-        states = await self.limiter().show(name, key)
+        limiter = self.limiter()
+        if name is not None and name not in limiter.specs:
+            known = ", ".join(sorted(limiter.specs)) or "none"
+            raise _BadRequest(f"no limit named {name!r} (configured: {known})")
+        states = await limiter.show(name, key)
         return {"ok": True, "buckets": [dataclasses.asdict(s) for s in states]}
 
 
