@@ -20,6 +20,7 @@ from relay.inbound.connlimits import ConnectionLimits
 from relay.inbound.context import ListenerContext
 from relay.inbound.handler import start_listener
 from relay.inbound.tls import ListenerTLS
+from relay.inbound.users import CheckGate
 from relay.ops.metrics import Metrics, readiness, start_http
 from relay.ops.notify import Notifier, watchdog_task
 from relay.outbound.delivery import Delivery, Upstreams
@@ -85,6 +86,7 @@ class Relay:
         )
         self.limits = ConnectionLimits(link=self.link)
         self.budget = DataBudget(settings.inbound.max_data_memory, self.link)
+        self.passwords = CheckGate()
         self.tls: dict[str, ListenerTLS] = {}
         self.servers: list[asyncio.Server] = []
         self.http: asyncio.Server | None = None
@@ -114,7 +116,7 @@ class Relay:
             context = ListenerContext(
                 listener, self.current, self.current_services, self.spool,
                 self.delivery.offer, self.metrics, self.limits, self.budget,
-                tls.context if tls else None,
+                tls.context if tls else None, passwords=self.passwords,
             )
             try:
                 server = await start_listener(

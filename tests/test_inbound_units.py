@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,17 @@ def test_listener_settings_are_checked_together(tmp_path: Path):
         f"{path}: listener.c.tls_cert: cannot load {tmp_path}/none.pem / {tmp_path}/none.pem: "
         "No such file or directory",
     ]
+
+
+async def test_password_checks_run_at_most_two_at_a_time(tmp_path: Path):
+    # Each scrypt check holds 32 MiB: a burst of AUTH attempts waits its turn instead.
+    users_file = tmp_path / "users"
+    users_file.write_text(f"app:{users.hash_password('right')}\n")
+    gate = users.CheckGate()
+    results = await asyncio.gather(
+        *(gate.check(users_file, b"app", b"wrong") for _ in range(8)),
+        gate.check(users_file, b"app", b"right"),
+    )
+    assert results == [False] * 8 + [True]
+    assert gate.peak == users.MAX_CONCURRENT_CHECKS == 2
+    assert gate.running == 0

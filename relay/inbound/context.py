@@ -11,6 +11,7 @@ from relay.checks.services import CheckServices
 from relay.inbound.budget import DataBudget
 from relay.inbound.connlimits import ConnectionLimits
 from relay.inbound.listeners import ListenerSettings
+from relay.inbound.users import CheckGate
 from relay.ops.metrics import Metrics
 from relay.queue.spool import Envelope, Spool
 from relay.runtime import Runtime
@@ -34,3 +35,5 @@ class ListenerContext:
     budget: DataBudget
     tls: ssl.SSLContext | None = None
     clock: Callable[[], float] = field(default=time.time)
+    # Shared by every listener of the process (relay.app passes one in).
+    passwords: CheckGate = field(default_factory=CheckGate)

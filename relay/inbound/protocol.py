@@ -29,7 +29,6 @@ from aiosmtpd.smtp import (
 
 from relay import replies
 from relay.headers import header_safe
-from relay.inbound import users
 from relay.inbound.budget import DataBudget
 from relay.inbound.context import ListenerContext
 from relay.ipaddr import LOOPBACK_NETWORKS, in_networks
@@ -663,8 +662,8 @@ class RelaySMTP(SMTP):
         client = client_address(self.session)
         name = credentials.login.decode("utf-8", "replace")
         try:
-            ok = await asyncio.to_thread(
-                users.check, self.listener.users_file, credentials.login, credentials.password
+            ok = await self.context.passwords.check(
+                self.listener.users_file, credentials.login, credentials.password
             )
         except OSError as exc:
             log.error("cannot read users file %s: %s", self.listener.users_file, exc.strerror)

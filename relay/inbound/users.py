@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import hashlib
@@ -58,6 +59,34 @@ def matches(encoded: str, password: bytes) -> bool:
         return False
     key = _scrypt(password, _unb64(m.group(4)), log_n, r, p)
     return hmac.compare_digest(key, _unb64(m.group(5)))
+
+
+# Each check holds a 32 MiB scrypt buffer for 50-100 ms; a relay runs at most this many
+# at once and the others wait their turn, so a burst of AUTH attempts (wrong passwords
+# included) cannot take memory without bound.
+MAX_CONCURRENT_CHECKS = 2
+
+
+class CheckGate:
+    """Runs password checks off the event loop, at most `limit` at a time."""
+
+    def __init__(self, limit: int = MAX_CONCURRENT_CHECKS) -> None:
+        self.limit = limit
+        self._slots = asyncio.Semaphore(limit)
+        self.running = 0
+        self.peak = 0  # the most checks that ever ran at once
+
+    def __repr__(self) -> str:
+        return f"<CheckGate running={self.running}/{self.limit} peak={self.peak}>"
+
+    async def check(self, path: str | Path, login: bytes, password: bytes) -> bool:
+        async with self._slots:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            try:
+                return await asyncio.to_thread(check, path, login, password)
+            finally:
+                self.running -= 1
 
 
 @functools.cache
