@@ -104,3 +104,12 @@ async def test_too_many_recipients_pipelined_each_keeps_its_own_answer():
         ("250 2.0.0 Ok: stored", False), ("452 4.5.3 Too many recipients", True),
         ("250 2.0.0 Ok: stored", False),
     ]
+
+
+async def test_a_reply_to_one_rcpt_is_marked_as_that_recipients_own(upstream: Sink):
+    # A greylisting "451 4.7.1" at RCPT says nothing about the host or our sending rate.
+    upstream.handler.rcpt_replies["grey@dest.test"] = "451 4.7.1 Greylisted"
+    sent = await send(upstream, ["grey@dest.test", "ok@dest.test"])
+    assert [(str(r.reply), r.own) for r in sent.results] == [
+        ("451 4.7.1 Greylisted", True), ("250 2.0.0 Ok: stored", False)]
+    assert sent.host_trouble is None

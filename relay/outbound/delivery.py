@@ -350,7 +350,7 @@ class Delivery:
                     self._set_aside(message, group)
                     return
                 results, vias = tried
-            throttled = any(is_throttle(r.reply) for r in results)
+            throttled = any(is_throttle(r.reply) for r in results if not r.own)
             succeeded = any(r.accepted for r in results)
             # What the upstream accepted must be recorded even if SIGTERM's deadline
             # cancels us now, or it would be sent a second time after restart.

@@ -24,10 +24,13 @@ class RecipientResult:
 
     `again` marks a recipient the upstream did not take in this transaction only
     because it had too many (452 after others were accepted): send it in a new one.
+    `own` marks a reply about this recipient alone (to its RCPT), which says nothing
+    about the host or how fast we send to it (a greylisting "451 4.7.1" is no throttle).
     """
 
     reply: UpstreamReply
     again: bool = False
+    own: bool = False
 
     @property
     def accepted(self) -> bool:
@@ -160,9 +163,9 @@ async def transmit(
             if not exchange.pipelined:
                 results += [RecipientResult(reply, again=True)] * (len(recipients) - index)
                 break
-            results.append(RecipientResult(reply, again=True))
+            results.append(RecipientResult(reply, again=True, own=True))
             continue
-        results.append(RecipientResult(reply))
+        results.append(RecipientResult(reply, own=True))
 
     response = await exchange.data(accepted=None in results)
     if None not in results:
