@@ -78,11 +78,11 @@ class Relay:
         self.upstreams = Upstreams(settings)
         self.delivery = Delivery(self.spool, settings, self.upstreams, metrics=self.metrics)
         self.control = ControlServer(
-            self.spool, self.delivery.flush,
+            self.spool, self.delivery.wake,
             place.control if place else settings.ops.control_socket_path,
             None if place else settings.ops.control_group or None,
             limiter=lambda: self.services.limiter, metrics=self._exposition,
-            probe=self.delivery.probe_results,
+            probe=self.delivery.flush,
         )
         self.limits = ConnectionLimits(link=self.link)
         self.budget = DataBudget(settings.inbound.max_data_memory, self.link)

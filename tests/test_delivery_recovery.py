@@ -16,7 +16,7 @@ from tlsupstream import Relays
 
 from relay import config
 from relay.outbound.delivery import Delivery, Upstreams
-from relay.queue.spool import Envelope, Outcome, Spool, SpoolError
+from relay.queue.spool import Envelope, Spool, SpoolError
 
 MESSAGE = b"From: a@example.test\r\nSubject: recovery\r\n\r\nbody\r\n"
 EIGHT_BIT = "From: a@example.test\r\nSubject: 8bit\r\n\r\nGrüße\r\n".encode()
@@ -193,8 +193,3 @@ async def test_an_accepted_recipient_is_sent_once_while_the_spool_cannot_record_
         await asyncio.gather(loop, return_exceptions=True)
         await upstreams.close()
         await spool.close()
-
-
-def test_outcome_is_still_what_the_spool_stores():
-    # The spool keeps a reply as text; the delivery writes UpstreamReply's own form.
-    assert Outcome(0, "sent", "250 2.0.0 Ok").reply == "250 2.0.0 Ok"

@@ -55,7 +55,6 @@ class Connector:
         self.local_hostname = local_hostname
         self.health = health
         self._tls: ssl.SSLContext | None = None
-        self.opened = 0
 
     async def connect(self, now: float) -> Connection:
         s = self.settings
@@ -95,7 +94,6 @@ class Connector:
             if sock is not None:
                 sock.close()
             raise
-        self.opened += 1
         return Connection(client, now, server_name=_greeting_name(greeting.message),
                           tls=_tls_of(client))
 

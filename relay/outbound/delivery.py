@@ -139,11 +139,12 @@ class Delivery:
         self.clock = clock
         self.monotonic = monotonic
         self.shapers: dict[str, Shaper] = {}
+        self._unrecorded: dict[str, Unrecorded] = {}
         self.scheduler = Scheduler(settings.queue.delivery_workers, self.shaper,
-                                   rest=settings.queue.minimal_backoff, clock=monotonic)
+                                   rest=settings.queue.minimal_backoff, clock=monotonic,
+                                   unrecorded=self._unrecorded.keys())
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._unrecorded: dict[str, Unrecorded] = {}
         self._stopping = False
         # Messages may be due in the spool that no worker took: counted up whenever
         # that may have happened, so a query that came back short only clears it when
@@ -172,30 +173,26 @@ class Delivery:
         self._backlog += 1
         self._wake.set()
 
-    def flush(self) -> None:
-        """The operator's `queue flush`: every down host gets its probe now, and what
-        waited for one is tried at once."""
-        for group in self.upstreams.groups.values():
-            for host in group.hosts:
-                host.health.probe_now()
-        self.scheduler.flush()
-        self.wake()
-
-    async def probe_results(self, timeout: float = PROBE_WAIT) -> list[str]:
-        """After a flush: wait (at most `timeout`) for each host that was down to be
-        probed by a real delivery, and say what each probe found."""
+    async def flush(self, timeout: float = PROBE_WAIT) -> list[str]:
+        """The operator's `queue flush` (after the spool made its messages due): every
+        down host gets its probe now and what waited for one is tried at once; then
+        wait (at most `timeout`) for each probe and say what it found."""
         hosts = [h for g in self.upstreams.groups.values() for h in g.hosts
                  if h.health.is_down]
+        verdicts = {h: h.health.verdicts for h in hosts}
+        for host in hosts:
+            host.health.probe_now()
+        self.scheduler.flush()
+        self.wake()
         deadline = self.monotonic() + timeout
-        verdicts = {id(h): h.health.verdicts for h in hosts}
-        while any(h.health.verdicts == verdicts[id(h)] for h in hosts):
+        while any(h.health.verdicts == verdicts[h] for h in hosts):
             if self.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
         lines = []
         for host in hosts:
             health = host.health
-            if health.verdicts == verdicts[id(host)]:
+            if health.verdicts == verdicts[host]:
                 lines.append(f"upstream {host.member}: down, not probed within {timeout:g}s")
             elif health.is_down:
                 lines.append(f"upstream {host.member}: still down: {health.last_failure}")
@@ -538,10 +535,8 @@ class Delivery:
                 log.error("cannot write to the spool (%s): delivery paused until it can; "
                           "results are kept in memory meanwhile", exc)
             self._unrecorded[message.id] = result
-            self.scheduler.unrecorded.add(message.id)
             return False
         self._unrecorded.pop(message.id, None)
-        self.scheduler.unrecorded.discard(message.id)
         self.wake()  # the bounce, or the message itself, waits in the spool now
         if new_state == "failed" and self.settings.queue.on_permanent_failure == "hold":
             with contextlib.suppress(Exception):

@@ -108,10 +108,6 @@ class Host:
         return f"<Host {self.member} idle={self.pool.idle} busy={self.pool.busy}{down}>"
 
     @property
-    def connections_opened(self) -> int:
-        return self.connector.opened
-
-    @property
     def idle(self) -> int:
         return self.pool.idle
 

@@ -17,7 +17,7 @@ start, and tells it how each delivery ended. A message is out of the picks while
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from relay.outbound.shaping import Shaper
 
@@ -35,6 +35,7 @@ class Scheduler:
         shaper: Callable[[str], Shaper],
         rest: float,
         clock: Callable[[], float] = time.monotonic,
+        unrecorded: Collection[str] = frozenset(),
     ) -> None:
         self.workers = workers
         self.shaper = shaper
@@ -45,7 +46,8 @@ class Scheduler:
         self.aside: dict[str, tuple[str, float]] = {}
         self.resting: dict[str, float] = {}
         self.crashes: dict[str, int] = {}
-        self.unrecorded: set[str] = set()
+        # The ids whose results wait for the spool; the delivery loop owns the results.
+        self.unrecorded = unrecorded
 
     def __repr__(self) -> str:
         return (f"<Scheduler in_flight={len(self.in_flight)} parked={len(self.parked)} "

@@ -239,7 +239,8 @@ class ControlServer(ControlSocket):
         probe: Callable[[], Awaitable[list[str]]] | None = None,
     ) -> None:
         self.limiter = limiter
-        # After a flush: what the probes of down upstream hosts found, one line each.
+        # A flush that made messages due also ends the upstream pauses; it returns what
+        # the probes of down upstream hosts found, one line each.
         self.probe = probe
         self.spool = spool
         self.wake = wake
