@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 # RFC 5321 section 4.1.2 dot-atom, minus "%" and "!": a relay in front of app servers has
@@ -12,6 +13,8 @@ _LOCAL = re.compile(rf"^[{_ATEXT}]+(\.[{_ATEXT}]+)*$")
 # RFC 6531 section 3.3: with SMTPUTF8, atext also takes any non-ASCII UTF-8 character.
 _LOCAL_UTF8 = re.compile(rf"^[\u00a0-\U0010ffff{_ATEXT}]+(\.[\u00a0-\U0010ffff{_ATEXT}]+)*$")
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+# Controls, space, DEL, C1 controls and lone surrogates (from undecodable bytes).
+_FORBIDDEN = re.compile("[\x00-\x20\x7f-\x9f\ud800-\udfff]")
 
 # RFC 5321 section 4.5.3.1: local part 64, domain 255, path 256 octets (incl. brackets).
 MAX_LOCAL = 64
@@ -19,6 +22,8 @@ MAX_DOMAIN = 255
 MAX_PATH = 254
 
 
+# App servers send from and to the same few addresses over and over.
+@functools.lru_cache(maxsize=4096)
 def problem(address: str, utf8: bool = False) -> str | None:
     """Why `address` is not acceptable as a mailbox, or None when it is fine.
 
@@ -32,7 +37,7 @@ def problem(address: str, utf8: bool = False) -> str | None:
         return "source route"
     if len(address.encode("utf-8", "surrogatepass")) > MAX_PATH:
         return "address too long"
-    if any(ord(c) < 0x21 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) < 0xE000 for c in address):
+    if _FORBIDDEN.search(address):
         return "control character or space in address"
     if not address.isascii() and not utf8:
         return "non-ASCII address without SMTPUTF8"

@@ -3,8 +3,11 @@ and per-recipient results exactly as without it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Iterator
 
+import aiosmtplib
 import pytest
 from conftest import Sink
 
@@ -113,3 +116,33 @@ async def test_a_reply_to_one_rcpt_is_marked_as_that_recipients_own(upstream: Si
     assert [(str(r.reply), r.own) for r in sent.results] == [
         ("451 4.7.1 Greylisted", True), ("250 2.0.0 Ok: stored", False)]
     assert sent.host_trouble is None
+
+
+async def test_an_upstream_silent_after_the_batch_times_out_the_transaction():
+    """The batch waits command_timeout for its replies, then gives up with a read timeout
+    (delivery defers on it) and the connection is not used again."""
+    received = bytearray()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 silent.test ESMTP\r\n")
+        await reader.readline()  # EHLO
+        writer.write(b"250-silent.test\r\n250 PIPELINING\r\n")
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(4096):
+                received.extend(chunk)  # MAIL, RCPT, DATA: never answered
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = UpstreamSettings("default", hosts=(("127.0.0.1", port),),
+                                command_timeout=0.5)
+    host = Host(settings.members[0], settings, "relay.test")
+    try:
+        async with host.borrow() as conn:
+            with pytest.raises(aiosmtplib.SMTPReadTimeoutError):
+                await transmit(conn, "a@example.test", ["b@dest.test"], MESSAGE, settings)
+            assert conn.broken
+    finally:
+        await host.close()
+        server.close()
+    assert b"MAIL FROM:<a@example.test>" in received and b"DATA\r\n" in received

@@ -302,14 +302,17 @@ async def read_pipelined(
         raise aiosmtplib.SMTPServerDisconnected("connection lost")
     reader = _ReplyReader(count, protocol)
     transport.set_protocol(reader)
+    # A timer that fails the reader rather than wait_for: no task per transaction.
+    timer = asyncio.get_running_loop().call_later(timeout, reader.time_out)
     try:
         transport.write(batch)  # type: ignore[attr-defined]
-        return await asyncio.wait_for(asyncio.shield(reader.done), timeout)
+        return await reader.done
     except TimeoutError as exc:
         conn.broken = True
         raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") \
             from exc
     finally:
+        timer.cancel()
         if not transport.is_closing():
             transport.set_protocol(protocol)
         if reader.buffer:
@@ -348,6 +351,10 @@ class _ReplyReader(asyncio.Protocol):
                 self.lines = []
                 if len(self.replies) == self.count:
                     self.done.set_result(self.replies)
+
+    def time_out(self) -> None:
+        if not self.done.done():
+            self.done.set_exception(TimeoutError())
 
     def eof_received(self) -> bool | None:
         return False

@@ -126,9 +126,10 @@ class PolicySession:
     async def _walk(self, stage: Stage, facts: Facts) -> Decision:
         policy = self.runtime.policy
         try:
-            decision = await asyncio.wait_for(
-                evaluate(policy, stage, facts, self.checks, trace=self._trace), STAGE_TIMEOUT
-            )
+            # asyncio.timeout, not wait_for: no task of its own for every walk.
+            async with asyncio.timeout(STAGE_TIMEOUT):
+                decision = await evaluate(policy, stage, facts, self.checks,
+                                          trace=self._trace)
         except Exception:
             log.exception("policy evaluation failed at %s; answering 451", stage)
             decision = Decision("tempfail", BACKEND_FAILURE, "internal-error")
