@@ -62,6 +62,10 @@ class Outcome:
     rule: str
     text: str
     steps: tuple[Step, ...]
+    # What the rewrite rules changed, and the messages that would be stored: (sender,
+    # recipients, route) of the message itself, then of each archive copy.
+    changes: tuple[str, ...] = ()
+    stored: tuple[tuple[str, tuple[str, ...], str], ...] = ()
 
     @property
     def code(self) -> int:
@@ -79,6 +83,9 @@ class Outcome:
             "rule": self.rule,
             "reply": str(self.reply) if self.reply is not None else self.steps[-1].reply,
             "exit_status": self.exit_status,
+            "changes": list(self.changes),
+            "stored": [{"sender": sender, "recipients": list(recipients), "route": route}
+                       for sender, recipients, route in self.stored],
         }, indent=1)
 
 
@@ -205,8 +212,15 @@ async def simulate(runtime: Runtime, client: Client, checks: TransactionChecks) 
         out.append(f"  adds header {name}: {value}")
     if verdict.route is not None:
         out.append(f"  route: {verdict.route}")
+    out.extend(f"  {change}" for change in verdict.changes)
     report("data", ".", None, str(replies.queued(DRY_RUN_ID)))
-    return finish(verdict.action, None, verdict.rule)
+    outcome = finish(verdict.action, None, verdict.rule)
+    if verdict.action == "discard":
+        return outcome
+    route = verdict.route or "default"
+    stored = ((verdict.sender, verdict.recipients, route),
+              *((c.sender, c.recipients, c.route or route) for c in verdict.copies))
+    return dataclasses.replace(outcome, changes=verdict.changes, stored=stored)
 
 
 def run_dry(

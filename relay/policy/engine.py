@@ -50,6 +50,7 @@ the per-transaction cache, and do not charge the bucket twice.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -57,6 +58,7 @@ from typing import Protocol
 from relay.headers import header_fields
 from relay.policy.fields import DATA, FIELDS, RCPT, Field
 from relay.policy.match import parse_ip
+from relay.policy.rewrite import NONE, Archive, MapEdit, Rewrites, Strip
 from relay.policy.rules import STAGES, Condition, Policy, Rule, Stage
 from relay.replies import Reply
 
@@ -102,6 +104,7 @@ class Decision:
     route: str | None = None
     would: tuple[tuple[str, str], ...] = ()
     trace: tuple[str, ...] = ()
+    rewrites: Rewrites = NONE
 
     @property
     def refused(self) -> bool:
@@ -387,6 +390,29 @@ async def _why(cond: Condition, ctx: _Context) -> str:
     return f"{cond.key}: {await _subject(cond, ctx)} does not match {cond.spec}"
 
 
+def _rewrite(rewrites: Rewrites, rule: Rule) -> tuple[Rewrites, str]:
+    """`rewrites` with what `rule` (a matching rewrite rule) adds, and what to trace."""
+    edit = rule.edit
+    if isinstance(edit, Archive):
+        route = f" via {edit.route}" if edit.route else ""
+        to = ", ".join(f"<{a}>" for a in edit.recipients)
+        return (dataclasses.replace(rewrites, archives=(*rewrites.archives, (rule.name, edit))),
+                f"archive copy to {to}{route}")
+    if isinstance(edit, Strip):
+        return (dataclasses.replace(rewrites, strips=(*rewrites.strips, (rule.name, edit))),
+                f"strips {edit.spec}")
+    assert isinstance(edit, MapEdit)
+    kind = rule.action.removeprefix("rewrite_")  # sender, recipient, header_from
+    chosen: tuple[str, MapEdit] | None = getattr(rewrites, kind)
+    if chosen is not None:
+        return rewrites, f"map {edit.map.name} (ignored: rule {chosen[0]!r} already rewrites)"
+    chosen = (rule.name, edit)
+    changed = (dataclasses.replace(rewrites, sender=chosen) if kind == "sender"
+               else dataclasses.replace(rewrites, recipient=chosen) if kind == "recipient"
+               else dataclasses.replace(rewrites, header_from=chosen))
+    return changed, f"map {edit.map.name} ({len(edit.map)} entries)"
+
+
 async def evaluate(
     policy: Policy, stage: Stage, facts: Facts, checks: Checks, *, trace: bool = False
 ) -> Decision:
@@ -396,6 +422,7 @@ async def evaluate(
     headers: list[tuple[str, str]] | None = None
     would: list[tuple[str, str]] | None = None
     route: str | None = None
+    rewrites = NONE
 
     def decision(action: str, reply: Reply | None, rule: str) -> Decision:
         return Decision(
@@ -406,6 +433,7 @@ async def evaluate(
             route,
             tuple(would) if would else (),
             tuple(lines) if lines else (),
+            rewrites,
         )
 
     for rule in policy.rules:
@@ -455,6 +483,10 @@ async def evaluate(
                 note = "" if route is None else f" (ignored: route {route!r} already chosen)"
                 lines.append(f"{label}: matched, route {rule.route}{note}")
             route = route if route is not None else rule.route
+        elif rule.edit is not None:
+            rewrites, note = _rewrite(rewrites, rule)
+            if lines is not None:
+                lines.append(f"{label}: matched, {note}")
         else:  # log: the rollout mode, record what the rule would have done and go on
             text = f"would {rule.log_action}"
             if rule.reply is not None:
