@@ -129,11 +129,13 @@ def masquerade_from(
         first_from = index if first_from < 0 else first_from
         colon = field.index(b":") + 1
         value = field[colon:].decode("utf-8", "surrogateescape")
-        for start, end in reversed(address_spans(value)):
+        here: list[tuple[str, str]] = []
+        for start, end in reversed(address_spans(value)):  # from the end: spans stay valid
             new = lookup(value[start:end])
             if new is not None and new != value[start:end]:
-                changed.insert(0, (value[start:end], new))
+                here.insert(0, (value[start:end], new))
                 value = value[:start] + new + value[end:]
+        changed.extend(here)
         fields[index] = field[:colon] + value.encode("utf-8", "surrogateescape")
     if changed and reply_to is not None:
         line = f"Reply-To: {reply_to}\r\n".encode()

@@ -65,7 +65,7 @@ class AddressMap:
             if found is None:
                 continue
             result = _expand(found, entry.value)
-            if result.startswith("@"):
+            if entry.value.startswith("@"):
                 result = local + result
             if why := problem(result, utf8=True):
                 raise MapError(f"map {self.name} ({entry.origin}): <{address}> became "

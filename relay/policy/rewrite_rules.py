@@ -134,15 +134,15 @@ def read_edit(
             names = " or ".join(f'"{a}"' for a in actions)
             t.error(key, f"only used with action = {names}")
     if action in MAP_ACTIONS:
-        if "map" not in t.data:
-            t.error("map", f'required with action = "{action}" ({_MAP_FORMS})')
-            return None
-        compiled = maps.for_rule(t)
         reply_to = None
         if "reply_to" in t.data:
             reply_to = t.string("reply_to", "")
             if why := problem(reply_to):
                 t.error("reply_to", f"{reply_to!r}: {why}")
+        if "map" not in t.data:
+            t.error("map", f'required with action = "{action}" ({_MAP_FORMS})')
+            return None
+        compiled = maps.for_rule(t)
         return MapEdit(compiled, reply_to) if compiled is not None else None
     if action == "archive":
         return _archive(t, upstream_groups)
@@ -197,7 +197,8 @@ def _strip(t: Table) -> Strip | None:
         if "from" in names or any(p.search("from") for p in patterns):
             # RFC 5322 section 3.6: From: is required; without it no receiver takes the mail.
             t.error("strip_headers", f"{item!r}: would remove From:, which every message needs")
-            return None
+            names.discard("from")
+            patterns = [p for p in patterns if not p.search("from")]
     internal = t.string("strip_received", "internal", ("internal",)) == "internal" \
         if "strip_received" in t.data else False
     spec = ", ".join(t.strings("strip_headers", ()))
