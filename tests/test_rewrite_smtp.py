@@ -323,14 +323,20 @@ def test_dry_run_prints_each_rewrite(env: Env, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert 'rule "senders" [rewrite_sender]: matched, map @apps (2 entries)' in out
-    assert 'rule "recipients" [rewrite_recipient]: matched, map inline' not in out
-    for line in ("  rewrite_sender <www-data@app1.internal> -> <noreply@example.com> "
-                 "(rule senders)",
-                 "  rewrite_recipient <root@app1.internal> -> <ops@example.com> "
-                 "(rule recipients)",
-                 "  rewrite_header_from www-data@app1.internal -> noreply@example.com "
-                 "(rule from-masquerade)"):
-        assert line in out.splitlines()
+    assert 'rule "recipients" [rewrite_recipient]: matched, map @people (1 entries)' in out
+    lines = out.splitlines()
+    assert lines[-6:] == [
+        "  -> accept: 250 2.0.0 Ok: queued as <dry-run>",
+        "rewrite: rewrite_sender <www-data@app1.internal> -> <noreply@example.com> "
+        "(rule senders)",
+        "rewrite: rewrite_recipient <root@app1.internal> -> <ops@example.com> "
+        "(rule recipients)",
+        "rewrite: rewrite_header_from www-data@app1.internal -> noreply@example.com "
+        "(rule from-masquerade)",
+        "stores: from=<noreply@example.com> to=<ops@example.com>,<user@dest.test> "
+        "route=default",
+        "result: accept (rule relay-networks): client sees 250 2.0.0 Ok: queued as <dry-run>",
+    ]
 
 
 def test_sighup_rereads_a_file_map(env: Env) -> None:

@@ -212,14 +212,17 @@ async def simulate(runtime: Runtime, client: Client, checks: TransactionChecks) 
         out.append(f"  adds header {name}: {value}")
     if verdict.route is not None:
         out.append(f"  route: {verdict.route}")
-    out.extend(f"  {change}" for change in verdict.changes)
     report("data", ".", None, str(replies.queued(DRY_RUN_ID)))
-    outcome = finish(verdict.action, None, verdict.rule)
     if verdict.action == "discard":
-        return outcome
+        return finish(verdict.action, None, verdict.rule)
     route = verdict.route or "default"
     stored = ((verdict.sender, verdict.recipients, route),
               *((c.sender, c.recipients, c.route or route) for c in verdict.copies))
+    if verdict.changes:  # what the rewrite rules change, and the messages then stored
+        out.extend(f"rewrite: {change}" for change in verdict.changes)
+        out.extend(f"stores: from=<{sender}> to={','.join(f'<{r}>' for r in rcpts)} "
+                   f"route={via}" for sender, rcpts, via in stored)
+    outcome = finish(verdict.action, None, verdict.rule)
     return dataclasses.replace(outcome, changes=verdict.changes, stored=stored)
 
 
