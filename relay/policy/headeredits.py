@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection
 
+from relay.headers import split_fields
 from relay.ipaddr import INTERNAL_NETWORKS, in_networks
 
 # RFC 5322 section 2.2: a field name, then the colon (section 4.5: whitespace before it
@@ -20,17 +21,6 @@ _NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 # ("[10.0.0.5]", "[IPv6:fd00::5]", "[fd00::5]").
 _IPV4 = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?![\d.])")
 _LITERAL = re.compile(r"\[(?:IPv6:)?([0-9A-Fa-f:.]+)\]", re.IGNORECASE)
-
-
-def fields_of(head: bytes) -> list[bytes]:
-    """The header section as fields, each with its continuation lines and CRLFs."""
-    fields: list[bytes] = []
-    for line in head.splitlines(keepends=True):
-        if fields and line[:1] in (b" ", b"\t"):
-            fields[-1] += line
-        else:
-            fields.append(line)
-    return fields
 
 
 def field_name(field: bytes) -> str:
@@ -120,7 +110,7 @@ def masquerade_from(
     field says it: the first Reply-To is replaced in place (any others removed), or one is
     added right after the first From:.
     """
-    fields = fields_of(head)
+    fields, rest = split_fields(head)  # rest: b"", or all of an empty section
     changed: list[tuple[str, str]] = []
     first_from = -1
     for index, field in enumerate(fields):
@@ -145,7 +135,7 @@ def masquerade_from(
             fields = [f for i, f in enumerate(fields) if i not in places[1:]]
         else:
             fields.insert(first_from + 1, line)
-    return b"".join(fields), changed
+    return b"".join(fields) + rest, changed
 
 
 def strip_fields(
@@ -156,14 +146,15 @@ def strip_fields(
     (relay.ipaddr.INTERNAL_NETWORKS); and the names of the fields removed."""
     kept: list[bytes] = []
     removed: list[str] = []
-    for field in fields_of(head):
+    fields, rest = split_fields(head)
+    for field in fields:
         name = field_name(field)
         if name and (drop(name) or (internal_received and name == "received"
                                     and names_internal_address(field))):
             removed.append(field[: field.index(b":")].decode("ascii").rstrip(" \t"))
         else:
             kept.append(field)
-    return b"".join(kept), removed
+    return b"".join(kept) + rest, removed
 
 
 def names_internal_address(field: bytes) -> bool:

@@ -30,10 +30,14 @@ _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 section 2.2 ftext
 _MAP_FORMS = '"@name" of a [maps] entry, an inline table, or "file:PATH"'
 
 
-def content_lines(text: str) -> list[tuple[int, str]]:
+def content_lines(path: Path) -> list[tuple[int, str]]:
     """The numbered lines of a `file:` list or map that say something: "#" starts a
     comment at the start of a line or after white space (a local part may itself contain
-    "#"), blank lines are skipped."""
+    "#"), blank lines are skipped. Raises ValueError saying why the file cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(exc.strerror if isinstance(exc, OSError) else str(exc)) from exc
     lines = []
     for number, line in enumerate(text.splitlines(), 1):
         line = re.sub(r"(^|\s)#.*", "", line).strip()
@@ -89,16 +93,15 @@ class MapSource:
             fail(f"expected {_MAP_FORMS}, got {value!r}")
             return None
         path = self.directory / value[5:]
-        origin = self.name_of(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-            fail(f'cannot read "{value[5:]}": {reason}')
+            lines = content_lines(path)
+        except ValueError as exc:
+            fail(f'cannot read "{value[5:]}": {exc}')
             return None
+        origin = self.name_of(path)
         entries = []
         ok = True
-        for number, line in content_lines(text):
+        for number, line in lines:
             words = line.split()
             if len(words) != 2:
                 fail(f"{origin}:{number}: expected \"key value\" (two words), got {line!r}")

@@ -313,15 +313,13 @@ class _Loader:
             # Relative to the policies directory; re-read on every load, so a reload
             # picks up an edited list file.
             path = self.directory / value[5:]
-            origin = self.name_of(path)
             try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-                self.errors.add(f'{key}: cannot read "{value[5:]}": {reason}')
+                lines = content_lines(path)
+            except ValueError as exc:
+                self.errors.add(f'{key}: cannot read "{value[5:]}": {exc}')
                 continue
-            for number, line in content_lines(text):
-                entries.append(_Entry(line, f"{origin}:{number}"))
+            origin = self.name_of(path)
+            entries.extend(_Entry(line, f"{origin}:{number}") for number, line in lines)
         self.lists[name] = (tuple(entries), source)
 
     def read_limits(self) -> dict[str, LimitSpec]:
