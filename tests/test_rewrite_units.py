@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
 import pytest
 
+from relay.policy.engine import Facts, StaticChecks, evaluate
 from relay.policy.headeredits import address_spans, drops, masquerade_from, strip_fields
 from relay.policy.maps import AddressMap, MapError, compile_map
 from relay.policy.rewrite import Archive, MapEdit, Rewrites, Strip, apply
@@ -254,3 +256,29 @@ def test_file_map_is_read_with_lines(tmp_path: Path) -> None:
         '"@a.test", which the map rewrites again to "user@b.test" (a map is applied once: '
         "write the final address)",
     ]
+
+
+def test_first_rewrite_of_a_kind_wins_archives_and_strips_add_up(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "10.toml").write_text(
+        '[[rule]]\nname = "first"\naction = "rewrite_sender"\n'
+        'map = { "@a.test" = "x@example.com" }\n'
+        '[[rule]]\nname = "second"\naction = "rewrite_sender"\n'
+        'map = { "@a.test" = "y@example.com" }\n'
+        '[[rule]]\nname = "arch1"\naction = "archive"\narchive_to = "one@example.com"\n'
+        '[[rule]]\nname = "arch2"\naction = "archive"\narchive_to = ["two@example.com"]\n'
+        'archive_route = "bulk"\n'
+        '[[rule]]\nname = "all"\nmatch.client_address = "0.0.0.0/0"\naction = "accept"\n'
+        '[[rule]]\nname = "below"\naction = "strip"\nstrip_headers = ["X-Never"]\n')
+    policy = load_policy(policies, upstream_groups={"default", "bulk"})
+    facts = Facts("192.0.2.1", sender="s@a.test", recipients=("u@dest.test",),
+                  message=b"From: s@a.test\r\n\r\n")
+    decision = asyncio.run(evaluate(policy, "data", facts, StaticChecks(), trace=True))
+    rewrites = decision.rewrites
+    assert rewrites.sender is not None and rewrites.sender[0] == "first"
+    assert [(rule, a.recipients, a.route) for rule, a in rewrites.archives] == [
+        ("arch1", ("one@example.com",), None), ("arch2", ("two@example.com",), "bulk")]
+    assert rewrites.strips == ()  # below the accept rule: never reached
+    assert ("rule \"second\" [rewrite_sender]: matched, map inline (ignored: rule 'first' "
+            "already rewrites)") in decision.trace

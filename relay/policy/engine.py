@@ -8,17 +8,19 @@ engine walks that list from the top. For each rule:
 * every field known by now (see FIELDS in rules.py): the rule is tested; the first
   matching *terminal* rule (accept, reject, tempfail/defer, hold, discard) decides. Matching
   non-terminal rules on the way contribute headers (tag), an upstream group (route: the
-  first matching route rule wins) and "would ..." records (log), and the walk goes on.
+  first matching route rule wins), rewrites (rewrite_sender, rewrite_recipient,
+  rewrite_header_from: the first of each kind wins; archive and strip: each adds its own;
+  see relay.policy.rewrite) and "would ..." records (log), and the walk goes on.
 * some field not known yet (the rule is *pending*): its known conditions are tested first;
   if one already fails (or a known `unless` condition already matches) the rule can never
   match in this transaction and is passed over. Otherwise:
     - a pending rule that would *take* the message (accept, hold, discard) stops the walk:
       the result is "continue" (undecided so far), because refusing now could refuse mail
       that the full walk would take;
-    - a pending reject/tempfail, tag, route or log rule is passed over for now: it is tested
-      in the walk at DATA, which may still refuse the message. Refusing early because a
-      rule *below* a pending refusal matched is safe: the message is refused either way
-      (the reply then comes from the rule that decided at this stage).
+    - a pending reject/tempfail, tag, route, rewrite or log rule is passed over for now: it
+      is tested in the walk at DATA, which may still refuse the message. Refusing early
+      because a rule *below* a pending refusal matched is safe: the message is refused
+      either way (the reply then comes from the rule that decided at this stage).
 * the walk reaching the end: at connect/helo/mail the result is "continue"; at rcpt and
   data the policy's final_action applies (shipped: reject with
   "554 5.7.1 <{recipient}>: Relay access denied"). That is what keeps the relay closed by
@@ -31,7 +33,7 @@ again, and decides again, at every later stage. Consequences:
 * rcpt: the walk runs once per recipient with `facts.recipient` set; `recipient_count`
   counts the recipients accepted so far (`facts.recipients`) plus this one.
 * data: the final walk, with everything known, decides for the whole message and carries
-  the complete add_headers and route. A recipient condition (recipient,
+  the complete add_headers, route and rewrites. A recipient condition (recipient,
   recipient_domain) matches at DATA when ANY accepted recipient matches;
   `recipient_count` is the number of accepted recipients. `{recipient}` in a reply at
   DATA is the first recipient.
