@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import smtplib
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ map = "@people"
 
 [[rule]]
 name = "archive"
-match.sender_domain = ["archived.test", "limited.test"]
+match.sender_domain = ["archived.test", "limited.test", "held.test"]
 action = "archive"
 archive_to = ["archive@example.com", "vault@example.com"]
 archive_sender = "postmaster@example.com"
@@ -82,6 +83,11 @@ name = "per-sender-recipients"
 match.sender_domain = "limited.test"
 over_limit = "rcpt_per_sender"
 action = "tempfail"
+
+[[rule]]
+name = "hold-held"
+match.sender_domain = "held.test"
+action = "hold"
 
 [[rule]]
 name = "relay-networks"
@@ -259,6 +265,20 @@ def test_archive_route_sends_the_copy_through_its_own_upstream(env: Env) -> None
     assert main.recipients == ["user@dest.test"] and copy.recipients == ["journal@example.com"]
     assert copy.sender == "<>"  # no archive_sender: a failed copy bounces to nobody
     assert copy.data == main.data
+
+
+def test_a_held_message_holds_its_archive_copy_too(env: Env) -> None:
+    env.send("app@held.test", ["user@dest.test"], message("app@held.test", subject="held"))
+    def held() -> list[tuple[str, str]]:
+        with sqlite3.connect(env.relay.spool_db) as db:
+            return sorted(db.execute(
+                "SELECT m.sender, r.address FROM message m JOIN recipient r "
+                "ON r.message_id = m.id WHERE m.state = 'hold'"))
+
+    # Stored before the 250, in one transaction: both are there once the client is done.
+    assert held() == [("app@held.test", "user@dest.test"),
+                      ("postmaster@example.com", "archive@example.com"),
+                      ("postmaster@example.com", "vault@example.com")]
 
 
 def test_archive_copy_is_not_counted_by_recipient_limits(env: Env) -> None:
