@@ -39,6 +39,12 @@ action = "rewrite_sender"
 map = "@apps"
 
 [[rule]]
+name = "unlucky-pattern"           # "y@bad.test" makes "@example.com": not an address
+match.sender_domain = "bad.test"
+action = "rewrite_sender"
+map = { 're:^(x*)y@bad\.test$' = "$1@example.com" }
+
+[[rule]]
 name = "from-masquerade"
 match.sender_domain = ["app1.internal", "masq.test"]
 action = "rewrite_header_from"
@@ -319,6 +325,18 @@ def test_bounce_for_a_rewritten_sender_goes_to_the_rewritten_address(env: Env) -
     finally:
         del env.sink.handler.rcpt_replies["gone@dest.test"]
     assert bounce.sender == "<>" and bounce.recipients == ["noreply@example.com"]
+
+
+def test_a_map_that_makes_no_address_defers_and_sends_nothing(env: Env) -> None:
+    with pytest.raises(smtplib.SMTPDataError) as error:
+        env.send("y@bad.test", ["user@dest.test"], message("y@bad.test", subject="unlucky"))
+    assert (error.value.smtp_code, error.value.smtp_error[:5]) == (451, b"4.3.0")
+    env.send("xy@bad.test", ["user@dest.test"], message("xy@bad.test", subject="lucky"))
+    got, = env.delivered("lucky")
+    assert got.sender == "x@example.com"
+    assert not [m for m in env.sink.handler.messages if b"Subject: unlucky" in m.data]
+    assert "<y@bad.test> became <@example.com>: source route; answering 451" in \
+        env.relay.log_text()
 
 
 def test_rewrites_are_logged_with_the_queue_id(env: Env) -> None:

@@ -37,9 +37,9 @@ class _Pattern:
     origin: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class AddressMap:
-    """A compiled map; `name` is how traces and logs refer to it."""
+    """A compiled map; `name` is how traces and logs refer to it ("@name" or "inline")."""
 
     name: str
     exact: dict[str, str]
@@ -68,8 +68,9 @@ class AddressMap:
             if entry.value.startswith("@"):
                 result = local + result
             if why := problem(result, utf8=True):
-                raise MapError(f"map {self.name} ({entry.origin}): <{address}> became "
-                               f"<{result}>: {why}")
+                where = f" ({entry.origin})" if entry.origin else ""
+                raise MapError(f"map {self.name}{where}: re:{entry.pattern.pattern}: "
+                               f"<{address}> became <{result}>: {why}")
             return result
         return None
 
