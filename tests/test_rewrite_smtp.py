@@ -157,7 +157,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         port = free_port()
         text = relay_config(
             sink.port, port, directory / "spool",
-            f'policies_dir = "{policies}"\nrelay_networks = ["127.0.0.0/8"]\n',
+            f'policies_dir = "{policies}"\nrelay_networks = ["127.0.0.0/8"]\n'
+            'qualify_domain = "app1.internal"\n',
             upstream_extra=f'\n[upstream.journal]\nhosts = ["127.0.0.1:{journal.port}"]\n',
         ) + f'\n[dkim]\nkey_directory = "{directory / "keys"}"\n'
         relay = RelayProcess(directory, text, port)
@@ -339,6 +340,14 @@ def test_a_map_that_makes_no_address_defers_and_sends_nothing(env: Env) -> None:
         env.relay.log_text()
 
 
+def test_rewriting_runs_after_qualify_domain(env: Env) -> None:
+    # "www-data" from a relay network is www-data@app1.internal ([server] qualify_domain)
+    # first; the map then sees, and rewrites, the qualified address.
+    env.send("www-data", ["root"], message("www-data", subject="unqualified"))
+    got, = env.delivered("unqualified")
+    assert (got.sender, got.recipients) == ("noreply@example.com", ["ops@example.com"])
+
+
 def test_rewrites_are_logged_with_the_queue_id(env: Env) -> None:
     env.send("www-data@app1.internal", ["root@app1.internal"],
              message("www-data@app1.internal", subject="logged"))
@@ -377,13 +386,31 @@ def test_dry_run_prints_each_rewrite(env: Env, tmp_path: Path) -> None:
     ]
 
 
+def test_dry_run_prints_archive_copies_and_stripped_fields(env: Env, tmp_path: Path) -> None:
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(b"Received: from a ([10.0.0.9]) by b; Mon, 30 Nov 2026 00:00:00 +0000\r\n"
+                    + message("app@strip.test", b"X-Internal-Id: 7\r\n"))
+    out = run_cli("test", "--config", str(env.relay.config), "--from", "app@strip.test",
+                  "--to", "user@dest.test", "--message", str(eml)).stdout
+    assert "rewrite: strip Received, X-Internal-Id (rule hide-internals)" in out.splitlines()
+    out = run_cli("test", "--config", str(env.relay.config), "--from", "app@journal.test",
+                  "--to", "user@dest.test", "--message", str(eml)).stdout.splitlines()
+    assert out[-4:-1] == [
+        "rewrite: archive copy to <journal@example.com> from <> route journal (rule journal)",
+        "stores: from=<app@journal.test> to=<user@dest.test> route=default",
+        "stores: from=<> to=<journal@example.com> route=journal",
+    ]
+
+
 def test_sighup_rereads_a_file_map(env: Env) -> None:
     people = env.directory / "policies" / "maps" / "people.txt"
     people.write_text(PEOPLE + "admin@app1.internal  admins@example.com\n")
     try:
         assert env.relay.proc is not None
+        reloads = env.relay.log_text().count("reloaded configuration")
         os.kill(env.relay.proc.pid, signal.SIGHUP)
-        wait_until(lambda: "reloaded" in env.relay.log_text().lower(), 10, "the reload")
+        wait_until(lambda: env.relay.log_text().count("reloaded configuration") > reloads,
+                   10, "the reload")
         env.send("app@rcpt.test", ["admin@app1.internal"],
                  message("app@rcpt.test", subject="after-reload"))
         got, = env.delivered("after-reload")
