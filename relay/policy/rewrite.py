@@ -13,7 +13,7 @@ matching `archive` rule adds its copy and every matching `strip` rule its fields
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from relay.policy.headeredits import drops, masquerade_from, strip_fields
 from relay.policy.maps import AddressMap
@@ -90,7 +90,7 @@ class Rewritten:
     recipients: tuple[str, ...]
     message: bytes
     copies: tuple[Copy, ...] = ()
-    changes: tuple[str, ...] = field(default=())
+    changes: tuple[str, ...] = ()
 
 
 def apply(rewrites: Rewrites, sender: str, recipients: tuple[str, ...],

@@ -185,7 +185,8 @@ def _strip(t: Table) -> Strip | None:
         return None
     names: set[str] = set()
     patterns: list[re.Pattern[str]] = []
-    for item in t.strings("strip_headers", ()):
+    written = t.strings("strip_headers", ())
+    for item in written:
         if item.startswith("re:"):
             try:
                 patterns.append(re.compile(item[3:], re.IGNORECASE))
@@ -202,9 +203,10 @@ def _strip(t: Table) -> Strip | None:
             t.error("strip_headers", f"{item!r}: would remove From:, which every message needs")
             names.discard("from")
             patterns = [p for p in patterns if not p.search("from")]
-    internal = t.string("strip_received", "internal", ("internal",)) == "internal" \
-        if "strip_received" in t.data else False
-    spec = ", ".join(t.strings("strip_headers", ()))
+    internal = False
+    if "strip_received" in t.data:
+        internal = t.string("strip_received", "", ("internal",)) == "internal"
+    spec = ", ".join(written)
     if internal:
         spec += ("; " if spec else "") + "Received: naming internal addresses"
     return Strip(frozenset(names), tuple(patterns), internal, spec)
