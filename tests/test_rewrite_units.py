@@ -215,7 +215,7 @@ def test_apply_changes_envelope_header_and_never_the_body() -> None:
         "rewrite_sender <www-data@app1.internal> -> <noreply@example.com> (rule s)",
         "rewrite_recipient <root@app2.internal> -> <ops@example.com> (rule r)",
         "rewrite_recipient <cron@app2.internal> -> <ops@example.com> (rule r)",
-        "rewrite_recipient <ops@example.com> once (rule r)",
+        "rewrite_recipient <ops@example.com> twice: delivered once (rule r)",
         "rewrite_header_from www-data@app1.internal -> noreply@example.com (rule f)",
         "strip X-Mailer (rule x)",
         "archive copy to <archive@example.com> from <> route bulk (rule a)",
@@ -282,3 +282,9 @@ def test_first_rewrite_of_a_kind_wins_archives_and_strips_add_up(tmp_path: Path)
     assert rewrites.strips == ()  # below the accept rule: never reached
     assert ("rule \"second\" [rewrite_sender]: matched, map inline (ignored: rule 'first' "
             "already rewrites)") in decision.trace
+
+
+def test_a_message_without_body_is_all_header() -> None:
+    result = apply(Rewrites(header_from=("f", MapEdit(APPS))), "s@a.test", ("u@dest.test",),
+                   b"From: www-data@app1.internal\r\nSubject: no body\r\n")
+    assert result.message == b"From: noreply@example.com\r\nSubject: no body\r\n"

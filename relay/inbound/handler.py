@@ -176,9 +176,10 @@ class InboundHandler:
             len(stored.recipients), self.listener.name, user, message_id(verdict.message),
             verdict.rule, ", hold" if stored.hold else "",
         )
-        for copy_id, copy in copies:
-            log.info("%s: archive copy of %s, from=<%s>, nrcpt=%d, route=%s",
-                     copy_id, queue_id, copy.sender, len(copy.recipients), copy.route)
+        for (copy_id, copy), archive in zip(copies, verdict.copies, strict=True):
+            log.info("%s: archive copy of %s, from=<%s>, nrcpt=%d, route=%s, rule=%s",
+                     copy_id, queue_id, copy.sender, len(copy.recipients), copy.route,
+                     archive.rule)
         if not stored.hold:
             for copy_id, copy in ((queue_id, stored), *copies):
                 context.on_queued(copy_id, copy, message)

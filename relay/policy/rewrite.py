@@ -116,21 +116,22 @@ def apply(rewrites: Rewrites, sender: str, recipients: tuple[str, ...],
                 changes.append(f"rewrite_recipient <{rcpt}> -> <{new}> (rule {rule})")
             if new.lower() in (m.lower() for m in mapped):
                 # Two recipients that became one are delivered once.
-                changes.append(f"rewrite_recipient <{new}> once (rule {rule})")
+                changes.append(f"rewrite_recipient <{new}> twice: delivered once (rule {rule})")
                 continue
             mapped.append(new)
         recipients = tuple(mapped)
 
+    # The header section only (without an empty line the whole message is header).
     end = message.find(b"\r\n\r\n")
     head, rest = (message, b"") if end < 0 else (message[: end + 2], message[end + 2 :])
-    if rewrites.header_from is not None and end >= 0:
+    if rewrites.header_from is not None:
         rule, edit = rewrites.header_from
         head, pairs = masquerade_from(head, edit.map.lookup, edit.reply_to)
         for old, new in pairs:
             changes.append(f"rewrite_header_from {old} -> {new} (rule {rule})")
         if pairs and edit.reply_to is not None:
             changes.append(f"rewrite_header_from sets Reply-To: {edit.reply_to} (rule {rule})")
-    for rule, strip in rewrites.strips if end >= 0 else ():
+    for rule, strip in rewrites.strips:
         head, removed = strip_fields(head, drops(strip.names, strip.patterns), strip.internal)
         if removed:
             changes.append(f"strip {', '.join(removed)} (rule {rule})")
