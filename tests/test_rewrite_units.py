@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from relay.config import Settings
+from relay.policy.dryrun import run_cases
 from relay.policy.engine import Facts, StaticChecks, evaluate
 from relay.policy.headeredits import address_spans, drops, masquerade_from, strip_fields
 from relay.policy.maps import AddressMap, MapError, compile_map
 from relay.policy.rewrite import Archive, MapEdit, Rewrites, Strip, apply
 from relay.policy.rules import load_policy
+from relay.runtime import Runtime
 from relay.schema import ConfigError
 
 
@@ -288,3 +291,38 @@ def test_a_message_without_body_is_all_header() -> None:
     result = apply(Rewrites(header_from=("f", MapEdit(APPS))), "s@a.test", ("u@dest.test",),
                    b"From: www-data@app1.internal\r\nSubject: no body\r\n")
     assert result.message == b"From: noreply@example.com\r\nSubject: no body\r\n"
+
+
+def test_cases_file_checks_the_rewritten_envelope(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "10.toml").write_text(
+        '[[rule]]\nname = "s"\naction = "rewrite_sender"\n'
+        'map = { "@app1.internal" = "noreply@example.com" }\n'
+        '[[rule]]\nname = "r"\naction = "rewrite_recipient"\n'
+        'map = { "root@app1.internal" = "ops@example.com" }\n'
+        '[[rule]]\nname = "all"\nmatch.client_address = "192.0.2.0/24"\naction = "accept"\n')
+    (tmp_path / "cases.toml").write_text(
+        '[[case]]\nname = "as the company"\nclient_address = "192.0.2.1"\n'
+        'from = "www-data@app1.internal"\nto = ["root@app1.internal", "u@dest.test"]\n'
+        'expect = "accept"\nexpect_sender = "noreply@example.com"\n'
+        'expect_recipients = ["ops@example.com", "u@dest.test"]\n'
+        '[[case]]\nname = "wrong on purpose"\nclient_address = "192.0.2.1"\n'
+        'from = "www-data@app1.internal"\nto = ["root@app1.internal"]\n'
+        'expect = "accept"\nexpect_sender = "www-data@app1.internal"\n'
+        'expect_recipients = ["root@app1.internal"]\n'
+        '[[case]]\nname = "refused stores nothing"\nclient_address = "203.0.113.1"\n'
+        'from = "www-data@app1.internal"\nto = ["u@dest.test"]\n'
+        'expect = "reject"\nexpect_sender = "<>"\n')
+    runtime = Runtime(Settings(hostname="relay.test"), load_policy(policies))
+    text, status = run_cases(runtime, tmp_path / "cases.toml")
+    lines = text.splitlines()
+    assert status == 1
+    assert lines[0] == "ok   as the company: accept (rule all): 250"
+    assert lines[1] == (
+        "FAIL wrong on purpose: expected sender <www-data@app1.internal>, got "
+        "<noreply@example.com>; expected recipients <root@app1.internal>, got "
+        "<ops@example.com>; accept (rule all): 250")
+    assert any(line.startswith("FAIL refused stores nothing: expected sender <>, got "
+                               "nothing stored;") for line in lines)
+    assert lines[-1] == "3 cases, 1 passed, 2 failed"
