@@ -32,3 +32,15 @@ def client_ip(text: str) -> IPAddress | None:
 def in_networks(address: str, networks: tuple[IPNetwork, ...]) -> bool:
     ip = client_ip(address)
     return ip is not None and any(ip in net for net in networks)
+
+
+# Addresses that name a host inside an organisation, never one on the Internet: RFC 1918,
+# RFC 6598 shared address space, loopback, link-local (RFC 3927, RFC 4291), and IPv6
+# unique local addresses (RFC 4193).
+INTERNAL_NETWORKS: tuple[IPNetwork, ...] = (
+    *LOOPBACK_NETWORKS,
+    *(ipaddress.ip_network(n) for n in (
+        "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16",
+        "fc00::/7", "fe80::/10",
+    )),
+)

@@ -73,6 +73,9 @@ app_servers     = ["198.51.100.0/24", "2001:db8:feed::/48"]
 our_domains     = ["pass.test", "fail.test", "softfail.test", "toomany.test", "tempfail.test"]
 blocked_senders = ["blocked@example.test", "file:lists/blocked-senders.txt"]
 
+[maps]
+rw_apps = "file:maps/rw-apps.txt"
+
 [limit.rcpt_per_sender]
 key   = ["sender"]
 count = "recipient"
@@ -276,6 +279,41 @@ match.sender_domain = "hold.test"
 match.header."Subject" = 're:^\[HOLD\]'
 action = "hold"
 
+# --- rewriting (at DATA, after every check; each case a sender domain of its own) ---------
+
+[[rule]]
+name = "rw-sender"
+match.sender_domain = "app.rw.test"
+action = "rewrite_sender"
+map = "@rw_apps"
+
+[[rule]]
+name = "rw-from"
+match.sender_domain = "app.rw.test"
+action = "rewrite_header_from"
+map = "@rw_apps"
+reply_to = "help@rw.test"
+
+[[rule]]
+name = "rw-recipients"
+match.sender_domain = "app.rw.test"
+action = "rewrite_recipient"
+map = { "root@app.rw.test" = "ops@rw.test", "@old.rw.test" = "@new.rw.test" }
+
+[[rule]]
+name = "rw-archive"
+match.sender_domain = ["app.rw.test", "archive.rw.test"]
+action = "archive"
+archive_to = "archive@rw.test"
+archive_route = "bulk"
+
+[[rule]]
+name = "rw-strip"
+match.sender_domain = "strip.rw.test"
+action = "strip"
+strip_headers = ["X-Mailer", "re:^X-Internal-"]
+strip_received = "internal"
+
 # --- who may relay --------------------------------------------------------------------------
 
 [[rule]]
@@ -302,6 +340,7 @@ action = "accept"
 """
 
 BLOCKED_SENDERS_FILE = "# read through file: in [lists]\nspammer@example.test\n"
+RW_APPS_FILE = "# read through file: in [maps]\nwww-data@app.rw.test  noreply@rw.test\n"
 
 # pass.test allows the loopback client, fail.test only 192.0.2.1; names under tempfail.test
 # time out (dnsserver.TEMPFAIL_ZONE).
@@ -387,6 +426,8 @@ class Case:
     smtputf8: bool = False
     message: str = "plain"
     flags: tuple[str, ...] = ()
+    # (sender, recipients) of each message stored, archive copies included (rewrite cases).
+    stored: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def via(self) -> str:
@@ -649,6 +690,7 @@ class Parity:
     ports: dict[str, int]
     messages: dict[str, Path]
     tls: ssl.SSLContext
+    sink: Sink
 
     def message(self, name: str) -> bytes:
         return self.messages[name].read_bytes()
@@ -727,7 +769,7 @@ def parity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Parity]:
     messages_dir = directory / "messages"
     messages_dir.mkdir()
     files = {}
-    for name, data in {**MESSAGES, **signed_messages}.items():
+    for name, data in {**MESSAGES, **REWRITE_MESSAGES, **signed_messages}.items():
         files[name] = messages_dir / f"{name}.eml"
         files[name].write_bytes(data)
 
@@ -735,6 +777,8 @@ def parity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Parity]:
     (policies / "lists").mkdir(parents=True)
     (policies / "10-parity.toml").write_text(POLICY)
     (policies / "lists" / "blocked-senders.txt").write_text(BLOCKED_SENDERS_FILE)
+    (policies / "maps").mkdir()
+    (policies / "maps" / "rw-apps.txt").write_text(RW_APPS_FILE)
     for user in USERS:
         passwd(directory / "users", user)
     ca = trustme.CA()
@@ -755,7 +799,7 @@ def parity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Parity]:
         stack.callback(relay.stop)
         relay.start()
         wait_until(lambda: port_open(ports["lb"]), 10, "the lb listener")
-        yield Parity(relay, ports, files, context)
+        yield Parity(relay, ports, files, context, sink)
 
 
 # -- the two sides --------------------------------------------------------------------------
@@ -858,7 +902,8 @@ def test_the_table_is_big_and_covers_every_field_and_action():
                       "recipient_count", "size", "header", "spf", "dkim", "dkim_domain",
                       "over_limit"}
     assert {rule["action"] for rule in rules} == {
-        "accept", "reject", "tempfail", "defer", "hold", "discard", "tag", "route", "log"}
+        "accept", "reject", "tempfail", "defer", "hold", "discard", "tag", "route", "log",
+        "rewrite_sender", "rewrite_recipient", "rewrite_header_from", "archive", "strip"}
     used = {case.message for case in CASES}
     assert set(MESSAGES) <= used
 
@@ -890,3 +935,62 @@ def test_dry_run_matches_live(parity: Parity, case: Case):
     assert report["action"] == case.action, report
     if case.rule is not None:
         assert report["rule"] == case.rule, report
+
+
+# -- rewriting: what the dry run says is stored is what the upstream receives ----------------
+
+REWRITE_MESSAGES: dict[str, bytes] = {
+    "rw-app": mail(sender="www-data@app.rw.test", subject="rw-app",
+                   extra="X-Mailer: PHP/8.2\r\n"),
+    "rw-archive": mail(sender="app@archive.rw.test", subject="rw-archive"),
+    "rw-strip": (b"Received: from app1 ([10.1.2.3]) by gw; Mon, 30 Nov 2026 00:00:00 +0000\r\n"
+                 + mail(sender="app@strip.rw.test", subject="rw-strip",
+                        extra="X-Mailer: PHP/8.2\r\nX-Internal-Host: app1\r\n")),
+}
+
+REWRITE_CASES: list[Case] = [
+    Case("rewrite-envelope-from-and-archive", "www-data@app.rw.test",
+         ("root@app.rw.test", "x@old.rw.test", "b@dest.test"), "accept", QUEUED,
+         (OK_RCPT,) * 3, rule="relay-networks", message="rw-app",
+         stored=(("noreply@rw.test", ("ops@rw.test", "x@new.rw.test", "b@dest.test")),
+                 ("", ("archive@rw.test",)))),
+    Case("archive-copy-only", "app@archive.rw.test", ONE, "accept", QUEUED, (OK_RCPT,),
+         rule="relay-networks", message="rw-archive",
+         stored=(("app@archive.rw.test", ONE), ("", ("archive@rw.test",)))),
+    Case("strip-internal-headers", "app@strip.rw.test", ONE, "accept", QUEUED, (OK_RCPT,),
+         rule="relay-networks", message="rw-strip", stored=(("app@strip.rw.test", ONE),)),
+    Case("rewrite-rules-do-not-open-the-relay", "www-data@app.rw.test", ONE, "reject", DENIED,
+         (DENIED,), rule="final_action", client="203.0.113.9", message="rw-app"),
+]
+
+
+@pytest.mark.parametrize("case", REWRITE_CASES, ids=[case.name for case in REWRITE_CASES])
+def test_dry_run_rewrites_as_live(parity: Parity, case: Case):
+    report = dry_run(parity, case)
+    steps = report["steps"]
+    assert isinstance(steps, list)
+    commands = [str(step["command"]) for step in steps]
+    live = live_session(parity, case, commands)
+    assert [status(str(step["reply"])) for step in steps] == [status(g) for g in live]
+    assert status(live[-1]) == case.final and report["action"] == case.action, live
+    assert report["rule"] == case.rule, report
+
+    stored = report["stored"]
+    assert isinstance(stored, list)
+    assert [(s["sender"], tuple(s["recipients"])) for s in stored] == list(case.stored)
+    if case.action != "accept":
+        assert stored == [] and report["changes"] == []
+        return
+    subject = f"Subject: {case.message}\r\n".encode()
+
+    def arrived() -> list[tuple[str, list[str]]]:
+        return sorted(("" if m.sender == "<>" else m.sender, m.recipients)
+                      for m in list(parity.sink.handler.messages) if subject in m.data)
+
+    wait_until(lambda: len(arrived()) >= len(stored), 20, f"{len(stored)} deliveries")
+    assert arrived() == sorted((s["sender"], s["recipients"]) for s in stored)
+    changes = report["changes"]
+    assert isinstance(changes, list) and changes, report
+    log = parity.relay.log_text()
+    for change in changes:
+        assert f": {change}\n" in log, change

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import re
+from collections.abc import Sequence
 from email.utils import formatdate
 
 from aiosmtpd.proxy_protocol import ProxyData
@@ -17,6 +19,7 @@ from relay.headers import fold, header_safe
 from relay.inbound.context import ListenerContext
 from relay.inbound.protocol import RelaySMTP, client_address, declared_size
 from relay.ops.logs import refusal_line
+from relay.policy.rewrite import Copy
 from relay.policy.session import PolicySession, Refusal
 from relay.queue.spool import Envelope as StoredEnvelope
 from relay.queue.spool import SpoolError, new_queue_id
@@ -29,7 +32,8 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 
 
 def received_header(
-    session: Session, envelope: Envelope, hostname: str, queue_id: str, when: float
+    session: Session, envelope: Envelope, hostname: str, queue_id: str, when: float,
+    recipients: Sequence[str] | None = None,
 ) -> bytes:
     # RFC 5321 section 4.4 trace line; "with" keywords from RFC 3848 and RFC 6531 3.7.3.
     proto = "UTF8SMTP" if envelope.smtp_utf8 else "ESMTP" if session.extended_smtp else "SMTP"
@@ -42,8 +46,10 @@ def received_header(
         f"Received: from {helo} ([{header_safe(client_address(session))}])\r\n"
         f"\tby {header_safe(hostname)} (policy-relay) with {proto} id {queue_id}"
     )
-    if len(envelope.rcpt_tos) == 1:
-        line += f"\r\n\tfor <{header_safe(envelope.rcpt_tos[0])}>"
+    # The recipients as stored (rewritten); archive copies are never named.
+    recipients = envelope.rcpt_tos if recipients is None else recipients
+    if len(recipients) == 1:
+        line += f"\r\n\tfor <{header_safe(recipients[0])}>"
     # Folded at 78 (RFC 5322 section 2.1.1): a long HELO name or recipient moves to a
     # continuation line of its own.
     return fold(f"{line}; {_date(int(when))}").encode("ascii")
@@ -132,8 +138,8 @@ class InboundHandler:
             return str(verdict.reply)
         context = self.context
         stored = StoredEnvelope(
-            sender=policy.facts.sender or "",
-            recipients=policy.recipients,
+            sender=verdict.sender,
+            recipients=verdict.recipients,
             client_address=policy.facts.client_address,
             helo=policy.facts.helo_name,
             listener=self.listener.name,
@@ -150,10 +156,11 @@ class InboundHandler:
                      verdict.rule)
             return str(replies.queued(queue_id))
         received = received_header(session, envelope, policy.runtime.settings.smtp_hostname,
-                                   queue_id, stored.received_at)
+                                   queue_id, stored.received_at, stored.recipients)
         message = received + verdict.prepend + verdict.message
+        copies = archive_copies(stored, verdict.copies)
         try:
-            await context.spool.store(queue_id, stored, message)
+            await context.spool.store(queue_id, stored, message, copies)
         except SpoolError:
             # The spool logs the condition when it starts and ends; one line per message.
             log.info("NOQUEUE: reject: DATA from [%s]: %s; spool write failed listener=%s",
@@ -169,8 +176,13 @@ class InboundHandler:
             len(stored.recipients), self.listener.name, user, message_id(verdict.message),
             verdict.rule, ", hold" if stored.hold else "",
         )
+        for (copy_id, copy), archive in zip(copies, verdict.copies, strict=True):
+            log.info("%s: archive copy of %s, from=<%s>, nrcpt=%d, route=%s, rule=%s",
+                     copy_id, queue_id, copy.sender, len(copy.recipients), copy.route,
+                     archive.rule)
         if not stored.hold:
-            context.on_queued(queue_id, stored, message)
+            for copy_id, copy in ((queue_id, stored), *copies):
+                context.on_queued(copy_id, copy, message)
         return str(replies.queued(queue_id))
 
     async def handle_exception(self, error: Exception) -> str:
@@ -237,6 +249,19 @@ def message_id(message: bytes) -> str:
         return ""
     value = b" ".join(found.group(1).split()).decode("utf-8", "replace")
     return header_safe(value.strip("<>"))[:200]
+
+
+def archive_copies(
+    stored: StoredEnvelope, copies: Sequence[Copy]
+) -> list[tuple[str, StoredEnvelope]]:
+    """The envelopes of a message's archive copies: the message's own but for sender,
+    recipients and route, each under a queue id of its own."""
+    return [
+        (new_queue_id(), dataclasses.replace(
+            stored, sender=copy.sender, recipients=copy.recipients,
+            route=copy.route or stored.route))
+        for copy in copies
+    ]
 
 
 def sasl_username(session: Session) -> str:

@@ -62,6 +62,10 @@ class Outcome:
     rule: str
     text: str
     steps: tuple[Step, ...]
+    # What the rewrite rules changed, and the messages that would be stored: (sender,
+    # recipients, route) of the message itself, then of each archive copy.
+    changes: tuple[str, ...] = ()
+    stored: tuple[tuple[str, tuple[str, ...], str], ...] = ()
 
     @property
     def code(self) -> int:
@@ -79,6 +83,9 @@ class Outcome:
             "rule": self.rule,
             "reply": str(self.reply) if self.reply is not None else self.steps[-1].reply,
             "exit_status": self.exit_status,
+            "changes": list(self.changes),
+            "stored": [{"sender": sender, "recipients": list(recipients), "route": route}
+                       for sender, recipients, route in self.stored],
         }, indent=1)
 
 
@@ -206,7 +213,17 @@ async def simulate(runtime: Runtime, client: Client, checks: TransactionChecks) 
     if verdict.route is not None:
         out.append(f"  route: {verdict.route}")
     report("data", ".", None, str(replies.queued(DRY_RUN_ID)))
-    return finish(verdict.action, None, verdict.rule)
+    if verdict.action == "discard":
+        return finish(verdict.action, None, verdict.rule)
+    route = verdict.route or "default"
+    stored = ((verdict.sender, verdict.recipients, route),
+              *((c.sender, c.recipients, c.route or route) for c in verdict.copies))
+    if verdict.changes:  # what the rewrite rules change, and the messages then stored
+        out.extend(f"rewrite: {change}" for change in verdict.changes)
+        out.extend(f"stores: from=<{sender}> to={','.join(f'<{r}>' for r in rcpts)} "
+                   f"route={via}" for sender, rcpts, via in stored)
+    outcome = finish(verdict.action, None, verdict.rule)
+    return dataclasses.replace(outcome, changes=verdict.changes, stored=stored)
 
 
 def run_dry(
@@ -257,6 +274,8 @@ _CASE_KEYS = {
     "expect": "accept, reject, tempfail, hold or discard",
     "expect_code": "an integer",
     "expect_rule": "a rule name",
+    "expect_sender": "an address (\"<>\" for the null sender)",
+    "expect_recipients": "a list of addresses",
 }
 _EXPECT = ("accept", "reject", "tempfail", "hold", "discard")
 
@@ -269,6 +288,9 @@ class _Case:
     expect: str
     expect_code: int | None
     expect_rule: str | None
+    # The envelope stored after rewriting (relay.policy.rewrite), when the case says.
+    expect_sender: str | None = None
+    expect_recipients: tuple[str, ...] | None = None
 
 
 def _read_case(index: int, raw: Any, base: Path, source: str, errors: list[str]) -> _Case | None:
@@ -343,6 +365,15 @@ def _read_case(index: int, raw: Any, base: Path, source: str, errors: list[str])
     if rule is not None and not isinstance(rule, str):
         err("expect_rule", f"expected a rule name, got {rule!r}")
         rule = None
+    expect_sender = raw.get("expect_sender")
+    if expect_sender is not None and not isinstance(expect_sender, str):
+        err("expect_sender", f"expected {_CASE_KEYS['expect_sender']}, got {expect_sender!r}")
+    expect_recipients = raw.get("expect_recipients")
+    if expect_recipients is not None and (
+        not isinstance(expect_recipients, list)
+        or not all(isinstance(r, str) for r in expect_recipients)
+    ):
+        err("expect_recipients", f"expected a list of addresses, got {expect_recipients!r}")
     if len(errors) > before:
         return None
     client = Client(
@@ -360,7 +391,11 @@ def _read_case(index: int, raw: Any, base: Path, source: str, errors: list[str])
         spf_helo=assumed["spf_helo"], dmarc=(assumed["dmarc"], assumed["dmarc_policy"]),
         dmarc_outbound=assumed["dmarc_outbound"],
     )
-    return _Case(text("name"), client, checks, expect, code, rule)
+    return _Case(
+        text("name"), client, checks, expect, code, rule,
+        None if expect_sender is None else "" if expect_sender == "<>" else expect_sender,
+        None if expect_recipients is None else tuple(expect_recipients),
+    )
 
 
 def run_cases(runtime: Runtime, cases_file: Path) -> tuple[str, int]:
@@ -368,8 +403,9 @@ def run_cases(runtime: Runtime, cases_file: Path) -> tuple[str, int]:
 
     A case: name, client_address, helo, listener, auth_user, tls, from ("<>" for the null
     sender), to (list), message (path relative to the cases file), spf, dkim, dkim_domain,
-    over_limit (limit names to treat as over), expect, and optional expect_code and
-    expect_rule.
+    over_limit (limit names to treat as over), expect, and optional expect_code,
+    expect_rule, and expect_sender and expect_recipients (the envelope stored after
+    rewriting).
     """
     source = str(cases_file)
     try:
@@ -406,6 +442,15 @@ def run_cases(runtime: Runtime, cases_file: Path) -> tuple[str, int]:
             problems.append(f"expected code {case.expect_code}, got {outcome.code}")
         if case.expect_rule is not None and outcome.rule != case.expect_rule:
             problems.append(f"expected rule {case.expect_rule}, got {outcome.rule or '-'}")
+        sender, recipients = outcome.stored[0][:2] if outcome.stored else (None, None)
+        if case.expect_sender is not None and sender != case.expect_sender:
+            problems.append(f"expected sender <{case.expect_sender}>, got "
+                            + (f"<{sender}>" if sender is not None else "nothing stored"))
+        if case.expect_recipients is not None and recipients != case.expect_recipients:
+            got = ", ".join(f"<{r}>" for r in recipients) if recipients is not None else ""
+            problems.append(f"expected recipients "
+                            f"{', '.join(f'<{r}>' for r in case.expect_recipients)}, got "
+                            + (got or "nothing stored"))
         heard = str(outcome.reply) if outcome.reply is not None else "250"
         summary = f"{outcome.action} (rule {outcome.rule or '-'}): {heard}"
         if problems:

@@ -8,17 +8,19 @@ engine walks that list from the top. For each rule:
 * every field known by now (see FIELDS in rules.py): the rule is tested; the first
   matching *terminal* rule (accept, reject, tempfail/defer, hold, discard) decides. Matching
   non-terminal rules on the way contribute headers (tag), an upstream group (route: the
-  first matching route rule wins) and "would ..." records (log), and the walk goes on.
+  first matching route rule wins), rewrites (rewrite_sender, rewrite_recipient,
+  rewrite_header_from: the first of each kind wins; archive and strip: each adds its own;
+  see relay.policy.rewrite) and "would ..." records (log), and the walk goes on.
 * some field not known yet (the rule is *pending*): its known conditions are tested first;
   if one already fails (or a known `unless` condition already matches) the rule can never
   match in this transaction and is passed over. Otherwise:
     - a pending rule that would *take* the message (accept, hold, discard) stops the walk:
       the result is "continue" (undecided so far), because refusing now could refuse mail
       that the full walk would take;
-    - a pending reject/tempfail, tag, route or log rule is passed over for now: it is tested
-      in the walk at DATA, which may still refuse the message. Refusing early because a
-      rule *below* a pending refusal matched is safe: the message is refused either way
-      (the reply then comes from the rule that decided at this stage).
+    - a pending reject/tempfail, tag, route, rewrite or log rule is passed over for now: it
+      is tested in the walk at DATA, which may still refuse the message. Refusing early
+      because a rule *below* a pending refusal matched is safe: the message is refused
+      either way (the reply then comes from the rule that decided at this stage).
 * the walk reaching the end: at connect/helo/mail the result is "continue"; at rcpt and
   data the policy's final_action applies (shipped: reject with
   "554 5.7.1 <{recipient}>: Relay access denied"). That is what keeps the relay closed by
@@ -31,7 +33,7 @@ again, and decides again, at every later stage. Consequences:
 * rcpt: the walk runs once per recipient with `facts.recipient` set; `recipient_count`
   counts the recipients accepted so far (`facts.recipients`) plus this one.
 * data: the final walk, with everything known, decides for the whole message and carries
-  the complete add_headers and route. A recipient condition (recipient,
+  the complete add_headers, route and rewrites. A recipient condition (recipient,
   recipient_domain) matches at DATA when ANY accepted recipient matches;
   `recipient_count` is the number of accepted recipients. `{recipient}` in a reply at
   DATA is the first recipient.
@@ -50,6 +52,7 @@ the per-transaction cache, and do not charge the bucket twice.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -57,6 +60,7 @@ from typing import Protocol
 from relay.headers import header_fields
 from relay.policy.fields import DATA, FIELDS, RCPT, Field
 from relay.policy.match import parse_ip
+from relay.policy.rewrite import NONE, Archive, MapEdit, Rewrites, Strip
 from relay.policy.rules import STAGES, Condition, Policy, Rule, Stage
 from relay.replies import Reply
 
@@ -102,6 +106,7 @@ class Decision:
     route: str | None = None
     would: tuple[tuple[str, str], ...] = ()
     trace: tuple[str, ...] = ()
+    rewrites: Rewrites = NONE
 
     @property
     def refused(self) -> bool:
@@ -387,6 +392,29 @@ async def _why(cond: Condition, ctx: _Context) -> str:
     return f"{cond.key}: {await _subject(cond, ctx)} does not match {cond.spec}"
 
 
+def _rewrite(rewrites: Rewrites, rule: Rule) -> tuple[Rewrites, str]:
+    """`rewrites` with what `rule` (a matching rewrite rule) adds, and what to trace."""
+    edit = rule.edit
+    if isinstance(edit, Archive):
+        route = f" via {edit.route}" if edit.route else ""
+        to = ", ".join(f"<{a}>" for a in edit.recipients)
+        return (dataclasses.replace(rewrites, archives=(*rewrites.archives, (rule.name, edit))),
+                f"archive copy to {to}{route}")
+    if isinstance(edit, Strip):
+        return (dataclasses.replace(rewrites, strips=(*rewrites.strips, (rule.name, edit))),
+                f"strips {edit.spec}")
+    assert isinstance(edit, MapEdit)
+    kind = rule.action.removeprefix("rewrite_")  # sender, recipient, header_from
+    chosen: tuple[str, MapEdit] | None = getattr(rewrites, kind)
+    if chosen is not None:
+        return rewrites, f"map {edit.map.name} (ignored: rule {chosen[0]!r} already rewrites)"
+    chosen = (rule.name, edit)
+    changed = (dataclasses.replace(rewrites, sender=chosen) if kind == "sender"
+               else dataclasses.replace(rewrites, recipient=chosen) if kind == "recipient"
+               else dataclasses.replace(rewrites, header_from=chosen))
+    return changed, f"map {edit.map.name} ({len(edit.map)} entries)"
+
+
 async def evaluate(
     policy: Policy, stage: Stage, facts: Facts, checks: Checks, *, trace: bool = False
 ) -> Decision:
@@ -396,6 +424,7 @@ async def evaluate(
     headers: list[tuple[str, str]] | None = None
     would: list[tuple[str, str]] | None = None
     route: str | None = None
+    rewrites = NONE
 
     def decision(action: str, reply: Reply | None, rule: str) -> Decision:
         return Decision(
@@ -406,6 +435,7 @@ async def evaluate(
             route,
             tuple(would) if would else (),
             tuple(lines) if lines else (),
+            rewrites,
         )
 
     for rule in policy.rules:
@@ -455,6 +485,10 @@ async def evaluate(
                 note = "" if route is None else f" (ignored: route {route!r} already chosen)"
                 lines.append(f"{label}: matched, route {rule.route}{note}")
             route = route if route is not None else rule.route
+        elif rule.edit is not None:
+            rewrites, note = _rewrite(rewrites, rule)
+            if lines is not None:
+                lines.append(f"{label}: matched, {note}")
         else:  # log: the rollout mode, record what the rule would have done and go on
             text = f"would {rule.log_action}"
             if rule.reply is not None:

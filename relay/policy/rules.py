@@ -13,6 +13,15 @@ from typing import Any, Literal
 from relay.checks.ratelimit import LimitSpec, read_limit
 from relay.policy import match
 from relay.policy.fields import CONDITION_FIELDS, CONNECT, DATA, FIELDS, MAIL, RCPT
+from relay.policy.maps import AddressMap
+from relay.policy.rewrite import Edit
+from relay.policy.rewrite_rules import (
+    EDIT_KEYS,
+    REWRITE_ACTIONS,
+    MapSource,
+    content_lines,
+    read_edit,
+)
 from relay.replies import Reply
 from relay.schema import ConfigError, Errors, Table
 
@@ -29,7 +38,10 @@ PLACEHOLDERS = frozenset(
     }
 )
 
-ACTIONS = ("accept", "reject", "tempfail", "defer", "hold", "discard", "tag", "route", "log")
+ACTIONS = (
+    "accept", "reject", "tempfail", "defer", "hold", "discard", "tag", "route", "log",
+    *REWRITE_ACTIONS,
+)
 TERMINAL = frozenset({"accept", "reject", "tempfail", "hold", "discard"})
 # Terminal actions under which the message is taken (and so must not be refused early).
 ACCEPTING = frozenset({"accept", "hold", "discard"})
@@ -50,9 +62,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 section 2.2 ftext
 _RULE_KEYS = frozenset(
     {"name", "match", "unless", "over_limit", "action", "message", "add_headers", "route"}
-    | {"log_action"}
+    | {"log_action"} | EDIT_KEYS
 )
-_TOP_KEYS = ("defaults", "lists", "limit", "rule")
+_TOP_KEYS = ("defaults", "lists", "maps", "limit", "rule")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +118,7 @@ class Rule:
     log_action: str
     add_headers: tuple[tuple[str, Template], ...]
     route: str | None
+    edit: Edit | None  # what a rewrite action (relay.policy.rewrite) changes
     over_limit: str | None
     stage: int  # the earliest stage at which every condition is known
     sized: bool  # has a size condition: known before DATA only if SIZE= was declared
@@ -120,6 +133,7 @@ class Policy:
 
     rules: tuple[Rule, ...]
     lists: Mapping[str, tuple[str, ...]]
+    maps: Mapping[str, AddressMap]
     limits: Mapping[str, LimitSpec]
     final_action: str
     final_reply: ReplyTemplate | None  # None when final_action is "accept"
@@ -172,6 +186,7 @@ class _Loader:
         self.raw_rules: list[tuple[dict[str, Any], str, int]] = []
         self.used_lists: set[str] = set()
         self.used_limits: set[str] = set()
+        self.maps = MapSource(directory, self.name_of, self.errors)
 
     def name_of(self, path: Path) -> str:
         try:
@@ -201,6 +216,7 @@ class _Loader:
             self.read_file(data, source)
 
         limits = self.read_limits()
+        self.maps.compile_named()
         rules = self.compile_rules(limits)
         final_action, final_reply, delay_reject = self.read_defaults()
         for name, (_, source) in self.lists.items():
@@ -209,6 +225,7 @@ class _Loader:
         for name, (_, source) in self.limit_tables.items():
             if name not in self.used_limits:
                 self.warnings.append(f"{source}: limit.{name}: not used by any rule")
+        self.warnings.extend(self.maps.unused())
         self.warn_unreachable(rules)
         if self.errors:
             # In file order (limits, lists and defaults are checked after all files are read).
@@ -222,6 +239,7 @@ class _Loader:
             lists={
                 name: tuple(e.value for e in entries) for name, (entries, _) in self.lists.items()
             },
+            maps=self.maps.named,
             limits=limits,
             final_action=final_action,
             final_reply=final_reply,
@@ -252,6 +270,12 @@ class _Loader:
         else:
             for name, values in lists.items():
                 self.read_list(name, values, source)
+        maps = data.get("maps", {})
+        if not isinstance(maps, dict):
+            self.errors.add(f"{source}: maps: expected a table")
+        else:
+            for name, value in maps.items():
+                self.maps.add(name, value, source)
         limits = data.get("limit", {})
         if not isinstance(limits, dict):
             self.errors.add(f"{source}: limit: expected tables [limit.NAME]")
@@ -289,19 +313,13 @@ class _Loader:
             # Relative to the policies directory; re-read on every load, so a reload
             # picks up an edited list file.
             path = self.directory / value[5:]
-            origin = self.name_of(path)
             try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-                self.errors.add(f'{key}: cannot read "{value[5:]}": {reason}')
+                lines = content_lines(path)
+            except ValueError as exc:
+                self.errors.add(f'{key}: cannot read "{value[5:]}": {exc}')
                 continue
-            for number, line in enumerate(text.splitlines(), 1):
-                # "#" starts a comment at the start of a line or after white space (a local
-                # part may itself contain "#").
-                line = re.sub(r"(^|\s)#.*", "", line).strip()
-                if line:
-                    entries.append(_Entry(line, f"{origin}:{number}"))
+            origin = self.name_of(path)
+            entries.extend(_Entry(line, f"{origin}:{number}") for number, line in lines)
         self.lists[name] = (tuple(entries), source)
 
     def read_limits(self) -> dict[str, LimitSpec]:
@@ -415,7 +433,7 @@ class _Loader:
             t.error("log_action", 'only used with action = "log"')
         reply_action = log_action if action == "log" else action
         if "message" in t.data:
-            if action in ("tag", "route"):
+            if action in ("tag", "route", *REWRITE_ACTIONS):
                 t.error("message", f'not used with action = "{action}"')
             text = t.string("message", "")
             if text:
@@ -453,6 +471,7 @@ class _Loader:
         elif action == "route":
             t.error("route", 'required with action = "route" (an upstream group name)')
 
+        edit = read_edit(t, action, self.maps, self.upstream_groups)
         if len(self.errors.messages) > before:
             return None
         everything = all(
@@ -471,6 +490,7 @@ class _Loader:
             log_action=log_action,
             add_headers=tuple(add_headers),
             route=route,
+            edit=edit,
             over_limit=over_limit,
             stage=max((c.stage for c in (*conditions, *unless)), default=CONNECT),
             sized=any(c.field == "size" for c in (*conditions, *unless)),

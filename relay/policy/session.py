@@ -40,7 +40,9 @@ from relay.headers import (
 )
 from relay.ipaddr import in_networks
 from relay.message import has_bare_line_ending, has_long_line, longest_line
+from relay.policy import rewrite
 from relay.policy.engine import Checks, Decision, Facts, evaluate
+from relay.policy.maps import MapError
 from relay.policy.rules import Stage
 from relay.replies import Reply
 from relay.runtime import Runtime
@@ -88,6 +90,12 @@ class Verdict:
     message: bytes  # the message as it will be stored, forged Authentication-Results removed
     prepend: bytes  # header lines to put in front of it (ours, tags, DKIM signature)
     route: str | None
+    # The envelope as it will be stored (relay.policy.rewrite), the archive copies to
+    # store with it, and what the rewrite rules changed.
+    sender: str = ""
+    recipients: tuple[str, ...] = ()
+    copies: tuple[rewrite.Copy, ...] = ()
+    changes: tuple[str, ...] = ()
 
     @property
     def refused(self) -> bool:
@@ -284,14 +292,26 @@ class PolicySession:
         if decision.refused and decision.reply is not None:
             return refused(decision.reply, detail, decision.rule)
         prepend = b""
+        rewritten = rewrite.Rewritten(facts.sender or "", facts.recipients, message)
         if decision.action in ("accept", "hold"):
             try:
-                prepend = await self._headers(facts, message, decision, queue_id)
+                # Rewriting comes after every check (which judged what the client sent)
+                # and before signing, so the signature covers the rewritten header.
+                rewritten = rewrite.apply(decision.rewrites, rewritten.sender,
+                                          rewritten.recipients, message)
+                for change in rewritten.changes:
+                    log.info("%s: %s", queue_id, change)
+                signer = dataclasses.replace(facts, sender=rewritten.sender)
+                prepend = await self._headers(signer, rewritten.message, decision, queue_id)
+            except MapError as exc:
+                log.error("%s: %s; answering 451", queue_id, exc)
+                return refused(BACKEND_FAILURE, detail, "internal-error")
             except Exception:
                 log.exception("adding headers or DKIM signature failed; answering 451")
                 return refused(BACKEND_FAILURE, detail, "internal-error")
-        return Verdict(decision.action, decision.reply, decision.rule, message, prepend,
-                       decision.route)
+        return Verdict(decision.action, decision.reply, decision.rule, rewritten.message,
+                       prepend, decision.route, rewritten.sender, rewritten.recipients,
+                       rewritten.copies, rewritten.changes)
 
     @property
     def authserv_id(self) -> str:

@@ -268,9 +268,19 @@ class Spool:
 
     # -- storing ----------------------------------------------------------------------
 
-    async def store(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
-        """Write a message durably; only when this returns may 250 be sent."""
-        await self._write(self._insert, queue_id, envelope, data)
+    async def store(
+        self, queue_id: str, envelope: Envelope, data: bytes,
+        copies: Sequence[tuple[str, Envelope]] = (),
+    ) -> None:
+        """Write a message durably; only when this returns may 250 be sent. `copies` are
+        messages of their own with the same bytes (archive copies, relay.policy.rewrite),
+        stored in the same transaction: all of them or none."""
+
+        def insert() -> None:
+            for copy_id, copy in ((queue_id, envelope), *copies):
+                self._insert(copy_id, copy, data)
+
+        await self._write(insert)
 
     async def _write(self, func: Callable[..., T], *args: Any) -> T:
         """Run `func` in the next group commit; return its result once that commit
