@@ -37,7 +37,7 @@ class UpstreamSettings:
     # apart so that `--upstream HOST:PORT` can replace `hosts` alone (see `members`).
     hosts: tuple[tuple[str, int], ...] = (parse_hostport(DEFAULT_UPSTREAM),)
     ranks: tuple[tuple[int, int], ...] = ((0, 1),)
-    pool_size: int = 4
+    pool_size: int = 8
     max_messages_per_connection: int = 100
     idle_timeout: float = 60.0
     # A connection idle for longer than this is checked with NOOP before reuse.
