@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from relay.checks.dns import Resolver
 from relay.checks.ratelimit import Limiter, LimitSpec, redis_client
 from relay.checks.settings import CheckSettings
 from relay.checks.spf import SpfOutcome, check_spf
+from relay.events.suppression import SuppressionList
 from relay.headers import header_fields
 from relay.ops.metrics import Metrics
 from relay.policy.engine import Facts
@@ -28,8 +30,10 @@ class CheckServices:
     def __init__(
         self, settings: CheckSettings, limits: dict[str, LimitSpec],
         metrics: Metrics | None = None, shared: Link | None = None,
+        suppression: SuppressionList | None = None,
     ) -> None:
         self.settings = settings
+        self.suppression = suppression
         self.metrics = metrics
         self.resolver = Resolver(settings.dns)
         # pyspf blocks, one thread per evaluation. The pool is bounded (max_concurrent)
@@ -221,8 +225,17 @@ class SessionChecks:
             self._charges[(name, unit)] = charge
         return charge.over, charge.retry_after
 
+    async def suppressed(self, address: str) -> str:
+        suppression = self.services.suppression
+        entry = await suppression.lookup(address) if suppression is not None else None
+        return "" if entry is None else _day(entry.added)
+
     def backend_failed(self, name: str) -> bool:
         return any(c.backend_error and c.over for (n, _), c in self._charges.items() if n == name)
+
+
+def _day(when: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(when))
 
 
 def _passing(outcome: dkimlib.DkimOutcome) -> list[str]:

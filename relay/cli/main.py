@@ -13,6 +13,7 @@ from typing import Any
 from relay import __version__, config, runtime
 from relay.cli import dkim as dkimcli
 from relay.cli.dkim import add_dkim_parser
+from relay.cli.events import add_event_parsers
 from relay.cli.examples import add_examples
 from relay.cli.queue import (
     add_limits_parser,
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.choices["dkim"].set_defaults(run=_dkim)
     add_queue_parser(commands).set_defaults(run=_queue)
     add_limits_parser(commands).set_defaults(run=_limits)
+    add_event_parsers(commands)
 
     ready = commands.add_parser(
         "ready", help="wait until the running relay serves (for scripts)",

@@ -51,6 +51,7 @@ the per-transaction cache, and do not charge the bucket twice.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -124,13 +125,17 @@ class Checks(Protocol):
 
     async def over_limit(self, name: str, stage: Stage, facts: Facts) -> tuple[bool, float]: ...
 
+    async def suppressed(self, address: str) -> str:
+        """The date `address` was put on the suppression list, "" when it is not on it."""
+        ...
+
 
 class StaticChecks:
     """Fixed check results, for dry runs and tests. `calls` records what was asked."""
 
     __slots__ = (
         "_dkim", "_dmarc", "_dmarc_outbound", "_over_limits", "_retry_after", "_spf",
-        "_spf_helo", "calls",
+        "_spf_helo", "_suppressed", "calls",
     )
 
     def __init__(
@@ -143,8 +148,10 @@ class StaticChecks:
         spf_helo: str = "none",
         dmarc: tuple[str, str] = ("none", ""),
         dmarc_outbound: str = "none",
+        suppressed: Mapping[str, str] | None = None,
     ) -> None:
         self._spf = spf
+        self._suppressed = {k.lower(): v for k, v in (suppressed or {}).items()}
         self._spf_helo = spf_helo
         self._dmarc = dmarc
         self._dmarc_outbound = dmarc_outbound
@@ -184,6 +191,10 @@ class StaticChecks:
         over = name in self._over_limits
         return over, self._retry_after if over else 0.0
 
+    async def suppressed(self, address: str) -> str:
+        self.calls.append("suppressed")
+        return self._suppressed.get(address.lower(), "")
+
 
 class _Context:
     """One walk's view of the facts (relay.policy.fields.View), with the values derived
@@ -198,6 +209,7 @@ class _Context:
         "_limits",
         "_spf",
         "_spf_helo",
+        "_suppressed",
         "checks",
         "facts",
         "recipients",
@@ -223,6 +235,7 @@ class _Context:
         self._dmarc: tuple[str, str] | None = None
         self._dmarc_outbound: str | None = None
         self._limits: dict[str, tuple[bool, float]] | None = None
+        self._suppressed: dict[str, str] | None = None
         self._headers: dict[str, list[str]] | None = None
 
     @property
@@ -311,6 +324,13 @@ class _Context:
         if name not in self._limits:
             self._limits[name] = await self.checks.over_limit(name, self.stage_name, self.facts)
         return self._limits[name]
+
+    async def suppressed(self, address: str) -> str:
+        if self._suppressed is None:
+            self._suppressed = {}
+        if address not in self._suppressed:
+            self._suppressed[address] = await self.checks.suppressed(address)
+        return self._suppressed[address]
 
 
 async def _test(cond: Condition, ctx: _Context) -> bool:

@@ -76,6 +76,7 @@ class Refusal:
     sender: str | None = None  # the session's facts when it refused, for the log
     helo: str = ""
     recipient: str | None = None
+    sasl_username: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +121,8 @@ class PolicySession:
         self._trace = trace
         # The walk of the last stage (None when the server refused before the policy).
         self.last_decision: Decision | None = None
+        # With trace: the walks of this transaction (and of connect and helo before it).
+        self.walks: list[tuple[str, Decision]] = []
 
     # -- the walk ---------------------------------------------------------------------
 
@@ -143,6 +146,8 @@ class PolicySession:
                 log.info("%s: rule=%s %s", stage, rule, would)
         if self._on_decision is not None:
             self._on_decision(stage, decision)
+        if self._trace:
+            self.walks.append((stage, decision))
         self.last_decision = decision
         return decision
 
@@ -169,7 +174,8 @@ class PolicySession:
         if self._on_refusal is not None:
             limit = self.runtime.policy.over_limit_of(rule) if rule else None
             self._on_refusal(Refusal(stage, reply, detail, rule, limit, self.facts.sender,
-                                     self.facts.helo_name or "", recipient))
+                                     self.facts.helo_name or "", recipient,
+                                     self.facts.sasl_username))
         return reply
 
     def _early(self, stage: str, decision: Decision, detail: str) -> Reply | None:
@@ -191,6 +197,7 @@ class PolicySession:
         """EHLO or HELO (which also ends any transaction): None to answer as usual."""
         self.runtime = self.current()
         self.last_decision = None
+        self.walks = [w for w in self.walks if w[0] == "connect"]
         self.facts = Facts(self.facts.client_address, self.facts.listener, helo_name=name,
                            tls=tls)
         return self._early("HELO", await self._walk("helo", self.facts), "")
@@ -203,6 +210,7 @@ class PolicySession:
         self.runtime = self.current()
         sender = self._qualified(sender, sasl_username)
         self.last_decision = None
+        self.walks = [w for w in self.walks if w[0] in ("connect", "helo")]
         self.checks.new_transaction()
         self.smtputf8 = smtputf8
         self.facts = dataclasses.replace(
@@ -346,6 +354,18 @@ class PolicySession:
         log.warning("%s: not DKIM-signed: %s", queue_id, why)
         if self._on_unsigned is not None:
             self._on_unsigned(why)
+
+
+def trace_lines(walks: list[tuple[str, Decision]]) -> list[str]:
+    """The walks of a transaction as `policy-relay test` prints them, stage by stage."""
+    lines = []
+    for stage, decision in walks:
+        lines.append(f"{stage}:")
+        lines.extend(f"  {line}" for line in decision.trace)
+        lines.extend(f'  log: rule "{rule}" {text}' for rule, text in decision.would)
+        lines.append(f"  -> {decision.action}" + (f" (rule {decision.rule})"
+                                                   if decision.rule else ""))
+    return lines
 
 
 def storage_short(spool: Path, min_free: int, declared: int) -> str | None:
