@@ -13,6 +13,7 @@ from typing import Any
 
 from relay import replies
 from relay.checks.services import CheckServices, SessionChecks
+from relay.events.suppression import open_list
 from relay.headers import header_fields
 from relay.policy.engine import Decision, StaticChecks
 from relay.policy.match import DKIM_RESULTS, DMARC_POLICIES, DMARC_RESULTS, SPF_RESULTS
@@ -216,20 +217,24 @@ def run_dry(
     accepted, also hold and discard; 4 tempfail; 5 reject). Runs its own event loop: call
     it from sync code.
 
-    `live` runs the relay's own checks (SPF and DKIM over the configured resolver) instead
-    of the fixed results of `checks`; limits then count in fresh in-memory buckets, so a
-    dry run never charges the running relay's (Redis) buckets.
+    `live` runs the relay's own checks (SPF and DKIM over the configured resolver, the
+    real suppression list) instead of the fixed results of `checks`; limits then count in
+    fresh in-memory buckets, so a dry run never charges the running relay's (Redis) buckets.
     """
     if not live:
         return asyncio.run(simulate(runtime, client, checks or StaticChecks()))
 
     async def run() -> Outcome:
         settings = dataclasses.replace(runtime.settings.checks, redis_url="")
-        services = CheckServices(settings, dict(runtime.policy.limits))
+        # The suppression list is read, never written: the real one.
+        suppression = open_list(runtime.settings.suppression, runtime.settings.spool_path)
+        services = CheckServices(settings, dict(runtime.policy.limits),
+                                 suppression=suppression)
         try:
             return await simulate(runtime, client, SessionChecks(lambda: services))
         finally:
             await services.close()
+            await suppression.close()
 
     return asyncio.run(run())
 
@@ -254,6 +259,7 @@ _CASE_KEYS = {
     "dmarc_policy": "none, quarantine or reject",
     "dmarc_outbound": "a DMARC result",
     "over_limit": "a list of limit names",
+    "suppressed": "a list of recipients on the suppression list",
     "expect": "accept, reject, tempfail, hold or discard",
     "expect_code": "an integer",
     "expect_rule": "a rule name",
@@ -332,6 +338,12 @@ def _read_case(index: int, raw: Any, base: Path, source: str, errors: list[str])
     if not isinstance(over, list) or not all(isinstance(o, str) for o in over):
         err("over_limit", f"expected a list of limit names, got {over!r}")
         over = []
+    suppressed = raw.get("suppressed", [])
+    if isinstance(suppressed, str):
+        suppressed = [suppressed]
+    if not isinstance(suppressed, list) or not all(isinstance(a, str) for a in suppressed):
+        err("suppressed", f"expected a list of recipients, got {suppressed!r}")
+        suppressed = []
     expect = text("expect", "accept")
     if expect not in _EXPECT:
         err("expect", f"expected one of {', '.join(_EXPECT)}, got {expect!r}")
@@ -359,6 +371,7 @@ def _read_case(index: int, raw: Any, base: Path, source: str, errors: list[str])
         spf=spf, dkim=(dkim, text("dkim_domain")), over_limits=frozenset(over),
         spf_helo=assumed["spf_helo"], dmarc=(assumed["dmarc"], assumed["dmarc_policy"]),
         dmarc_outbound=assumed["dmarc_outbound"],
+        suppressed=dict.fromkeys(suppressed, "(assumed)"),
     )
     return _Case(text("name"), client, checks, expect, code, rule)
 
