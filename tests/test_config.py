@@ -63,7 +63,7 @@ def test_check_reports_each_broken_config(case: str):
 def test_check_accepts_the_shipped_config():
     result = run_cli("check", "--config", "config.toml")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"config.toml: ok\n{ROOT / 'policies'}: ok (8 rules)\n"
+    assert result.stdout == f"config.toml: ok\n{ROOT / 'policies'}: ok (9 rules)\n"
 
 
 def test_version():

@@ -70,7 +70,8 @@ def message(message_id: str, subject: str = "events") -> bytes:
             f"Message-ID: <{message_id}>\r\n\r\nHello.\r\n").encode()
 
 
-def send(relay: RelayProcess, sender: str, recipients: list[str], data: bytes) -> dict[str, tuple[int, bytes]]:
+def send(relay: RelayProcess, sender: str, recipients: list[str],
+         data: bytes) -> dict[str, tuple[int, bytes]]:
     """One SMTP transaction with smtplib; the refused recipients and their replies."""
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
         return client.sendmail(sender, recipients, data)

@@ -81,9 +81,7 @@ def _read_sink(table: Table) -> SinkSettings:
     name = table.string("name", "")
     if not name:
         table.error("name", "required")
-    kind = table.string("type", "webhook", SINK_TYPES)
-    if not table.has("type"):
-        table.error("type", f"required: one of {', '.join(SINK_TYPES)}")
+    kind = table.string("type", "", SINK_TYPES)  # absent: "must be one of ..."
     events = table.strings("events", ())
     for item in events:
         if item not in TYPES:
@@ -101,9 +99,9 @@ def _read_sink(table: Table) -> SinkSettings:
         max_backoff=table.duration("max_backoff", base.max_backoff, low=0.1),
     )
     allowed = {"webhook": {"url", "secret_file"}, "file": {"path"},
-               "redis": {"url", "stream", "maxlen"}}[kind]
+               "redis": {"url", "stream", "maxlen"}}.get(kind)
     for key in ("url", "secret_file", "path", "stream", "maxlen"):
-        if table.has(key) and key not in allowed:
+        if allowed is not None and table.has(key) and key not in allowed:
             table.error(key, f"not a setting of a {kind} sink")
     secret = b""
     if kind == "webhook":
@@ -125,7 +123,7 @@ def _read_sink(table: Table) -> SinkSettings:
             table.error("path", "required: the JSON-lines file to append to")
         elif not Path(sink.path).parent.is_dir():
             table.error("path", f"directory {str(Path(sink.path).parent)!r} does not exist")
-    elif urlsplit(sink.url).scheme not in ("redis", "rediss", "unix"):
+    elif kind == "redis" and urlsplit(sink.url).scheme not in ("redis", "rediss", "unix"):
         table.error("url", f'expected "redis://host:6379/0", got {sink.url!r}')
     table.finish()
     return replace(sink, secret=secret)
