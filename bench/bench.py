@@ -47,6 +47,7 @@ SINK = "/usr/sbin/smtp-sink"
 SOURCE = "/usr/sbin/smtp-source"
 POSTFIX = "/usr/sbin/postfix"
 LOOPBACK = "127.0.0.1"
+WEBHOOK = "policy-relay + webhook"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -217,8 +218,35 @@ def connection_caps(args: argparse.Namespace) -> str:
     return _CAPS["v"]
 
 
+class Receiver:
+    """bench/receiver.py: a webhook endpoint in its own process, checking signatures."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir()
+        self.port = free_port()
+        self.secret = directory / "webhook.secret"
+        self.secret.write_text("bench-secret\n")
+        self.counts = directory / "webhook-counts.json"
+        self.proc = OWNED.start([sys.executable, str(BENCH_DIR / "receiver.py"), str(self.port),
+                                 str(self.secret), str(self.counts)])
+        wait_tcp(self.port, self.proc)
+
+    def sink_config(self) -> str:
+        return ("[[events.sink]]\n"
+                'name = "bench"\n'
+                'type = "webhook"\n'
+                f'url = "http://{LOOPBACK}:{self.port}/events"\n'
+                f'secret_file = "{self.secret}"\n')
+
+    def stop(self) -> dict[str, int]:
+        OWNED.stop(self.proc)
+        counts: dict[str, int] = json.loads(self.counts.read_text())
+        return counts
+
+
 class Relay:
-    def __init__(self, workdir: Path, name: str, sink_port: int, args: argparse.Namespace) -> None:
+    def __init__(self, workdir: Path, name: str, sink_port: int, args: argparse.Namespace,
+                 extra: str = "") -> None:
         self.port = free_port()
         self.dir = workdir / f"relay-{name}"
         self.dir.mkdir()
@@ -239,6 +267,7 @@ class Relay:
             "[queue]\n"
             f'spool_dir = "{self.dir / "spool"}"\n'
             f"delivery_workers = {args.workers}\n"
+            f"{extra}"
         )
         self.log_path = self.dir / "relay.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115
@@ -707,7 +736,7 @@ def fmt(x: float | None, spec: str = ".0f") -> str:
 
 async def run_loads(workdir: Path, args: argparse.Namespace) -> dict[str, list[LoadResult]]:
     results: dict[str, list[LoadResult]] = {"smtp-sink direct": [], "postfix": [],
-                                            "policy-relay": []}
+                                            "policy-relay": [], WEBHOOK: []}
     for rep in range(args.repeat):
         if "direct" in args.targets:
             sink = Sink(workdir, f"direct-{rep}")
@@ -732,23 +761,38 @@ async def run_loads(workdir: Path, args: argparse.Namespace) -> dict[str, list[L
                 results["postfix"].append(r)
                 log(f"  {r.rate:.0f} msg/s, {r.delivered}/{r.accepted} {r.notes}")
             sink.stop()
-        if "relay" in args.targets:
-            sink = Sink(workdir, f"relay-{rep}")
-            relay = Relay(workdir, f"load-{rep}", sink.port, args)
-            log(f"run {rep + 1}/{args.repeat}: smtp-source -> policy-relay -> smtp-sink "
-                f"(pid {relay.pid})")
-            spy = await start_spy(workdir, relay.pid, f"load-{rep}") if args.profile else None
-            r = await drive("policy-relay", relay.port, sink, args, relay_pid=relay.pid)
-            stop_spy(spy)
-            left = relay.stop()
-            acc, sent, other = relay.log_counts()
-            r.notes.append(f"relay log: {acc} accepted, {sent} sent, {other} deferred/failed; "
-                           f"{left} left in spool")
-            results["policy-relay"].append(r)
-            sink.stop()
-            log(f"  {r.rate:.0f} msg/s, {r.delivered}/{r.accepted}, cpu {r.relay_cpu:.1f}s "
-                f"{r.notes}")
+        for target in ("relay", "relay-webhook"):
+            if target in args.targets:
+                results[WEBHOOK if target == "relay-webhook" else "policy-relay"].append(
+                    await run_relay(workdir, args, rep, webhook=target == "relay-webhook"))
     return results
+
+
+async def run_relay(workdir: Path, args: argparse.Namespace, rep: int,
+                    webhook: bool) -> LoadResult:
+    """One load through the relay; with `webhook`, a webhook sink takes every event."""
+    name = f"webhook-{rep}" if webhook else f"load-{rep}"
+    sink = Sink(workdir, f"relay-{name}")
+    receiver = Receiver(workdir / f"receiver-{rep}") if webhook else None
+    relay = Relay(workdir, name, sink.port, args,
+                  receiver.sink_config() if receiver is not None else "")
+    log(f"run {rep + 1}/{args.repeat}: smtp-source -> policy-relay -> smtp-sink "
+        f"{'(+ webhook sink) ' if webhook else ''}(pid {relay.pid})")
+    spy = await start_spy(workdir, relay.pid, name) if args.profile else None
+    r = await drive(WEBHOOK if webhook else "policy-relay", relay.port, sink, args,
+                    relay_pid=relay.pid)
+    stop_spy(spy)
+    if receiver is not None:
+        # What the receiver has when the last message reached the sink: events lag mail
+        # by design, so this is not all of them.
+        r.notes.append(f"webhook: {receiver.stop()} when delivery ended")
+    left = relay.stop()
+    acc, sent, other = relay.log_counts()
+    r.notes.append(f"relay log: {acc} accepted, {sent} sent, {other} deferred/failed; "
+                   f"{left} left in spool")
+    sink.stop()
+    log(f"  {r.rate:.0f} msg/s, {r.delivered}/{r.accepted}, cpu {r.relay_cpu:.1f}s {r.notes}")
+    return r
 
 
 def best(rs: list[LoadResult]) -> LoadResult | None:
@@ -781,6 +825,12 @@ def report(results: dict[str, list[LoadResult]], mem: dict[str, object] | None,
     sink_b, pf_b, rl_b = (best(results[k]) for k in ("smtp-sink direct", "postfix", "policy-relay"))
     if rl_b is not None:
         L += ["| ratio | value |", "|---|---|"]
+        # Runs alternate (relay, relay + webhook, relay, ...): compare each pair.
+        pairs = zip(results["policy-relay"], results[WEBHOOK], strict=False)
+        for i, (plain, hooked) in enumerate(pairs):
+            if plain.rate and hooked.rate:
+                L.append(f"| run {i + 1}: policy-relay + webhook sink / policy-relay | "
+                         f"{hooked.rate / plain.rate:.3f} |")
         if sink_b:
             L.append(f"| policy-relay / smtp-sink direct | {rl_b.rate / sink_b.rate:.3f} |")
         if pf_b and pf_b.rate:
@@ -832,7 +882,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-messages", type=int, default=500,
                    help="most messages the aiosmtplib latency client sends during the load")
     p.add_argument("--targets", default="direct,postfix,relay",
-                   help="comma list of direct, postfix, relay")
+                   help="comma list of direct, postfix, relay, relay-webhook (the relay "
+                   "with a webhook sink taking every event, to a receiver on loopback)")
     p.add_argument("--repeat", type=int, default=1, help="run every target this many times")
     p.add_argument("--pool-size", type=int, default=16, help="relay upstream pool_size")
     p.add_argument("--workers", type=int, default=40, help="relay delivery_workers")

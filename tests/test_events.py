@@ -371,3 +371,37 @@ events = ["bounced"]
     finally:
         relay.stop()
         redis.stop()
+
+
+def test_with_workers_every_shard_sends_its_events_and_trace_reads_them_all(env: Env):
+    port = free_port()
+    text = relay_config(env.sink.port, port, env.directory / "spool",
+                        f'policies_dir = "{env.directory / "policies"}"\nworkers = 2')
+    text += f"""
+[[events.sink]]
+name = "hook"
+type = "webhook"
+url = "{env.receiver.url}"
+secret_file = "{env.directory / 'hook.secret'}"
+"""
+    env.relay = RelayProcess(env.directory, text, port).start()
+    # New connections spread over both workers (SO_REUSEPORT): with 12 of them, both get
+    # some (all on one worker: a chance of 1 in 2048).
+    for i in range(12):
+        send(env.relay, "app@app.test", [f"user{i}@dest.test"], message(f"w-{i}@app.test"))
+    env.sink.wait_messages(12)
+    shards = [env.directory / "spool" / "spool.db",
+              env.directory / "spool" / "worker-1" / "spool.db"]
+    wait_until(lambda: all(p.exists() for p in shards), 10, "both shards")
+
+    def sent() -> set[str]:
+        return {e["message_id"] for e in env.receiver.received() if e["type"] == "sent"}
+
+    wait_until(lambda: len(sent()) == 12, 30, "a sent event for every message")
+    assert env.receiver.bad_signatures == 0
+    for path in shards:
+        with sqlite3.connect(path) as db:
+            row = db.execute("SELECT message_id FROM event WHERE type = 'received' "
+                             "LIMIT 1").fetchone()
+        assert row is not None, f"no mail went through {path}"
+        assert f"Message-ID <{row[0]}>" in cli(env.relay, "trace", row[0])

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from relay.events import outbox
+from relay.events.reader import Reader
 from relay.events.settings import EventSettings, SinkSettings
 from relay.events.sinks import Sink, SinkError, make_sink
 from relay.ops.metrics import Metrics
@@ -25,7 +26,9 @@ from relay.queue.spool import Spool
 
 log = logging.getLogger("relay.events")
 
-# How often an idle sink looks for new events, and how often old history is trimmed.
+# How often an idle sink looks for new events (events come at most this late; a batch
+# that was not full waits as long, so that under load batches fill), and how often old
+# history is trimmed.
 POLL = 0.5
 TRIM_EVERY = 60.0
 FIRST_BACKOFF = 1.0
@@ -51,6 +54,7 @@ class Drain:
         self.metrics = metrics
         self.clock = clock
         self.states = [SinkState(s, make_sink(s)) for s in settings.sinks]
+        self.reader = Reader(spool.directory / "spool.db")
         self._tasks: list[asyncio.Task[None]] = []
 
     def __repr__(self) -> str:
@@ -74,12 +78,13 @@ class Drain:
         for state in self.states:
             with contextlib.suppress(Exception):
                 await state.sink.close()
+        await self.reader.close()
 
     async def refresh_metrics(self) -> None:
         """Pending events and the age of the oldest, per sink."""
         now = self.clock()
         for state in self.states:
-            count, oldest = await self.spool.read(
+            count, oldest = await self.reader.read(
                 functools.partial(outbox.backlog, seq=state.position,
                                   types=state.settings.events))
             self.metrics.event_backlog(state.settings.name, count,
@@ -89,9 +94,9 @@ class Drain:
         settings = state.settings
         while True:
             try:
-                batch = await self.spool.read(
-                    lambda db: outbox.after(db, state.position, settings.batch_size,
-                                            settings.events))
+                batch = await self.reader.read(
+                    functools.partial(outbox.after, seq=state.position,
+                                      limit=settings.batch_size, types=settings.events))
             except Exception as exc:
                 log.error("sink %s: cannot read the outbox: %s", settings.name, exc)
                 batch = []
@@ -113,13 +118,17 @@ class Drain:
                 log.info("sink %s: delivering again after %d failed attempts",
                          settings.name, state.failures)
                 state.failures = 0
-            await self._advance(state, batch[-1].seq)
+            self._advance(state, batch[-1].seq)
             self.metrics.events_delivered(settings.name, len(batch))
+            if len(batch) < settings.batch_size:
+                await asyncio.sleep(POLL)
 
-    async def _advance(self, state: SinkState, seq: int) -> None:
-        name = state.settings.name
-        await self.spool.write(lambda db: outbox.advance(db, name, seq))
+    def _advance(self, state: SinkState, seq: int) -> None:
+        """Move the sink's position on; stored with the next group commit, not waited
+        for: after a crash the sink may get a batch again (at least once), never miss one."""
         state.position = max(state.position, seq)
+        self.spool.post_write(functools.partial(outbox.advance, sink=state.settings.name,
+                                                seq=seq))
 
     async def _retain(self, state: SinkState) -> None:
         """Drop what the retention settings no longer allow to wait."""
@@ -132,13 +141,13 @@ class Drain:
             before = outbox.backlog(db, state.position, settings.events)[0]
             return new, before - outbox.backlog(db, new, settings.events)[0]
 
-        new, dropped = await self.spool.read(find)
+        new, dropped = await self.reader.read(find)
         if dropped:
             log.warning("sink %s: dropped %d undelivered events (retention: max_pending=%d, "
                         "max_age=%gs)", settings.name, dropped, events.max_pending,
                         events.max_age)
             self.metrics.events_dropped(settings.name, dropped)
-            await self._advance(state, new)
+            self._advance(state, new)
 
     async def _trim(self) -> None:
         while True:

@@ -302,12 +302,17 @@ def _read_case(index: int, raw: Any, base: Path, source: str, errors: list[str])
             return default
         return value
 
-    recipients = raw.get("to", [])
-    if isinstance(recipients, str):
-        recipients = [recipients]
-    if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
-        err("to", f"expected a list of strings, got {recipients!r}")
-        recipients = []
+    def names(key: str) -> list[str]:
+        """A list of strings (or one string) under `key`."""
+        value = raw.get(key, [])
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            err(key, f"expected {_CASE_KEYS[key]}, got {value!r}")
+            return []
+        return value
+
+    recipients = names("to")
     tls = raw.get("tls", False)
     if not isinstance(tls, bool):
         err("tls", f"expected true or false, got {tls!r}")
@@ -332,18 +337,8 @@ def _read_case(index: int, raw: Any, base: Path, source: str, errors: list[str])
         assumed[key] = text(key, default).lower()
         if assumed[key] != default and assumed[key] not in choices:
             err(key, f"expected one of {', '.join(choices)}, got {assumed[key]!r}")
-    over = raw.get("over_limit", [])
-    if isinstance(over, str):
-        over = [over]
-    if not isinstance(over, list) or not all(isinstance(o, str) for o in over):
-        err("over_limit", f"expected a list of limit names, got {over!r}")
-        over = []
-    suppressed = raw.get("suppressed", [])
-    if isinstance(suppressed, str):
-        suppressed = [suppressed]
-    if not isinstance(suppressed, list) or not all(isinstance(a, str) for a in suppressed):
-        err("suppressed", f"expected a list of recipients, got {suppressed!r}")
-        suppressed = []
+    over = names("over_limit")
+    suppressed = names("suppressed")
     expect = text("expect", "accept")
     if expect not in _EXPECT:
         err("expect", f"expected one of {', '.join(_EXPECT)}, got {expect!r}")

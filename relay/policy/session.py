@@ -356,8 +356,9 @@ class PolicySession:
             self._on_unsigned(why)
 
 
-def trace_lines(walks: list[tuple[str, Decision]]) -> list[str]:
-    """The walks of a transaction as `policy-relay test` prints them, stage by stage."""
+def trace_lines(walks: list[tuple[str, Decision]], limit: int = 300) -> list[str]:
+    """The walks of a transaction as `policy-relay test` prints them, stage by stage; at
+    most `limit` lines (a message to a thousand recipients has a thousand RCPT walks)."""
     lines = []
     for stage, decision in walks:
         lines.append(f"{stage}:")
@@ -365,6 +366,8 @@ def trace_lines(walks: list[tuple[str, Decision]]) -> list[str]:
         lines.extend(f'  log: rule "{rule}" {text}' for rule, text in decision.would)
         lines.append(f"  -> {decision.action}" + (f" (rule {decision.rule})"
                                                    if decision.rule else ""))
+    if len(lines) > limit:
+        lines[limit - 1:] = [f"... {len(lines) - limit + 1} more lines"]
     return lines
 
 

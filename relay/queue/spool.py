@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import logging
 import os
 import secrets
@@ -281,16 +282,17 @@ class Spool:
     def post(self, events: Sequence[Event]) -> None:
         """Record events that change no message (a refused command, a discard) in the
         next group commit, without waiting for it: the SMTP reply does not wait."""
-        future = asyncio.ensure_future(self._write(outbox.append, self.db, events))
-        future.add_done_callback(_quiet)
+        self.post_write(functools.partial(outbox.append, events=events))
 
-    async def read(self, func: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `func` on the spool's connection, outside any write transaction."""
-        return await self._run(func, self.db)
+    def post_write(self, func: Callable[[sqlite3.Connection], object]) -> None:
+        """As write(), but nobody waits for it (a failure is logged by the spool, as
+        every refused write is)."""
+        future = asyncio.ensure_future(self.write(func))
+        future.add_done_callback(_quiet)
 
     async def write(self, func: Callable[[sqlite3.Connection], T]) -> T:
         """Run `func` on the spool's connection in the next group commit."""
-        return await self._write(func, self.db)
+        return await self._write(lambda: func(self.db))
 
     async def _write(self, func: Callable[..., T], *args: Any) -> T:
         """Run `func` in the next group commit; return its result once that commit
@@ -539,7 +541,7 @@ class Spool:
         return await self._write(remove)
 
 
-def _quiet(future: asyncio.Future[None]) -> None:
+def _quiet(future: asyncio.Future[Any]) -> None:
     # A refused write is logged by the spool (_note); nobody waits for this one.
     if not future.cancelled():
         future.exception()
