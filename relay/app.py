@@ -57,7 +57,8 @@ class Relay:
 
     What SIGHUP changes: policies, lists, limits (their buckets survive when unchanged),
     the [server] limits and checks settings for new sessions, and TLS certificates.
-    Listeners, the spool directory and upstream pools keep the values they started with.
+    Listeners, the spool directory, upstream pools, event sinks and the suppression list
+    keep the values they started with.
     """
 
     def __init__(

@@ -31,6 +31,7 @@ log = logging.getLogger("relay.events")
 # history is trimmed.
 POLL = 0.5
 TRIM_EVERY = 60.0
+TRIM_BATCH = 5000
 FIRST_BACKOFF = 1.0
 
 
@@ -105,11 +106,11 @@ class Drain:
                 continue
             try:
                 await state.sink.deliver(batch)
-            except SinkError as exc:
+            except Exception as exc:  # SinkError, or a bug: either way, try again later
                 state.failures += 1
                 if state.failures == 1:
                     log.warning("sink %s: delivery failed, retrying with backoff: %s",
-                                settings.name, exc)
+                                settings.name, exc, exc_info=not isinstance(exc, SinkError))
                 await self._retain(state)
                 await asyncio.sleep(min(settings.max_backoff,
                                         FIRST_BACKOFF * 2 ** (state.failures - 1)))
@@ -153,10 +154,12 @@ class Drain:
         while True:
             cutoff = self.clock() - self.settings.history
             try:
-                removed = await self.spool.write(functools.partial(outbox.trim, cutoff=cutoff))
+                removed = await self.spool.write(
+                    functools.partial(outbox.trim, cutoff=cutoff, limit=TRIM_BATCH))
             except Exception as exc:
                 log.error("cannot trim the event history: %s", exc)
-            else:
-                if removed:
-                    log.debug("trimmed %d events older than the history", removed)
-            await asyncio.sleep(TRIM_EVERY)
+                removed = 0
+            if removed:
+                log.debug("trimmed %d events older than the history", removed)
+            # A big backlog goes in small transactions, so mail never waits long for one.
+            await asyncio.sleep(0.1 if removed == TRIM_BATCH else TRIM_EVERY)

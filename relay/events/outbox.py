@@ -56,8 +56,10 @@ def append(db: sqlite3.Connection, events: Iterable[Event]) -> None:
         message_id = event.message_id
         if message_id is None:
             row = db.execute(
-                "SELECT message_id FROM event WHERE queue_id = ? AND type = 'received' "
-                "LIMIT 1", (event.queue_id,)).fetchone() if event.queue_id else None
+                # The column is lower case for lookups; the record keeps what was sent.
+                "SELECT json_extract(data, '$.message_id') FROM event WHERE queue_id = ? "
+                "AND type = 'received' LIMIT 1", (event.queue_id,)).fetchone() \
+                if event.queue_id else None
             message_id = row[0] if row else ""
         db.execute(
             "INSERT INTO event (type, time, queue_id, message_id, recipient, data) "
@@ -123,14 +125,14 @@ def seq_before(db: sqlite3.Connection, cutoff: float, keep: int, seq: int,
     return new
 
 
-def trim(db: sqlite3.Connection, cutoff: float) -> int:
-    """Forget events older than `cutoff` that every sink has delivered and whose message
-    has left the queue; returns how many."""
+def trim(db: sqlite3.Connection, cutoff: float, limit: int) -> int:
+    """Forget up to `limit` events older than `cutoff` that every sink has delivered and
+    whose message has left the queue; returns how many."""
     floor = db.execute("SELECT MIN(seq) FROM sink_position").fetchone()[0]
     cursor = db.execute(
-        "DELETE FROM event WHERE time < ? AND seq <= ? AND queue_id NOT IN "
-        "(SELECT id FROM message)",
-        (cutoff, floor if floor is not None else 1 << 62),
+        "DELETE FROM event WHERE seq IN (SELECT seq FROM event WHERE time < ? AND seq <= ? "
+        "AND queue_id NOT IN (SELECT id FROM message) LIMIT ?)",
+        (cutoff, floor if floor is not None else 1 << 62, limit),
     )
     return cursor.rowcount
 
