@@ -75,7 +75,7 @@ async def test_anything_but_2xx_is_an_error_to_retry():
     server, _ = await serve("500 Internal Server Error", None)
     port = server.sockets[0].getsockname()[1]
     try:
-        with pytest.raises(webhook.WebhookError, match="answered HTTP/1.1 500"):
+        with pytest.raises(webhook.WebhookError, match=r"answered HTTP/1\.1 500"):
             await webhook.post(f"http://127.0.0.1:{port}/", b"{}", {}, 5.0)
     finally:
         server.close()

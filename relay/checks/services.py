@@ -87,6 +87,7 @@ class SessionChecks:
         self.dmarc_outcome: DmarcOutcome | None = None
         self.dmarc_outbound_outcome: DmarcOutcome | None = None
         self._charges: dict[tuple[str, str], LimitCharge] = {}
+        self._suppressed: dict[str, str] = {}  # recipient -> date suppressed, or ""
 
     def new_transaction(self) -> None:
         """MAIL FROM: the SPF identity and the per-message and per-recipient charges reset;
@@ -96,6 +97,7 @@ class SessionChecks:
         self.dkim_outcome = None
         self.dmarc_outcome = None
         self.dmarc_outbound_outcome = None
+        self._suppressed = {}
         self._charges = {k: v for k, v in self._charges.items() if k[1] == "session"}
 
     async def spf(self, facts: Facts) -> str:
@@ -226,9 +228,12 @@ class SessionChecks:
         return charge.over, charge.retry_after
 
     async def suppressed(self, address: str) -> str:
-        suppression = self.services.suppression
-        entry = await suppression.lookup(address) if suppression is not None else None
-        return "" if entry is None else _day(entry.added)
+        # Asked at RCPT and again by the walk at DATA: one lookup per transaction.
+        if address not in self._suppressed:
+            suppression = self.services.suppression
+            entry = await suppression.lookup(address) if suppression is not None else None
+            self._suppressed[address] = "" if entry is None else _day(entry.added)
+        return self._suppressed[address]
 
     def backend_failed(self, name: str) -> bool:
         return any(c.backend_error and c.over for (n, _), c in self._charges.items() if n == name)

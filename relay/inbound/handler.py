@@ -76,7 +76,6 @@ class InboundHandler:
             on_decision=lambda stage, d: context.metrics.decision(stage, d.rule, d.action),
             on_refusal=lambda refusal: self._refused(client, refusal),
             on_unsigned=lambda why: context.metrics.dkim_unsigned(),
-            trace=True,  # the walks go into the history `policy-relay trace` shows
         )
 
     async def handle_PROXY(

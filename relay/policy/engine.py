@@ -93,7 +93,8 @@ class Decision:
     action: accept, reject, tempfail, hold, discard, or continue (nothing terminal decided at
     this stage). reply: what the client should hear for reject/tempfail; for accept/hold/
     discard only a rule's custom 2xx `message` (meant for the end-of-DATA reply), else None.
-    rule: the deciding rule's name, "final_action", or "" for continue.
+    rule: the deciding rule's name, "final_action", or "" for continue. passed: the
+    non-terminal rules (tag, route, log) that matched on the way, in order.
     """
 
     action: str
@@ -103,6 +104,7 @@ class Decision:
     route: str | None = None
     would: tuple[tuple[str, str], ...] = ()
     trace: tuple[str, ...] = ()
+    passed: tuple[str, ...] = ()
 
     @property
     def refused(self) -> bool:
@@ -416,6 +418,7 @@ async def evaluate(
     headers: list[tuple[str, str]] | None = None
     would: list[tuple[str, str]] | None = None
     route: str | None = None
+    passed: list[str] = []
 
     def decision(action: str, reply: Reply | None, rule: str) -> Decision:
         return Decision(
@@ -426,6 +429,7 @@ async def evaluate(
             route,
             tuple(would) if would else (),
             tuple(lines) if lines else (),
+            tuple(passed),
         )
 
     for rule in policy.rules:
@@ -463,6 +467,7 @@ async def evaluate(
                 lines.append(f"{label}: matched" + (f": {reply}" if reply else ""))
             return decision(rule.action, reply, rule.name)
 
+        passed.append(rule.name)
         if rule.action == "tag":
             headers = headers if headers is not None else []
             for name, template in rule.add_headers:

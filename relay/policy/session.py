@@ -121,7 +121,8 @@ class PolicySession:
         self._trace = trace
         # The walk of the last stage (None when the server refused before the policy).
         self.last_decision: Decision | None = None
-        # With trace: the walks of this transaction (and of connect and helo before it).
+        # The walks of this transaction (and of connect and helo before it), for the
+        # message's history.
         self.walks: list[tuple[str, Decision]] = []
 
     # -- the walk ---------------------------------------------------------------------
@@ -146,8 +147,7 @@ class PolicySession:
                 log.info("%s: rule=%s %s", stage, rule, would)
         if self._on_decision is not None:
             self._on_decision(stage, decision)
-        if self._trace:
-            self.walks.append((stage, decision))
+        self.walks.append((stage, decision))
         self.last_decision = decision
         return decision
 
@@ -357,15 +357,21 @@ class PolicySession:
 
 
 def trace_lines(walks: list[tuple[str, Decision]], limit: int = 300) -> list[str]:
-    """The walks of a transaction as `policy-relay test` prints them, stage by stage; at
-    most `limit` lines (a message to a thousand recipients has a thousand RCPT walks)."""
+    """The rules that matched in each walk of a transaction, stage by stage, worded as
+    `policy-relay test` words them (its report also says why each other rule did not
+    match); at most `limit` lines (a message to a thousand recipients has a thousand
+    RCPT walks)."""
     lines = []
     for stage, decision in walks:
         lines.append(f"{stage}:")
-        lines.extend(f"  {line}" for line in decision.trace)
+        lines.extend(f'  rule "{name}": matched' for name in decision.passed)
         lines.extend(f'  log: rule "{rule}" {text}' for rule, text in decision.would)
-        lines.append(f"  -> {decision.action}" + (f" (rule {decision.rule})"
-                                                   if decision.rule else ""))
+        if decision.rule and decision.rule != "final_action":
+            reply = f": {decision.reply}" if decision.reply is not None else ""
+            lines.append(f'  rule "{decision.rule}" [{decision.action}]: matched{reply}')
+        elif decision.rule:
+            lines.append(f"  no terminal rule matched: final_action {decision.action}")
+        lines.append(f"  -> {decision.action}")
     if len(lines) > limit:
         lines[limit - 1:] = [f"... {len(lines) - limit + 1} more lines"]
     return lines
