@@ -36,12 +36,20 @@ def discarded(queue_id: str, envelope: Envelope, message_id: str, rule: str) -> 
                                       "recipients": list(envelope.recipients)})
 
 
-def attempt(message: QueuedMessage, recipient: str, status: str, reply: str, **details: object
-            ) -> Event:
-    """One recipient's result: sent, deferred, bounced (or failed without a bounce), expired."""
-    return Event(status, message.id, message.sender, recipient, message.client_address,
+def attempt(message: QueuedMessage, recipient: str, kind: str, reply: str, relay: str,
+            tls: str, next_attempt: float, dsn: bool) -> Event:
+    """One recipient's result: sent, deferred, bounced or expired."""
+    details: dict[str, object] = {"reply": reply, "attempts": message.attempts + 1,
+                                  "relay": relay}
+    if kind == "sent":
+        details["tls"] = tls
+    elif kind == "deferred":
+        details["next_attempt"] = next_attempt
+    else:  # bounced or expired: whether a bounce goes to the sender
+        details["dsn"] = dsn
+    return Event(kind, message.id, message.sender, recipient, message.client_address,
                  message.sasl_username, message.listener, message.received_at,
-                 details={"reply": reply, "attempts": message.attempts + 1, **details})
+                 details=details)
 
 
 def operator(kind: str, message: QueuedMessage, by: str = "operator") -> Event:

@@ -141,7 +141,6 @@ class Delivery:
     ) -> None:
         self.metrics = metrics or Metrics()
         self.suppression = suppression
-        self.suppression_settings = settings.suppression
         self.spool = spool
         self.settings = settings
         self.upstreams = upstreams
@@ -501,25 +500,21 @@ class Delivery:
         for rcpt, result, via in zip(message.pending, results, vias, strict=True):
             reply = str(result.reply)
             if result.accepted:
-                state, status = "sent", "sent"
-                events.append(outcomes_of.attempt(message, rcpt.address, "sent", reply,
-                                                  relay=via.relay, tls=via.tls))
+                state, status, event = "sent", "sent", "sent"
             elif result.permanent or expired:
                 if not result.permanent:
                     reply = f"4.4.7 queue lifetime expired; last reply: {reply}"
                 state, status = "failed", "bounced" if bounce_them else "failed"
+                event = "bounced" if result.permanent else "expired"
                 failures.append(bounce.Failure(rcpt.address, result.reply, via.remote_mta,
                                                expired=not result.permanent))
-                events.append(outcomes_of.attempt(
-                    message, rcpt.address, "bounced" if result.permanent else "expired",
-                    reply, relay=via.relay, dsn=bounce_them))
-                if result.permanent and self.suppression_settings.suppresses(
+                if result.permanent and self.settings.suppression.suppresses(
                         result.reply.status):
                     suppress.append((rcpt.address, reply))
             else:
-                state, status = "pending", "deferred"
-                events.append(outcomes_of.attempt(message, rcpt.address, "deferred", reply,
-                                                  relay=via.relay, next_attempt=retry_at))
+                state, status, event = "pending", "deferred", "deferred"
+            events.append(outcomes_of.attempt(message, rcpt.address, event, reply, via.relay,
+                                              via.tls, retry_at, bounce_them))
             outcomes.append(Outcome(rcpt.position, state, reply))  # type: ignore[arg-type]
             version, _, cipher = via.tls.partition(" ")
             tls = f", tls={version}, cipher={cipher}" if via.tls else ""
@@ -577,8 +572,9 @@ class Delivery:
     async def _suppress(self, queue_id: str, recipients: list[tuple[str, str]]) -> None:
         """[suppression]: a recipient whose address failed permanently is refused at
         RCPT from now on (until it expires or an operator removes it)."""
-        for address, reply in recipients if self.suppression is not None else ():
-            assert self.suppression is not None
+        if self.suppression is None:
+            return
+        for address, reply in recipients:
             try:
                 await self.suppression.add(address, "bounce", reply)
             except SuppressionError as exc:
