@@ -405,3 +405,32 @@ secret_file = "{env.directory / 'hook.secret'}"
                              "LIMIT 1").fetchone()
         assert row is not None, f"no mail went through {path}"
         assert f"Message-ID <{row[0]}>" in cli(env.relay, "trace", row[0])
+
+
+def test_a_fleet_shares_the_suppression_list_in_redis(tmp_path: Path, sink: Sink):
+    redisserver = pytest.importorskip("redisserver")
+    redis = redisserver.RedisServer()
+    redis.start()
+    relays: list[RelayProcess] = []
+    try:
+        sink.handler.rcpt_replies["gone@dest.test"] = "550 5.1.1 No such user"
+        shared = f'\n[suppression]\nbackend = "redis"\nredis_url = "{redis.url}"\n'
+        for name in ("one", "two"):  # two relays, each with its own spool
+            directory = tmp_path / name
+            directory.mkdir()
+            port = free_port()
+            relays.append(RelayProcess(directory, relay_config(
+                sink.port, port, directory / "spool",
+                f'policies_dir = "{ROOT / "policies"}"') + shared, port).start())
+        one, two = relays
+        send(one, "app@app.test", ["gone@dest.test"], message("fleet-1@app.test"))
+        wait_until(lambda: "suppressed (550 5.1.1" in one.log_text(), 20, "the suppression")
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            send(two, "app@app.test", ["gone@dest.test"], message("fleet-2@app.test"))
+        assert "gone@dest.test" in cli(two, "suppress", "list")
+        cli(two, "suppress", "remove", "gone@dest.test")
+        assert send(one, "app@app.test", ["gone@dest.test"], message("fleet-3@app.test")) == {}
+    finally:
+        for relay in relays:
+            relay.stop()
+        redis.stop()
