@@ -142,13 +142,14 @@ async def _import(listed: SuppressionList, name: str) -> int:
             try:
                 item = json.loads(line) if line.startswith("{") else {"address": line}
                 address = str(item["address"])
+                added = float(item["added"]) if "added" in item else None
             except (ValueError, KeyError, TypeError):
                 print(f"{name}:{number}: expected an address or a JSON object with "
                       f"\"address\", got {line[:80]!r}", file=sys.stderr)
                 status = 1
                 continue
             await listed.add(address, str(item.get("reason", "import")),
-                             str(item.get("reply", "")), item.get("added"))
+                             str(item.get("reply", "")), added)
             count += 1
     print(f"{count} addresses imported")
     return status
