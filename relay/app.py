@@ -16,7 +16,7 @@ from relay import config
 from relay.checks.services import CheckServices
 from relay.config import Settings
 from relay.events.drain import Drain
-from relay.events.suppression import open_list
+from relay.events.suppression import SuppressionError, open_list
 from relay.inbound.budget import DataBudget
 from relay.inbound.connlimits import ConnectionLimits
 from relay.inbound.context import ListenerContext
@@ -41,6 +41,7 @@ STOP_DEADLINE = 10.0
 
 
 EX_UNAVAILABLE = 69  # sysexits.h
+EX_CANTCREAT = 73
 
 
 class StartupError(Exception):
@@ -117,6 +118,11 @@ class Relay:
         await self.spool.open()
         queued = await self.spool.count()
         await self.drain.start()
+        try:
+            await self.suppression.prepare()
+        except SuppressionError as exc:
+            raise StartupError(f"cannot open the suppression list: {exc}",
+                               EX_CANTCREAT) from None
         if self.link is not None:
             await self.link.open()
         for listener in self.settings.listeners:

@@ -188,6 +188,13 @@ def test_webhook_receives_every_event_type_with_valid_signatures(env: Env):
     assert refusal["reply"].startswith("550 5.1.1")
     bounced = by_message["bounced-1@app.test"]
     assert bounced[-1]["type"] == "bounced" and bounced[-1]["reply"].startswith("550 5.1.1")
+    # The notification to the sender is a message of the relay's own, with its events.
+    notice = f"{bounced[0]['queue_id']}.dsn@relay.test"
+    wait_until(lambda: any(e["message_id"] == notice and e["type"] == "sent"
+                           for e in env.receiver.received()), 20, "the bounce's delivery")
+    [made] = [e for e in env.receiver.received()
+              if e["message_id"] == notice and e["type"] == "received"]
+    assert (made["rule"], made["sender"], made["recipients"]) == ("bounce", "", ["app@app.test"])
     expired = [e["type"] for e in by_message["expired-1@app.test"]]
     assert expired[0] == "received" and expired[-1] == "expired" and "deferred" in expired
     assert [e["type"] for e in by_message["released-1@app.test"]] == [

@@ -85,6 +85,11 @@ class LocalList:
             self._db = db
         return self._db
 
+    async def prepare(self) -> None:
+        """Create suppression.db now, as the relay's user: a list first written by
+        `policy-relay suppress` run as root would not be the relay's to write."""
+        await self._run(lambda: self.db)
+
     async def lookup(self, address: str) -> Entry | None:
         """Asked at every RCPT, so answered on the event loop itself: a primary-key read
         of a local WAL database never waits for a writer and takes a few microseconds,
@@ -158,6 +163,9 @@ class RedisList:
 
     def __repr__(self) -> str:
         return f"<RedisList {self.prefix}*>"
+
+    async def prepare(self) -> None:
+        """Nothing to create: Redis keys come and go by themselves."""
 
     async def lookup(self, address: str) -> Entry | None:
         try:

@@ -545,7 +545,9 @@ class Delivery:
         try:
             if result.dsn is not None:
                 dsn_id, envelope, dsn = result.dsn
-                await self.spool.store(dsn_id, envelope, dsn)
+                await self.spool.store(dsn_id, envelope, dsn, outcomes_of.received(
+                    dsn_id, envelope, bounce.message_id(message.id, self.settings.smtp_hostname),
+                    len(dsn), "bounce", [f"the relay's notification about {message.id}"]))
                 log.info("%s: sender non-delivery notification: %s", message.id, dsn_id)
                 result.dsn = None
             new_state = await self.spool.record_attempt(
