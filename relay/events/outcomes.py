@@ -30,6 +30,7 @@ def refused(stage: str, reply: str, rule: str, client_address: str, listener: st
 
 
 def discarded(queue_id: str, envelope: Envelope, message_id: str, rule: str) -> Event:
+    """A message taken and dropped by a discard rule: nothing was stored."""
     return Event("discarded", queue_id, envelope.sender, None, envelope.client_address,
                  envelope.sasl_username, envelope.listener, envelope.received_at,
                  message_id, details={"rule": rule,
