@@ -109,6 +109,12 @@ retry_schedule = ["1m", "5m"]
 
 [ratelimit]
 redis_url = "redis://relay:hunter2@10.0.0.5:6379/0"
+
+[[events.sink]]
+name = "fleet"
+type = "redis"
+url = "redis://relay:hunter2@10.0.0.5:6379/1"
+events = ["bounced"]
 """
 
 
