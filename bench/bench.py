@@ -47,6 +47,7 @@ SINK = "/usr/sbin/smtp-sink"
 SOURCE = "/usr/sbin/smtp-source"
 POSTFIX = "/usr/sbin/postfix"
 LOOPBACK = "127.0.0.1"
+WEBHOOK = "policy-relay + webhook"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -235,8 +236,35 @@ def connection_caps(args: argparse.Namespace) -> str:
     return _CAPS["v"]
 
 
+class Receiver:
+    """bench/receiver.py: a webhook endpoint in its own process, checking signatures."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir()
+        self.port = free_port()
+        self.secret = directory / "webhook.secret"
+        self.secret.write_text("bench-secret\n")
+        self.counts = directory / "webhook-counts.json"
+        self.proc = OWNED.start([sys.executable, str(BENCH_DIR / "receiver.py"), str(self.port),
+                                 str(self.secret), str(self.counts)])
+        wait_tcp(self.port, self.proc)
+
+    def sink_config(self) -> str:
+        return ("[[events.sink]]\n"
+                'name = "bench"\n'
+                'type = "webhook"\n'
+                f'url = "http://{LOOPBACK}:{self.port}/events"\n'
+                f'secret_file = "{self.secret}"\n')
+
+    def stop(self) -> dict[str, int]:
+        OWNED.stop(self.proc)
+        counts: dict[str, int] = json.loads(self.counts.read_text())
+        return counts
+
+
 class Relay:
-    def __init__(self, workdir: Path, name: str, sink_port: int, args: argparse.Namespace) -> None:
+    def __init__(self, workdir: Path, name: str, sink_port: int, args: argparse.Namespace,
+                 extra: str = "") -> None:
         self.port = free_port()
         self.dir = workdir / f"relay-{name}"
         self.dir.mkdir()
@@ -258,6 +286,7 @@ class Relay:
             "[queue]\n"
             f'spool_dir = "{self.dir / "spool"}"\n'
             f"{tuned['queue']}"
+            f"{extra}"
         )
         self.log_path = self.dir / "relay.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115
@@ -727,7 +756,7 @@ def fmt(x: float | None, spec: str = ".0f") -> str:
 
 
 TARGETS = {"direct": "smtp-sink direct", "postfix": "postfix", "haraka": "haraka",
-           "relay": "policy-relay"}
+           "relay": "policy-relay", "relay-webhook": WEBHOOK}
 
 
 async def measure(target: str, workdir: Path, name: str, args: argparse.Namespace,
@@ -761,10 +790,18 @@ async def measure(target: str, workdir: Path, name: str, args: argparse.Namespac
             hk.stop()
             r.notes.append(haraka.NOTE)
             return r
-        relay = Relay(workdir, name, sink.port, args)
+        # relay-webhook: a webhook sink takes every event, to a receiver on loopback.
+        receiver = Receiver(workdir / f"receiver-{name}") if target == "relay-webhook" \
+            else None
+        relay = Relay(workdir, name, sink.port, args,
+                      receiver.sink_config() if receiver is not None else "")
         spy = await start_spy(workdir, relay.pid, name) if profile else None
         r = await drive(label, relay.port, sink, args, relay_pid=relay.pid)
         stop_spy(spy)
+        if receiver is not None:
+            # What the receiver has when the last message reached the sink: events lag
+            # mail by design, so this is not all of them.
+            r.notes.append(f"webhook: {receiver.stop()} when delivery ended")
         left = relay.stop()
         acc, sent, other = relay.log_counts()
         r.notes.append(f"relay log: {acc} accepted, {sent} sent, {other} deferred/failed; "
@@ -820,6 +857,12 @@ def report(results: dict[str, list[LoadResult]], mem: dict[str, object] | None,
         "smtp-sink direct", "postfix", "haraka", "policy-relay"))
     if rl_b is not None:
         L += ["| ratio | value |", "|---|---|"]
+        # Runs alternate (relay, relay + webhook, relay, ...): compare each pair.
+        pairs = zip(results.get("policy-relay", []), results.get(WEBHOOK, []), strict=False)
+        for i, (plain, hooked) in enumerate(pairs):
+            if plain.rate and hooked.rate:
+                L.append(f"| run {i + 1}: policy-relay + webhook sink / policy-relay | "
+                         f"{hooked.rate / plain.rate:.3f} |")
         if sink_b:
             L.append(f"| policy-relay / smtp-sink direct | {rl_b.rate / sink_b.rate:.3f} |")
         for other, name in ((pf_b, "Postfix"), (hk_b, "Haraka")):
@@ -879,7 +922,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-messages", type=int, default=500,
                    help="most messages the aiosmtplib latency client sends during the load")
     p.add_argument("--targets", default="direct,postfix,haraka,relay",
-                   help="comma list of direct, postfix, haraka, relay")
+                   help="comma list of direct, postfix, haraka, relay, relay-webhook (the "
+                   "relay with a webhook sink taking every event, to a receiver on loopback)")
     p.add_argument("--repeat", type=int, default=1, help="run every target this many times")
     # Unset, each is the relay's shipped default: the headline figure is for what a
     # sysadmin runs. Set, the report labels the run "tuned".

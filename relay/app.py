@@ -15,6 +15,8 @@ from pathlib import Path
 from relay import config
 from relay.checks.services import CheckServices
 from relay.config import Settings
+from relay.events.drain import Drain
+from relay.events.suppression import SuppressionError, open_list
 from relay.inbound.budget import DataBudget
 from relay.inbound.connlimits import ConnectionLimits
 from relay.inbound.context import ListenerContext
@@ -39,6 +41,7 @@ STOP_DEADLINE = 10.0
 
 
 EX_UNAVAILABLE = 69  # sysexits.h
+EX_CANTCREAT = 73
 
 
 class StartupError(Exception):
@@ -55,7 +58,8 @@ class Relay:
 
     What SIGHUP changes: policies, lists, limits (their buckets survive when unchanged),
     the [server] limits and checks settings for new sessions, and TLS certificates.
-    Listeners, the spool directory and upstream pools keep the values they started with.
+    Listeners, the spool directory, upstream pools, event sinks and the suppression list
+    keep the values they started with.
     """
 
     def __init__(
@@ -71,12 +75,14 @@ class Relay:
         self.link = Link(place.hub, place.worker) if place else None
         self.metrics = Metrics()
         self.notifier = Notifier.from_environment()
-        self.services = CheckServices(
-            settings.checks, dict(loaded.policy.limits), self.metrics, self.link
-        )
+        # One suppression list for every worker: suppression.db in the spool root, or Redis.
+        self.suppression = open_list(settings.suppression, settings.spool_path)
+        self.services = self._services(loaded)
         self.spool = Spool(spool_shard(settings, self.worker))
+        self.drain = Drain(self.spool, settings.events, self.metrics)
         self.upstreams = Upstreams(settings)
-        self.delivery = Delivery(self.spool, settings, self.upstreams, metrics=self.metrics)
+        self.delivery = Delivery(self.spool, settings, self.upstreams, metrics=self.metrics,
+                                 suppression=self.suppression)
         self.control = ControlServer(
             self.spool, self.delivery.wake,
             place.control if place else settings.ops.control_socket_path,
@@ -97,6 +103,10 @@ class Relay:
     def settings(self) -> Settings:
         return self.runtime.settings
 
+    def _services(self, loaded: Runtime) -> CheckServices:
+        return CheckServices(loaded.settings.checks, dict(loaded.policy.limits), self.metrics,
+                             self.link, self.suppression)
+
     def current(self) -> Runtime:
         """The snapshot a new session starts with (swapped whole on reload)."""
         return self.runtime
@@ -107,6 +117,12 @@ class Relay:
     async def start(self) -> None:
         await self.spool.open()
         queued = await self.spool.count()
+        await self.drain.start()
+        try:
+            await self.suppression.prepare()
+        except SuppressionError as exc:
+            raise StartupError(f"cannot open the suppression list: {exc}",
+                               EX_CANTCREAT) from None
         if self.link is not None:
             await self.link.open()
         for listener in self.settings.listeners:
@@ -175,6 +191,7 @@ class Relay:
     async def _refresh_metrics(self) -> None:
         groups = self.upstreams.groups
         await self.metrics.refresh(self.spool, {n: g.hosts for n, g in groups.items()})
+        await self.drain.refresh_metrics()
         for name, group in groups.items():
             self.metrics.upstream_up(name, group.up)
 
@@ -198,9 +215,7 @@ class Relay:
     async def _swap(self, new: Runtime) -> None:
         if new.settings.checks != self.settings.checks:
             # New resolver or Redis settings: new services (in-memory buckets restart).
-            old, self.services = self.services, CheckServices(
-                new.settings.checks, dict(new.policy.limits), self.metrics, self.link
-            )
+            old, self.services = self.services, self._services(new)
             await old.close()
         else:
             await self.services.limiter.reload(new.policy.limits.values())
@@ -244,6 +259,8 @@ class Relay:
                 self.http.close()
             await self.upstreams.close()
             await self.services.close()
+            await self.drain.stop()
+            await self.suppression.close()
             await self.spool.close()
             if self.link is not None:
                 await self.link.close()

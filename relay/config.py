@@ -17,6 +17,12 @@ from typing import Any
 
 from relay.address import problem
 from relay.checks.settings import CheckSettings, read_check_settings
+from relay.events.settings import (
+    EventSettings,
+    SuppressionSettings,
+    read_events,
+    read_suppression,
+)
 from relay.inbound.listeners import DEFAULT_LISTEN, ListenerSettings, read_listeners
 from relay.inbound.settings import InboundSettings, read_inbound
 from relay.ipaddr import LOOPBACK_NETWORKS, IPNetwork
@@ -44,6 +50,8 @@ class Settings:
     queue: QueueSettings = field(default_factory=QueueSettings)
     checks: CheckSettings = field(default_factory=CheckSettings)
     ops: OpsSettings = field(default_factory=OpsSettings)
+    events: EventSettings = field(default_factory=EventSettings)
+    suppression: SuppressionSettings = field(default_factory=SuppressionSettings)
     log_level: str = "info"
     log_format: str = "text"
     source: str = "<embedded defaults>"
@@ -135,6 +143,8 @@ def _read(root: Table, source: str) -> Settings:
         queue=read_queue(root.table("queue")),
         checks=read_check_settings(root),
         ops=read_ops(root),
+        events=read_events(root),
+        suppression=read_suppression(root),
         log_level=log.string("level", base.log_level, ("debug", "info", "warning", "error")),
         log_format=log.string("format", base.log_format, ("text", "json")),
         source=source,

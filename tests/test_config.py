@@ -63,7 +63,7 @@ def test_check_reports_each_broken_config(case: str):
 def test_check_accepts_the_shipped_config():
     result = run_cli("check", "--config", "config.toml")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"config.toml: ok\n{ROOT / 'policies'}: ok (8 rules)\n"
+    assert result.stdout == f"config.toml: ok\n{ROOT / 'policies'}: ok (9 rules)\n"
 
 
 def test_version():
@@ -109,6 +109,12 @@ retry_schedule = ["1m", "5m"]
 
 [ratelimit]
 redis_url = "redis://relay:hunter2@10.0.0.5:6379/0"
+
+[[events.sink]]
+name = "fleet"
+type = "redis"
+url = "redis://relay:hunter2@10.0.0.5:6379/1"
+events = ["bounced"]
 """
 
 

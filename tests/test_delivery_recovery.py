@@ -152,14 +152,15 @@ class FailingSpool(Spool):
         self.refused = 0
 
     async def record_attempt(
-        self, queue_id: str, outcomes: object, next_attempt: float, last_error: str
+        self, queue_id: str, outcomes: object, next_attempt: float, last_error: str,
+        events: object = (),
     ) -> object:
         if self.failures > 0:
             self.failures -= 1
             self.refused += 1
             raise SpoolError("database or disk is full")
         return await super().record_attempt(queue_id, outcomes,  # type: ignore[arg-type]
-                                            next_attempt, last_error)
+                                            next_attempt, last_error, events)  # type: ignore[arg-type]
 
 
 async def test_an_accepted_recipient_is_sent_once_while_the_spool_cannot_record_it(

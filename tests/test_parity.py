@@ -186,6 +186,12 @@ action = "tempfail"
 # --- rcpt -----------------------------------------------------------------------------------
 
 [[rule]]
+name = "suppressed"
+match.suppressed = true
+action  = "reject"
+message = "550 5.1.1 <{recipient}>: suppressed since {suppressed}"
+
+[[rule]]
 name = "unknown-user"
 match.recipient = ["nobody@dest.test", "*@gone.dest.test"]
 action  = "reject"
@@ -439,6 +445,7 @@ QUEUED = "250 2.0.0"
 DENIED = "554 5.7.1"
 LIVE = ("--live-checks",)
 ONE = ("b@dest.test",)
+SUPPRESSED = "bounced@dest.test"
 
 CASES: list[Case] = [
     # --- who may relay: client_address, listener, the final action --------------------------
@@ -566,6 +573,21 @@ CASES: list[Case] = [
          ("ok@dest.test", "nobody@dest.test", "x@busy.test", "root", "ok2@dest.test"),
          "accept", QUEUED, (OK_RCPT, "550 5.1.1", "451 4.7.1", "501 5.1.3", OK_RCPT)),
     # --- recipient, recipient_domain, recipient_count, max_recipients -----------------------
+    # --- suppressed: the live relay and --live-checks read the same suppression.db ---------
+    Case("suppressed-recipient-refused-at-rcpt", "app@example.test", (SUPPRESSED,),
+         "reject", "550 5.1.1", ("550 5.1.1",), rule="suppressed", flags=LIVE),
+    Case("suppressed-recipient-any-case", "app@example.test", (SUPPRESSED.upper(),),
+         "reject", "550 5.1.1", ("550 5.1.1",), rule="suppressed", flags=LIVE),
+    Case("suppressed-refused-for-a-stranger-too", "app@example.test", (SUPPRESSED,),
+         "reject", "550 5.1.1", ("550 5.1.1",), rule="suppressed", client="203.0.113.9",
+         flags=LIVE),
+    Case("suppressed-one-of-two-recipients", "app@example.test", ("a@dest.test", SUPPRESSED),
+         "accept", QUEUED, (OK_RCPT, "550 5.1.1"), rule="relay-networks", flags=LIVE),
+    Case("suppressed-given-on-the-command-line", "app@example.test", (SUPPRESSED,),
+         "reject", "550 5.1.1", ("550 5.1.1",), rule="suppressed",
+         flags=("--suppressed", SUPPRESSED)),
+    Case("unsuppressed-recipient-accepted", "app@example.test", ("kept@dest.test",),
+         "accept", QUEUED, (OK_RCPT,), rule="relay-networks", flags=LIVE),
     Case("rcpt-unknown-user", "app@example.test", ("nobody@dest.test",), "reject",
          "550 5.1.1", ("550 5.1.1",), rule="unknown-user"),
     Case("rcpt-glob-unknown-user", "app@example.test", ("Someone@GONE.dest.test",), "reject",
@@ -796,6 +818,8 @@ def parity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Parity]:
         stack.callback(sink.stop)
         ports = {"smtp": free_port(), "lb": free_port()}
         relay = RelayProcess(directory, config_text(directory, sink, dns, ports), ports["smtp"])
+        added = run_cli("suppress", "add", SUPPRESSED, "--config", str(relay.config))
+        assert added.returncode == 0, added.stderr
         stack.callback(relay.stop)
         relay.start()
         wait_until(lambda: port_open(ports["lb"]), 10, "the lb listener")
@@ -900,7 +924,7 @@ def test_the_table_is_big_and_covers_every_field_and_action():
     assert fields == {"client_address", "listener", "tls", "helo_name", "sasl_username",
                       "sender", "sender_domain", "recipient", "recipient_domain",
                       "recipient_count", "size", "header", "spf", "dkim", "dkim_domain",
-                      "over_limit"}
+                      "over_limit", "suppressed"}
     assert {rule["action"] for rule in rules} == {
         "accept", "reject", "tempfail", "defer", "hold", "discard", "tag", "route", "log",
         "rewrite_sender", "rewrite_recipient", "rewrite_header_from", "archive", "strip"}

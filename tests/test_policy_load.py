@@ -57,8 +57,8 @@ def test_shipped_policies_load_cleanly() -> None:
     assert policy.warnings == ()
     assert [r.name for r in policy.rules] == [
         "spf-fail-own-domain", "spf-temperror-own-domain", "spf-other-own-domain",
-        "dmarc-outbound-own-domain", "dkim-results", "relay-networks", "authenticated",
-        "app-servers",
+        "dmarc-outbound-own-domain", "dkim-results", "suppressed-recipients",
+        "relay-networks", "authenticated", "app-servers",
     ]
     assert policy.final_action == "reject"
     assert policy.delay_reject is True

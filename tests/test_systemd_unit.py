@@ -125,7 +125,7 @@ def test_system_install_into_a_temporary_root(tmp_path: Path) -> None:
     check = subprocess.run([str(binary), "check", "--config", str(config)],
                            capture_output=True, text=True, timeout=60, check=False)
     assert check.returncode == 0, check.stderr
-    assert check.stdout.splitlines()[1] == f"{etc / 'policies'}: ok (8 rules)"
+    assert check.stdout.splitlines()[1] == f"{etc / 'policies'}: ok (9 rules)"
     unit = root / "etc" / "systemd" / "system" / "policy-relay.service"
     assert unit.read_text() == UNIT.read_text()
     if ANALYZE is None:

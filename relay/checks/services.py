@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from relay.checks.dns import Resolver
 from relay.checks.ratelimit import Limiter, LimitSpec, redis_client
 from relay.checks.settings import CheckSettings
 from relay.checks.spf import SpfOutcome, check_spf
+from relay.events.suppression import SuppressionList
 from relay.headers import header_fields
 from relay.ops.metrics import Metrics
 from relay.policy.engine import Facts
@@ -28,8 +30,10 @@ class CheckServices:
     def __init__(
         self, settings: CheckSettings, limits: dict[str, LimitSpec],
         metrics: Metrics | None = None, shared: Link | None = None,
+        suppression: SuppressionList | None = None,
     ) -> None:
         self.settings = settings
+        self.suppression = suppression
         self.metrics = metrics
         self.resolver = Resolver(settings.dns)
         # pyspf blocks, one thread per evaluation. The pool is bounded (max_concurrent)
@@ -83,6 +87,7 @@ class SessionChecks:
         self.dmarc_outcome: DmarcOutcome | None = None
         self.dmarc_outbound_outcome: DmarcOutcome | None = None
         self._charges: dict[tuple[str, str], LimitCharge] = {}
+        self._suppressed: dict[str, str] = {}  # recipient -> date suppressed, or ""
 
     def new_transaction(self) -> None:
         """MAIL FROM: the SPF identity and the per-message and per-recipient charges reset;
@@ -92,6 +97,7 @@ class SessionChecks:
         self.dkim_outcome = None
         self.dmarc_outcome = None
         self.dmarc_outbound_outcome = None
+        self._suppressed = {}
         self._charges = {k: v for k, v in self._charges.items() if k[1] == "session"}
 
     async def spf(self, facts: Facts) -> str:
@@ -221,8 +227,20 @@ class SessionChecks:
             self._charges[(name, unit)] = charge
         return charge.over, charge.retry_after
 
+    async def suppressed(self, address: str) -> str:
+        # Asked at RCPT and again by the walk at DATA: one lookup per transaction.
+        if address not in self._suppressed:
+            suppression = self.services.suppression
+            entry = await suppression.lookup(address) if suppression is not None else None
+            self._suppressed[address] = "" if entry is None else _day(entry.added)
+        return self._suppressed[address]
+
     def backend_failed(self, name: str) -> bool:
         return any(c.backend_error and c.over for (n, _), c in self._charges.items() if n == name)
+
+
+def _day(when: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(when))
 
 
 def _passing(outcome: dkimlib.DkimOutcome) -> list[str]:

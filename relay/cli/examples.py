@@ -29,6 +29,13 @@ EXAMPLES = {
                    "--type ed25519 --key-directory /etc/policy-relay/dkim",
     "dkim check": "policy-relay dkim check --config /etc/policy-relay/config.toml",
     "config": "policy-relay config dump --changed --config /etc/policy-relay/config.toml",
+    "suppress": "policy-relay suppress list --config /etc/policy-relay/config.toml",
+    "suppress list": "policy-relay suppress list --json",
+    "suppress add": "policy-relay suppress add nobody@example.org --reason 'asked by app'",
+    "suppress remove": "policy-relay suppress remove user@example.org",
+    "suppress import": "policy-relay suppress import addresses.txt",
+    "suppress export": "policy-relay suppress export > suppressed.jsonl",
+    "trace": "policy-relay trace '<20261130.1234@app.example.com>'",
     "config dump": "policy-relay config dump --changed --config /etc/policy-relay/config.toml",
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 from relay import __version__, config, runtime
 from relay.cli import dkim as dkimcli
 from relay.cli.dkim import add_dkim_parser
+from relay.cli.events import add_event_parsers
 from relay.cli.examples import add_examples
 from relay.cli.queue import (
     add_limits_parser,
@@ -90,10 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="predicted outbound DMARC result to assume")
     test.add_argument("--over-limit", action="append", default=[], metavar="LIMIT",
                       help="treat this limit as exceeded (repeatable)")
+    test.add_argument("--suppressed", action="append", default=[], metavar="ADDRESS",
+                      help="treat this recipient as on the suppression list (repeatable)")
     test.add_argument("--live-checks", action="store_true",
                       help="run the relay's own checks: SPF and DKIM over the configured "
-                      "resolver, limits in fresh in-memory buckets (instead of --spf, "
-                      "--dkim and --over-limit)")
+                      "resolver, limits in fresh in-memory buckets, the real suppression "
+                      "list (instead of --spf, --dkim, --over-limit and --suppressed)")
     test.add_argument("--json", action="store_true",
                       help="print each command and its reply as one JSON object")
     test.add_argument("--cases", type=Path, metavar="FILE",
@@ -106,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.choices["dkim"].set_defaults(run=_dkim)
     add_queue_parser(commands).set_defaults(run=_queue)
     add_limits_parser(commands).set_defaults(run=_limits)
+    add_event_parsers(commands)
 
     ready = commands.add_parser(
         "ready", help="wait until the running relay serves (for scripts)",
@@ -213,10 +218,15 @@ def _test(args: argparse.Namespace) -> int:
     checks = StaticChecks(spf=args.spf, dkim=(args.dkim, ""),
                           over_limits=frozenset(args.over_limit), spf_helo=args.spf_helo,
                           dmarc=(args.dmarc, args.dmarc_policy),
-                          dmarc_outbound=args.dmarc_outbound)
+                          dmarc_outbound=args.dmarc_outbound,
+                          suppressed=dict.fromkeys(args.suppressed, _today()))
     outcome = run_dry(loaded, client, checks, live=args.live_checks)
     print(outcome.json() if args.json else outcome.text, end="\n" if args.json else "")
     return outcome.exit_status
+
+
+def _today() -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime())
 
 
 def _config_dump(args: argparse.Namespace) -> int:

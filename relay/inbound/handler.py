@@ -15,12 +15,13 @@ from aiosmtpd.smtp import Envelope, Session
 
 from relay import replies
 from relay.checks.services import SessionChecks
+from relay.events import outcomes
 from relay.headers import fold, header_safe
 from relay.inbound.context import ListenerContext
 from relay.inbound.protocol import RelaySMTP, client_address, declared_size
 from relay.ops.logs import refusal_line
 from relay.policy.rewrite import Copy
-from relay.policy.session import PolicySession, Refusal
+from relay.policy.session import PolicySession, Refusal, trace_lines
 from relay.queue.spool import Envelope as StoredEnvelope
 from relay.queue.spool import SpoolError, new_queue_id
 from relay.replies import Reply
@@ -79,7 +80,7 @@ class InboundHandler:
         return PolicySession(
             context.current, SessionChecks(context.services), client, self.listener.name,
             on_decision=lambda stage, d: context.metrics.decision(stage, d.rule, d.action),
-            on_refusal=lambda refusal: self._log_refusal(client, refusal),
+            on_refusal=lambda refusal: self._refused(client, refusal),
             on_unsigned=lambda why: context.metrics.dkim_unsigned(),
         )
 
@@ -149,18 +150,28 @@ class InboundHandler:
             hold=verdict.action == "hold",
             smtputf8=bool(envelope.smtp_utf8),
         )
+        msgid = message_id(verdict.message)
         if verdict.action == "discard":
             # Accepted and dropped, as the rule says; the client cannot tell.
             log.info("%s: client=[%s], from=<%s>, nrcpt=%d, rule=%s, discard",
                      queue_id, stored.client_address, stored.sender, len(stored.recipients),
                      verdict.rule)
+            context.spool.post([outcomes.discarded(queue_id, stored, msgid, verdict.rule)])
             return str(replies.queued(queue_id))
         received = received_header(session, envelope, policy.runtime.settings.smtp_hostname,
                                    queue_id, stored.received_at, stored.recipients)
         message = received + verdict.prepend + verdict.message
+        events = outcomes.received(queue_id, stored, msgid, len(message), verdict.rule,
+                                   trace_lines(policy.walks))
         copies = archive_copies(stored, verdict.copies)
+        copy_events = [
+            outcomes.received(copy_id, copy, msgid, len(message), archive.rule,
+                              [f"archive copy of {queue_id}"])
+            for (copy_id, copy), archive in zip(copies, verdict.copies, strict=True)
+        ]
         try:
-            await context.spool.store(queue_id, stored, message, copies)
+            await context.spool.store(queue_id, stored, message, events,
+                                      list(zip(copies, copy_events, strict=True)))
         except SpoolError:
             # The spool logs the condition when it starts and ends; one line per message.
             log.info("NOQUEUE: reject: DATA from [%s]: %s; spool write failed listener=%s",
@@ -173,7 +184,7 @@ class InboundHandler:
             "%s: client=[%s], from=<%s>, size=%d, nrcpt=%d, listener=%s%s, "
             "message_id=<%s>, rule=%s%s",
             queue_id, stored.client_address, stored.sender, len(message),
-            len(stored.recipients), self.listener.name, user, message_id(verdict.message),
+            len(stored.recipients), self.listener.name, user, msgid,
             verdict.rule, ", hold" if stored.hold else "",
         )
         for (copy_id, copy), archive in zip(copies, verdict.copies, strict=True):
@@ -199,12 +210,16 @@ class InboundHandler:
         if checks.dkim_outcome is not None:
             self.context.metrics.dkim_result(checks.dkim_outcome.result)
 
-    def _log_refusal(self, client: str, refusal: Refusal) -> None:
+    def _refused(self, client: str, refusal: Refusal) -> None:
+        rule = refusal.rule or server_rule(refusal.reply)
         log.info(refusal_line(
             refusal.stage, client, refusal.reply, sender=refusal.sender, helo=refusal.helo,
-            listener=self.listener.name, rule=refusal.rule or server_rule(refusal.reply),
+            listener=self.listener.name, rule=rule,
             recipient=refusal.recipient, detail=refusal.detail,
         ))
+        self.context.spool.post([outcomes.refused(
+            refusal.stage, str(refusal.reply), rule, client, self.listener.name,
+            refusal.sender, refusal.recipient, refusal.sasl_username)])
         metrics = self.context.metrics
         metrics.rejected(refusal.stage.lower(), refusal.reply.code)
         if refusal.limit is not None:

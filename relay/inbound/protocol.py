@@ -28,6 +28,7 @@ from aiosmtpd.smtp import (
 )
 
 from relay import replies
+from relay.events import outcomes
 from relay.headers import header_safe
 from relay.inbound.budget import DataBudget
 from relay.inbound.context import ListenerContext
@@ -624,6 +625,9 @@ class RelaySMTP(SMTP):
             helo=(facts.helo_name or "") if facts else "",
             listener=self.listener.name, rule=rule, detail=detail,
         ))
+        self.context.spool.post([outcomes.refused(
+            stage, str(reply), rule, client_address(self.session), self.listener.name,
+            facts.sender if facts else None, None, facts.sasl_username if facts else "")])
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self.tls_active:

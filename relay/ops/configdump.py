@@ -77,8 +77,8 @@ def redact(document: Any, key: str = "") -> Any:
     if isinstance(document, str) and document:
         if "password" in key and not key.endswith("_file"):
             return REDACTED
-        if key.endswith("_url"):
-            # redis://user:secret@host -> redis://user:<redacted>@host
+        if key.endswith("_url") or key == "url":
+            # redis://user:secret@host -> redis://user:<redacted>@host (also a sink's url)
             return re.sub(r"(//[^:/@]*:)[^@/]*@", rf"\1{REDACTED}@", document)
     return document
 

@@ -185,6 +185,20 @@ class Metrics:
             "relay_upstream_up", "1 while a host of the group is up: not marked down, not stalled.",
             ["upstream"], registry=r,
         )
+        self._events_pending = Gauge(
+            "relay_events_pending", "Events waiting for a sink.", ["sink"], registry=r
+        )
+        self._events_oldest = Gauge(
+            "relay_events_oldest_pending_age_seconds",
+            "Age of the oldest event waiting for a sink.", ["sink"], registry=r,
+        )
+        self._events_delivered = Counter(
+            "relay_events_delivered", "Events a sink took.", ["sink"], registry=r
+        )
+        self._events_dropped = Counter(
+            "relay_events_dropped", "Events dropped undelivered by [events] retention.",
+            ["sink"], registry=r,
+        )
         self._reload_ok = Gauge(
             "relay_config_last_reload_successful", "1 if the last reload succeeded.",
             registry=r,
@@ -254,6 +268,18 @@ class Metrics:
     def pool(self, upstream: str, idle: int, busy: int) -> None:
         self._pool.labels(_label(upstream), "idle").set(idle)
         self._pool.labels(_label(upstream), "busy").set(busy)
+
+    # -- events -----------------------------------------------------------------------
+
+    def event_backlog(self, sink: str, pending: int, oldest_age: float) -> None:
+        self._events_pending.labels(_label(sink)).set(pending)
+        self._events_oldest.labels(_label(sink)).set(max(0.0, oldest_age))
+
+    def events_delivered(self, sink: str, count: int) -> None:
+        self._events_delivered.labels(_label(sink)).inc(count)
+
+    def events_dropped(self, sink: str, count: int) -> None:
+        self._events_dropped.labels(_label(sink)).inc(count)
 
     # -- configuration ----------------------------------------------------------------
 

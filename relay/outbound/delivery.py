@@ -9,12 +9,15 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import formatdate
 
 import aiosmtplib
 
 from relay.config import Settings
+from relay.events import outcomes as outcomes_of
+from relay.events.event import Event
+from relay.events.suppression import SuppressionError, SuppressionList
 from relay.ipaddr import client_ip
 from relay.ops.metrics import Metrics
 from relay.outbound.connector import Connection
@@ -116,6 +119,9 @@ class Unrecorded:
     last_error: str
     dsn: tuple[str, Envelope, bytes] | None = None
     status: str = "sent"
+    events: list[Event] = field(default_factory=list)
+    # Recipients to put on the suppression list once the results are stored.
+    suppress: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Delivery:
@@ -131,8 +137,10 @@ class Delivery:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
+        suppression: SuppressionList | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        self.suppression = suppression
         self.spool = spool
         self.settings = settings
         self.upstreams = upstreams
@@ -303,7 +311,12 @@ class Delivery:
 
     async def _quarantine(self, queue_id: str) -> None:
         with contextlib.suppress(Exception):
-            await self.spool.set_state(queue_id, "hold", self.clock(), expect=("queued",))
+            message = await self.spool.get(queue_id)
+            if message is None:
+                return
+            await self.spool.set_state(queue_id, "hold", self.clock(), expect=("queued",),
+                                       events=[outcomes_of.operator("held", message,
+                                                                    by="relay")])
             log.error("%s: put on hold after %d crashed deliveries", queue_id, MAX_CRASHES)
 
     async def stop(self, deadline: float) -> None:
@@ -481,19 +494,27 @@ class Delivery:
         expired = now - message.received_at >= queue.max_lifetime
         # RFC 5321 section 4.5.5 and RFC 3464: never a notification to the null sender.
         bounce_them = queue.on_permanent_failure == "bounce" and message.sender != ""
-        outcomes, failures = [], []
+        outcomes, failures, events, suppress = [], [], [], []
+        # Never wait past the queue lifetime: the expiry bounce is due then.
+        retry_at = min(now + retry_delay(attempts, queue), message.received_at + queue.max_lifetime)
         for rcpt, result, via in zip(message.pending, results, vias, strict=True):
             reply = str(result.reply)
             if result.accepted:
-                state, status = "sent", "sent"
+                state, status, event = "sent", "sent", "sent"
             elif result.permanent or expired:
                 if not result.permanent:
                     reply = f"4.4.7 queue lifetime expired; last reply: {reply}"
                 state, status = "failed", "bounced" if bounce_them else "failed"
+                event = "bounced" if result.permanent else "expired"
                 failures.append(bounce.Failure(rcpt.address, result.reply, via.remote_mta,
                                                expired=not result.permanent))
+                if result.permanent and self.settings.suppression.suppresses(
+                        result.reply.status):
+                    suppress.append((rcpt.address, reply))
             else:
-                state, status = "pending", "deferred"
+                state, status, event = "pending", "deferred", "deferred"
+            events.append(outcomes_of.attempt(message, rcpt.address, event, reply, via.relay,
+                                              via.tls, retry_at, bounce_them))
             outcomes.append(Outcome(rcpt.position, state, reply))  # type: ignore[arg-type]
             version, _, cipher = via.tls.partition(" ")
             tls = f", tls={version}, cipher={cipher}" if via.tls else ""
@@ -502,8 +523,6 @@ class Delivery:
                 message.id, rcpt.address, via.relay, tls, now - message.received_at,
                 attempts, status, reply,
             )
-        # Never wait past the queue lifetime: the expiry bounce is due then.
-        retry_at = min(now + retry_delay(attempts, queue), message.received_at + queue.max_lifetime)
         states = {o.state for o in outcomes}
         unrecorded = Unrecorded(
             message, outcomes, retry_at,
@@ -511,6 +530,7 @@ class Delivery:
             dsn=self._bounce(message, failures, data, now) if failures and bounce_them else None,
             status="deferred" if "pending" in states else "bounced" if "failed" in states
             else "sent",
+            events=events, suppress=suppress,
         )
         self.metrics.delivered(message.route or "default", unrecorded.status,
                                now - message.received_at)
@@ -525,11 +545,14 @@ class Delivery:
         try:
             if result.dsn is not None:
                 dsn_id, envelope, dsn = result.dsn
-                await self.spool.store(dsn_id, envelope, dsn)
+                await self.spool.store(dsn_id, envelope, dsn, outcomes_of.received(
+                    dsn_id, envelope, bounce.message_id(message.id, self.settings.smtp_hostname),
+                    len(dsn), "bounce", [f"the relay's notification about {message.id}"]))
                 log.info("%s: sender non-delivery notification: %s", message.id, dsn_id)
                 result.dsn = None
             new_state = await self.spool.record_attempt(
-                message.id, result.outcomes, result.retry_at, result.last_error)
+                message.id, result.outcomes, result.retry_at, result.last_error,
+                result.events)
         except Exception as exc:
             if not self._unrecorded:
                 log.error("cannot write to the spool (%s): delivery paused until it can; "
@@ -538,12 +561,29 @@ class Delivery:
             return False
         self._unrecorded.pop(message.id, None)
         self.wake()  # the bounce, or the message itself, waits in the spool now
+        await self._suppress(message.id, result.suppress)
         if new_state == "failed" and self.settings.queue.on_permanent_failure == "hold":
             with contextlib.suppress(Exception):
                 await self.spool.set_state(message.id, "hold", self.clock(),
-                                           expect=("failed",))
+                                           expect=("failed",),
+                                           events=[outcomes_of.operator("held", message,
+                                                                        by="relay")])
                 log.info("%s: held after permanent failure", message.id)
         return True
+
+    async def _suppress(self, queue_id: str, recipients: list[tuple[str, str]]) -> None:
+        """[suppression]: a recipient whose address failed permanently is refused at
+        RCPT from now on (until it expires or an operator removes it)."""
+        if self.suppression is None:
+            return
+        for address, reply in recipients:
+            try:
+                await self.suppression.add(address, "bounce", reply)
+            except SuppressionError as exc:
+                log.error("%s: cannot add <%s> to the suppression list: %s", queue_id,
+                          address, exc)
+            else:
+                log.info("%s: to=<%s>, suppressed (%s)", queue_id, address, reply)
 
     async def _retry_unrecorded(self) -> None:
         waiting = len(self._unrecorded)

@@ -13,6 +13,7 @@ from typing import Any
 
 from relay import replies
 from relay.checks.services import CheckServices, SessionChecks
+from relay.events.suppression import open_list
 from relay.headers import header_fields
 from relay.policy.engine import Decision, StaticChecks
 from relay.policy.match import DKIM_RESULTS, DMARC_POLICIES, DMARC_RESULTS, SPF_RESULTS
@@ -233,20 +234,24 @@ def run_dry(
     accepted, also hold and discard; 4 tempfail; 5 reject). Runs its own event loop: call
     it from sync code.
 
-    `live` runs the relay's own checks (SPF and DKIM over the configured resolver) instead
-    of the fixed results of `checks`; limits then count in fresh in-memory buckets, so a
-    dry run never charges the running relay's (Redis) buckets.
+    `live` runs the relay's own checks (SPF and DKIM over the configured resolver, the
+    real suppression list) instead of the fixed results of `checks`; limits then count in
+    fresh in-memory buckets, so a dry run never charges the running relay's (Redis) buckets.
     """
     if not live:
         return asyncio.run(simulate(runtime, client, checks or StaticChecks()))
 
     async def run() -> Outcome:
         settings = dataclasses.replace(runtime.settings.checks, redis_url="")
-        services = CheckServices(settings, dict(runtime.policy.limits))
+        # The suppression list is read, never written: the real one.
+        suppression = open_list(runtime.settings.suppression, runtime.settings.spool_path)
+        services = CheckServices(settings, dict(runtime.policy.limits),
+                                 suppression=suppression)
         try:
             return await simulate(runtime, client, SessionChecks(lambda: services))
         finally:
             await services.close()
+            await suppression.close()
 
     return asyncio.run(run())
 
@@ -271,6 +276,7 @@ _CASE_KEYS = {
     "dmarc_policy": "none, quarantine or reject",
     "dmarc_outbound": "a DMARC result",
     "over_limit": "a list of limit names",
+    "suppressed": "a list of recipients on the suppression list",
     "expect": "accept, reject, tempfail, hold or discard",
     "expect_code": "an integer",
     "expect_rule": "a rule name",
@@ -318,12 +324,17 @@ def _read_case(index: int, raw: Any, base: Path, source: str, errors: list[str])
             return default
         return value
 
-    recipients = raw.get("to", [])
-    if isinstance(recipients, str):
-        recipients = [recipients]
-    if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
-        err("to", f"expected a list of strings, got {recipients!r}")
-        recipients = []
+    def names(key: str) -> list[str]:
+        """A list of strings (or one string) under `key`."""
+        value = raw.get(key, [])
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            err(key, f"expected {_CASE_KEYS[key]}, got {value!r}")
+            return []
+        return value
+
+    recipients = names("to")
     tls = raw.get("tls", False)
     if not isinstance(tls, bool):
         err("tls", f"expected true or false, got {tls!r}")
@@ -348,12 +359,8 @@ def _read_case(index: int, raw: Any, base: Path, source: str, errors: list[str])
         assumed[key] = text(key, default).lower()
         if assumed[key] != default and assumed[key] not in choices:
             err(key, f"expected one of {', '.join(choices)}, got {assumed[key]!r}")
-    over = raw.get("over_limit", [])
-    if isinstance(over, str):
-        over = [over]
-    if not isinstance(over, list) or not all(isinstance(o, str) for o in over):
-        err("over_limit", f"expected a list of limit names, got {over!r}")
-        over = []
+    over = names("over_limit")
+    suppressed = names("suppressed")
     expect = text("expect", "accept")
     if expect not in _EXPECT:
         err("expect", f"expected one of {', '.join(_EXPECT)}, got {expect!r}")
@@ -390,6 +397,7 @@ def _read_case(index: int, raw: Any, base: Path, source: str, errors: list[str])
         spf=spf, dkim=(dkim, text("dkim_domain")), over_limits=frozenset(over),
         spf_helo=assumed["spf_helo"], dmarc=(assumed["dmarc"], assumed["dmarc_policy"]),
         dmarc_outbound=assumed["dmarc_outbound"],
+        suppressed=dict.fromkeys(suppressed, "(assumed)"),
     )
     return _Case(
         text("name"), client, checks, expect, code, rule,

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -96,7 +97,8 @@ class Decision:
     action: accept, reject, tempfail, hold, discard, or continue (nothing terminal decided at
     this stage). reply: what the client should hear for reject/tempfail; for accept/hold/
     discard only a rule's custom 2xx `message` (meant for the end-of-DATA reply), else None.
-    rule: the deciding rule's name, "final_action", or "" for continue.
+    rule: the deciding rule's name, "final_action", or "" for continue. passed: the
+    non-terminal rules (tag, route, log) that matched on the way, in order.
     """
 
     action: str
@@ -107,6 +109,7 @@ class Decision:
     would: tuple[tuple[str, str], ...] = ()
     trace: tuple[str, ...] = ()
     rewrites: Rewrites = NONE
+    passed: tuple[str, ...] = ()
 
     @property
     def refused(self) -> bool:
@@ -129,13 +132,17 @@ class Checks(Protocol):
 
     async def over_limit(self, name: str, stage: Stage, facts: Facts) -> tuple[bool, float]: ...
 
+    async def suppressed(self, address: str) -> str:
+        """The date `address` was put on the suppression list, "" when it is not on it."""
+        ...
+
 
 class StaticChecks:
     """Fixed check results, for dry runs and tests. `calls` records what was asked."""
 
     __slots__ = (
         "_dkim", "_dmarc", "_dmarc_outbound", "_over_limits", "_retry_after", "_spf",
-        "_spf_helo", "calls",
+        "_spf_helo", "_suppressed", "calls",
     )
 
     def __init__(
@@ -148,8 +155,10 @@ class StaticChecks:
         spf_helo: str = "none",
         dmarc: tuple[str, str] = ("none", ""),
         dmarc_outbound: str = "none",
+        suppressed: Mapping[str, str] | None = None,
     ) -> None:
         self._spf = spf
+        self._suppressed = {k.lower(): v for k, v in (suppressed or {}).items()}
         self._spf_helo = spf_helo
         self._dmarc = dmarc
         self._dmarc_outbound = dmarc_outbound
@@ -189,6 +198,10 @@ class StaticChecks:
         over = name in self._over_limits
         return over, self._retry_after if over else 0.0
 
+    async def suppressed(self, address: str) -> str:
+        self.calls.append("suppressed")
+        return self._suppressed.get(address.lower(), "")
+
 
 class _Context:
     """One walk's view of the facts (relay.policy.fields.View), with the values derived
@@ -203,6 +216,7 @@ class _Context:
         "_limits",
         "_spf",
         "_spf_helo",
+        "_suppressed",
         "checks",
         "facts",
         "recipients",
@@ -228,6 +242,7 @@ class _Context:
         self._dmarc: tuple[str, str] | None = None
         self._dmarc_outbound: str | None = None
         self._limits: dict[str, tuple[bool, float]] | None = None
+        self._suppressed: dict[str, str] | None = None
         self._headers: dict[str, list[str]] | None = None
 
     @property
@@ -316,6 +331,13 @@ class _Context:
         if name not in self._limits:
             self._limits[name] = await self.checks.over_limit(name, self.stage_name, self.facts)
         return self._limits[name]
+
+    async def suppressed(self, address: str) -> str:
+        if self._suppressed is None:
+            self._suppressed = {}
+        if address not in self._suppressed:
+            self._suppressed[address] = await self.checks.suppressed(address)
+        return self._suppressed[address]
 
 
 async def _test(cond: Condition, ctx: _Context) -> bool:
@@ -425,6 +447,7 @@ async def evaluate(
     would: list[tuple[str, str]] | None = None
     route: str | None = None
     rewrites = NONE
+    passed: list[str] = []
 
     def decision(action: str, reply: Reply | None, rule: str) -> Decision:
         return Decision(
@@ -436,6 +459,7 @@ async def evaluate(
             tuple(would) if would else (),
             tuple(lines) if lines else (),
             rewrites,
+            tuple(passed),
         )
 
     for rule in policy.rules:
@@ -473,6 +497,7 @@ async def evaluate(
                 lines.append(f"{label}: matched" + (f": {reply}" if reply else ""))
             return decision(rule.action, reply, rule.name)
 
+        passed.append(rule.name)
         if rule.action == "tag":
             headers = headers if headers is not None else []
             for name, template in rule.add_headers:

@@ -47,6 +47,7 @@ class View(Protocol):
     async def dmarc(self) -> tuple[str, str]: ...
     async def dmarc_outbound(self) -> str: ...
     async def over_limit(self, name: str) -> tuple[bool, float]: ...
+    async def suppressed(self, address: str) -> str: ...
 
 
 Values = Sequence[object]
@@ -172,6 +173,14 @@ async def _over_limit(view: View, arg: str) -> Values:
     return ((await view.over_limit(arg))[0],)
 
 
+async def _suppressed(view: View, arg: str) -> Values:
+    return tuple([bool(await view.suppressed(r)) for r in view.recipients])
+
+
+async def _suppressed_text(view: View) -> str:
+    return await view.suppressed(view.recipients[0]) if view.recipients else ""
+
+
 def _show_over(view: View, values: Values) -> str:
     return "over" if values and values[0] is True else "not over"
 
@@ -227,6 +236,10 @@ _FIELDS = (
     Field("recipient_count", RCPT, "recipients accepted so far, this one included",
           lambda: match.NumberBuilder(sizes=False), _cheap(lambda v: v.recipient_count),
           _as_text(lambda v: v.recipient_count)),
+    Field("suppressed", RCPT, "true when the recipient is on the suppression list; "
+          "{suppressed} is the date it was put there",
+          match.BoolBuilder, _suppressed, _suppressed_text, lazy=True,
+          show=lambda view, values: "true" if any(values) else "false"),
     Field("header", DATA, 'a header field\'s decoded values: match.header."Subject"',
           _text_builder("header"), _header, None, show=_show_header),
     Field("dkim", DATA, "the RFC 8601 DKIM result of the message's signatures",

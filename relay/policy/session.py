@@ -78,6 +78,7 @@ class Refusal:
     sender: str | None = None  # the session's facts when it refused, for the log
     helo: str = ""
     recipient: str | None = None
+    sasl_username: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +129,9 @@ class PolicySession:
         self._trace = trace
         # The walk of the last stage (None when the server refused before the policy).
         self.last_decision: Decision | None = None
+        # The walks of this transaction (and of connect and helo before it), for the
+        # message's history.
+        self.walks: list[tuple[str, Decision]] = []
 
     # -- the walk ---------------------------------------------------------------------
 
@@ -152,6 +156,7 @@ class PolicySession:
                 log.info("%s: rule=%s %s", stage, rule, would)
         if self._on_decision is not None:
             self._on_decision(stage, decision)
+        self.walks.append((stage, decision))
         self.last_decision = decision
         return decision
 
@@ -178,7 +183,8 @@ class PolicySession:
         if self._on_refusal is not None:
             limit = self.runtime.policy.over_limit_of(rule) if rule else None
             self._on_refusal(Refusal(stage, reply, detail, rule, limit, self.facts.sender,
-                                     self.facts.helo_name or "", recipient))
+                                     self.facts.helo_name or "", recipient,
+                                     self.facts.sasl_username))
         return reply
 
     def _early(self, stage: str, decision: Decision, detail: str) -> Reply | None:
@@ -200,6 +206,7 @@ class PolicySession:
         """EHLO or HELO (which also ends any transaction): None to answer as usual."""
         self.runtime = self.current()
         self.last_decision = None
+        self.walks = [w for w in self.walks if w[0] == "connect"]
         self.facts = Facts(self.facts.client_address, self.facts.listener, helo_name=name,
                            tls=tls)
         return self._early("HELO", await self._walk("helo", self.facts), "")
@@ -212,6 +219,7 @@ class PolicySession:
         self.runtime = self.current()
         sender = self._qualified(sender, sasl_username)
         self.last_decision = None
+        self.walks = [w for w in self.walks if w[0] in ("connect", "helo")]
         self.checks.new_transaction()
         self.smtputf8 = smtputf8
         self.facts = dataclasses.replace(
@@ -367,6 +375,27 @@ class PolicySession:
         log.warning("%s: not DKIM-signed: %s", queue_id, why)
         if self._on_unsigned is not None:
             self._on_unsigned(why)
+
+
+def trace_lines(walks: list[tuple[str, Decision]], limit: int = 300) -> list[str]:
+    """The rules that matched in each walk of a transaction, stage by stage, worded as
+    `policy-relay test` words them (its report also says why each other rule did not
+    match); at most `limit` lines (a message to a thousand recipients has a thousand
+    RCPT walks)."""
+    lines = []
+    for stage, decision in walks:
+        lines.append(f"{stage}:")
+        lines.extend(f'  rule "{name}": matched' for name in decision.passed)
+        lines.extend(f'  log: rule "{rule}" {text}' for rule, text in decision.would)
+        if decision.rule and decision.rule != "final_action":
+            reply = f": {decision.reply}" if decision.reply is not None else ""
+            lines.append(f'  rule "{decision.rule}" [{decision.action}]: matched{reply}')
+        elif decision.rule:
+            lines.append(f"  no terminal rule matched: final_action {decision.action}")
+        lines.append(f"  -> {decision.action}")
+    if len(lines) > limit:
+        lines[limit - 1:] = [f"... {len(lines) - limit + 1} more lines"]
+    return lines
 
 
 def storage_short(spool: Path, min_free: int, declared: int) -> str | None:

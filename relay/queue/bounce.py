@@ -55,6 +55,11 @@ def header_section(message: bytes) -> bytes:
     return message if end < 0 else message[: end + 2]
 
 
+def message_id(queue_id: str, reporting_mta: str) -> str:
+    """The Message-ID (without angle brackets) of the notification about `queue_id`."""
+    return f"{queue_id}.dsn@{reporting_mta}"
+
+
 def build(
     *,
     queue_id: str,
@@ -117,7 +122,7 @@ def build(
         f"To: <{sender}>",
         "Subject: Undelivered Mail Returned to Sender",
         f"Date: {date}",
-        f"Message-ID: <{queue_id}.dsn@{reporting_mta}>",
+        f"Message-ID: <{message_id(queue_id, reporting_mta)}>",
         # RFC 3834 section 5: automatic responses must not trigger further ones.
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.checks.ratelimit import Limiter
+from relay.events import outcomes
 from relay.ops.metrics import QUEUE_STATES, queue_name
 from relay.queue.spool import MessageState, QueuedMessage, Spool
 
@@ -307,12 +308,12 @@ class ControlServer(ControlSocket):
 
     async def _hold(self, request: dict[str, Any]) -> Response:
         return await self._change(request, {"queued", "hold"}, "hold",
-                                  lambda m: m.next_attempt, "placed on hold")
+                                  lambda m: m.next_attempt, "placed on hold", event="held")
 
     async def _release(self, request: dict[str, Any]) -> Response:
         now = self.clock()
         result = await self._change(request, {"hold"}, "queued", lambda _m: now,
-                                    "released from hold")
+                                    "released from hold", event="released")
         if result["done"]:
             self.wake()
         return result
@@ -325,6 +326,7 @@ class ControlServer(ControlSocket):
         next_attempt: Callable[[QueuedMessage], float],
         verb: str,
         all_if_empty: MessageState | None = None,
+        event: str | None = None,
     ) -> Response:
         ids = _ids(request)
         if not ids and all_if_empty is not None:
@@ -340,8 +342,11 @@ class ControlServer(ControlSocket):
                 continue
             # Between get() and set_state() delivery may finish or fail the message;
             # set_state then changes nothing and the id is reported missing.
+            # A message already held gets no second "held" event.
+            events = [outcomes.operator(event, message)] \
+                if event is not None and message.state != new_state else []
             if await self.spool.set_state(
-                queue_id, new_state, next_attempt(message), expect=allowed
+                queue_id, new_state, next_attempt(message), expect=allowed, events=events
             ):
                 log.info("%s: %s (control)", queue_id, verb)
                 done.append(queue_id)
@@ -364,7 +369,9 @@ class ControlServer(ControlSocket):
                 raise _BadRequest("delete needs ids, or all")
         done, missing = [], []
         for queue_id in ids:
-            if await self.spool.delete(queue_id):
+            message = await self.spool.get(queue_id)
+            if message is not None and await self.spool.delete(
+                    queue_id, [outcomes.operator("deleted", message)]):
                 log.info("%s: removed (control)", queue_id)
                 done.append(queue_id)
             else:

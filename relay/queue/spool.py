@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import logging
 import os
 import secrets
@@ -33,6 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from relay.events import outbox
+from relay.events.event import Event
 
 T = TypeVar("T")
 
@@ -234,7 +238,7 @@ class Spool:
             db.execute("PRAGMA foreign_keys=ON")
             problem = integrity_problem(db)
             if problem is None:
-                db.executescript(_SCHEMA)
+                db.executescript(_SCHEMA + outbox.SCHEMA)
         except sqlite3.OperationalError as exc:
             if "malformed" not in str(exc) and "not a database" not in str(exc):
                 # Permissions, a read-only file system, a full disk: not damage.
@@ -269,18 +273,34 @@ class Spool:
     # -- storing ----------------------------------------------------------------------
 
     async def store(
-        self, queue_id: str, envelope: Envelope, data: bytes,
-        copies: Sequence[tuple[str, Envelope]] = (),
+        self, queue_id: str, envelope: Envelope, data: bytes, events: Sequence[Event] = (),
+        copies: Sequence[tuple[tuple[str, Envelope], Sequence[Event]]] = (),
     ) -> None:
-        """Write a message durably; only when this returns may 250 be sent. `copies` are
-        messages of their own with the same bytes (archive copies, relay.policy.rewrite),
-        stored in the same transaction: all of them or none."""
+        """Write a message durably, with its `events`; only when this returns may 250
+        be sent. `copies` are messages of their own with the same bytes (archive copies,
+        relay.policy.rewrite), each with its events, stored in the same transaction: all
+        of them or none."""
 
         def insert() -> None:
-            for copy_id, copy in ((queue_id, envelope), *copies):
-                self._insert(copy_id, copy, data)
+            self._insert(queue_id, envelope, data, events)
+            for (copy_id, copy), copy_events in copies:
+                self._insert(copy_id, copy, data, copy_events)
 
         await self._write(insert)
+    def post(self, events: Sequence[Event]) -> None:
+        """Record events that change no message (a refused command, a discard) in the
+        next group commit, without waiting for it: the SMTP reply does not wait."""
+        self.post_write(functools.partial(outbox.append, events=events))
+
+    def post_write(self, func: Callable[[sqlite3.Connection], object]) -> None:
+        """As write(), but nobody waits for it (a failure is logged by the spool, as
+        every refused write is)."""
+        future = asyncio.ensure_future(self.write(func))
+        future.add_done_callback(_quiet)
+
+    async def write(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `func` on the spool's connection in the next group commit."""
+        return await self._write(lambda: func(self.db))
 
     async def _write(self, func: Callable[..., T], *args: Any) -> T:
         """Run `func` in the next group commit; return its result once that commit
@@ -348,7 +368,9 @@ class Spool:
             raise
         return outcomes
 
-    def _insert(self, queue_id: str, env: Envelope, data: bytes) -> None:
+    def _insert(
+        self, queue_id: str, env: Envelope, data: bytes, events: Sequence[Event]
+    ) -> None:
         db = self.db
         db.execute(
             "INSERT INTO message (id, sender, client_address, helo, listener, "
@@ -366,6 +388,7 @@ class Spool:
             "VALUES (?, ?, ?, 'pending')",
             [(queue_id, i, rcpt) for i, rcpt in enumerate(env.recipients)],
         )
+        outbox.append(db, events)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -440,20 +463,24 @@ class Spool:
     # -- updating ---------------------------------------------------------------------
 
     async def record_attempt(
-        self, queue_id: str, outcomes: Sequence[Outcome], next_attempt: float, last_error: str
+        self, queue_id: str, outcomes: Sequence[Outcome], next_attempt: float, last_error: str,
+        events: Sequence[Event] = (),
     ) -> MessageState | None:
-        """Store one attempt's per-recipient outcomes.
+        """Store one attempt's per-recipient outcomes and their `events`.
 
         Returns the message's new state, or None when nothing is left to do and the
         message was removed (every recipient sent).
         """
         # Group-committed with other results and new messages (see _flush).
-        return await self._write(self._record, queue_id, outcomes, next_attempt, last_error)
+        return await self._write(self._record, queue_id, outcomes, next_attempt, last_error,
+                                 events)
 
     def _record(
-        self, queue_id: str, outcomes: Sequence[Outcome], next_attempt: float, last_error: str
+        self, queue_id: str, outcomes: Sequence[Outcome], next_attempt: float, last_error: str,
+        events: Sequence[Event],
     ) -> MessageState | None:
         db = self.db
+        outbox.append(db, events)
         db.executemany(
             "UPDATE recipient SET state = ?, reply = ? WHERE message_id = ? AND position = ?",
             [(o.state, o.reply, queue_id, o.position) for o in outcomes],
@@ -486,8 +513,10 @@ class Spool:
         state: MessageState,
         next_attempt: float,
         expect: Iterable[MessageState] = ("queued", "hold", "failed"),
+        events: Sequence[Event] = (),
     ) -> bool:
-        """Move a message to `state` if it is still in one of the `expect`ed states.
+        """Move a message to `state` if it is still in one of the `expect`ed states; its
+        `events` are recorded only if it moved.
 
         The condition is part of the UPDATE, so an operator's hold or flush cannot undo
         a delivery result stored between reading the message and changing it.
@@ -501,15 +530,29 @@ class Spool:
                 f"AND state IN ({marks})",
                 (state, next_attempt, queue_id, *allowed),
             )
+            if cur.rowcount > 0:
+                outbox.append(self.db, events)
             return cur.rowcount > 0
 
-        return await self._run(update)
+        return await self._write(update)
 
-    async def delete(self, queue_id: str) -> bool:
+    async def delete(self, queue_id: str, events: Sequence[Event] = ()) -> bool:
+        """Remove a message; its `events` are recorded only if it was there."""
+
         def remove() -> bool:
-            return self.db.execute("DELETE FROM message WHERE id = ?", (queue_id,)).rowcount > 0
+            removed = self.db.execute("DELETE FROM message WHERE id = ?",
+                                      (queue_id,)).rowcount > 0
+            if removed:
+                outbox.append(self.db, events)
+            return removed
 
-        return await self._run(remove)
+        return await self._write(remove)
+
+
+def _quiet(future: asyncio.Future[Any]) -> None:
+    # A refused write is logged by the spool (_note); nobody waits for this one.
+    if not future.cancelled():
+        future.exception()
 
 
 def _own(directory: Path) -> int:

@@ -1,0 +1,1 @@
+"""What happened to each message, told to the apps: events, sinks, suppression, history."""
