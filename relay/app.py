@@ -16,7 +16,7 @@ from relay import config
 from relay.checks.services import CheckServices
 from relay.config import Settings
 from relay.events.drain import Drain
-from relay.events.suppression import SuppressionError, open_list
+from relay.events.suppression import SuppressionError, create_list, open_list
 from relay.inbound.budget import DataBudget
 from relay.inbound.connlimits import ConnectionLimits
 from relay.inbound.context import ListenerContext
@@ -304,6 +304,11 @@ def serve(loaded: Runtime, reload: Callable[[], Runtime]) -> int:
                     '[server] hostname or give the machine a fully qualified name '
                     "(hostname -f)", hostname)
     if loaded.settings.worker_count > 1:
+        try:
+            create_list(loaded.settings.suppression, loaded.settings.spool_path)
+        except SuppressionError as exc:
+            log.error("cannot open the suppression list: %s", exc)
+            return EX_CANTCREAT
         supervisor = Supervisor(loaded, reload, run_worker)
         supervisor.run()
         return supervisor.exit_status

@@ -77,12 +77,7 @@ class LocalList:
     @property
     def db(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                 timeout=5.0)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
-            self._db = db
+            self._db = _open_database(self.path)
         return self._db
 
     async def prepare(self) -> None:
@@ -219,6 +214,27 @@ def _entry(address: str, raw: Mapping[Any, Any]) -> Entry | None:
 
 
 SuppressionList = LocalList | RedisList
+
+
+def _open_database(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(_SCHEMA)
+    return db
+
+
+def create_list(settings: SuppressionSettings, spool_root: Path) -> None:
+    """Create the local list's database now, in one process, before the workers open it:
+    two first opens at once race on its switch to WAL mode, and the loser is told
+    "database is locked" whatever its busy timeout."""
+    if settings.backend == "redis":
+        return
+    path = spool_root / "suppression.db"
+    try:
+        _open_database(path).close()
+    except (sqlite3.Error, OSError) as exc:
+        raise SuppressionError(f"{path}: {exc}") from exc
 
 
 def open_list(settings: SuppressionSettings, spool_root: Path) -> SuppressionList:
