@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from relay.queue.walcheck import wal_damage
+
 T = TypeVar("T")
 
 log = logging.getLogger("relay.spool")
@@ -227,6 +229,10 @@ class Spool:
             raise SpoolDamaged(f"spool {database} is empty or missing next to a non-empty "
                                f"{wal.name}: committed mail would be lost; see "
                                "`policy-relay spool check`")
+        if (damage := wal_damage(wal)) is not None:
+            # Checked before SQLite opens the log: its replay would stop at the damage
+            # and the next checkpoint would overwrite the commits after it.
+            raise _damaged(database, str(damage))
         try:
             db = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -243,9 +249,7 @@ class Spool:
         except sqlite3.DatabaseError as exc:
             problem = str(exc)
         if problem is not None:
-            raise SpoolDamaged(f"spool {database} is damaged ({problem}); the relay will not "
-                               "accept mail into it: see `policy-relay spool check` and "
-                               "`policy-relay spool salvage`")
+            raise _damaged(database, problem)
         self._db = db
         _fsync_directory(self.directory)
 
@@ -521,6 +525,12 @@ def _own(directory: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _damaged(database: Path, problem: str) -> SpoolDamaged:
+    return SpoolDamaged(f"spool {database} is damaged ({problem}); the relay will not accept "
+                        "mail into it: see `policy-relay spool check` and "
+                        "`policy-relay spool salvage`")
 
 
 def _size(path: Path) -> int:
