@@ -21,6 +21,7 @@ from relay.inbound.context import ListenerContext
 from relay.inbound.handler import start_listener
 from relay.inbound.tls import ListenerTLS
 from relay.inbound.users import CheckGate
+from relay.ops.conditions import Conditions
 from relay.ops.metrics import Metrics, readiness, start_http
 from relay.ops.notify import Notifier, watchdog_task
 from relay.outbound.delivery import Delivery, Upstreams
@@ -71,12 +72,18 @@ class Relay:
         self.link = Link(place.hub, place.worker) if place else None
         self.metrics = Metrics()
         self.notifier = Notifier.from_environment()
+        self.conditions = Conditions()
+        self.conditions.watchers.append(self.metrics.condition)
+        if self.link is not None:
+            self.conditions.watchers.append(self.link.condition)
         self.services = CheckServices(
-            settings.checks, dict(loaded.policy.limits), self.metrics, self.link
+            settings.checks, dict(loaded.policy.limits), self.metrics, self.link,
+            self.conditions,
         )
-        self.spool = Spool(spool_shard(settings, self.worker))
+        self.spool = Spool(spool_shard(settings, self.worker), self.conditions)
         self.upstreams = Upstreams(settings)
-        self.delivery = Delivery(self.spool, settings, self.upstreams, metrics=self.metrics)
+        self.delivery = Delivery(self.spool, settings, self.upstreams, metrics=self.metrics,
+                                 conditions=self.conditions)
         self.control = ControlServer(
             self.spool, self.delivery.wake,
             place.control if place else settings.ops.control_socket_path,
@@ -154,7 +161,7 @@ class Relay:
                     # Delivery results wait for a spool that cannot take them.
                     "delivery": lambda: not self.delivery.paused,
                     "policy": lambda: self.runtime.policy is not None,
-                }), self._refresh_metrics)
+                }, self.conditions.readiness), self._refresh_metrics)
             except OSError as exc:
                 log.error("metrics endpoint %s:%d unavailable: %s", host, port, exc)
             else:
@@ -199,7 +206,8 @@ class Relay:
         if new.settings.checks != self.settings.checks:
             # New resolver or Redis settings: new services (in-memory buckets restart).
             old, self.services = self.services, CheckServices(
-                new.settings.checks, dict(new.policy.limits), self.metrics, self.link
+                new.settings.checks, dict(new.policy.limits), self.metrics, self.link,
+                self.conditions,
             )
             await old.close()
         else:

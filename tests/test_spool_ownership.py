@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -273,7 +274,7 @@ async def test_a_full_disk_is_logged_once_when_it_starts_and_once_when_it_ends(
     await spool.open()
     envelope = Envelope("a@example.test", ("b@dest.test",), "127.0.0.1", "h", "smtp")
     spool.full = True
-    with caplog.at_level(logging.INFO, logger="relay.spool"):
+    with caplog.at_level(logging.INFO, logger="relay.conditions"):
         for i in range(50):
             with pytest.raises(SpoolError):
                 await spool.store(f"F{i}", envelope, MESSAGE)
@@ -281,10 +282,12 @@ async def test_a_full_disk_is_logged_once_when_it_starts_and_once_when_it_ends(
         spool.full = False
         await spool.store("OK", envelope, MESSAGE)
     await spool.close()
-    lines = [r.getMessage() for r in caplog.records if r.name == "relay.spool"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "relay.conditions"]
     assert len(lines) == 2
-    assert lines[0].startswith(f"cannot write to the spool {tmp_path / 'spool'}: ")
-    assert lines[1] == f"spool {tmp_path / 'spool'} writable again after 50 refused writes"
+    assert lines[0].startswith(
+        f"disk_full started: cannot write to the spool {tmp_path / 'spool'}: database or "
+        "disk is full; new mail gets 451")
+    assert re.fullmatch(r"disk_full ended after \d+s and 50 refused writes", lines[1])
     assert not any(r.exc_info for r in caplog.records)
     assert spool.writable
 

@@ -16,6 +16,7 @@ from relay.checks.ratelimit import Limiter, LimitSpec, redis_client
 from relay.checks.settings import CheckSettings
 from relay.checks.spf import SpfOutcome, check_spf
 from relay.headers import header_fields
+from relay.ops.conditions import REDIS_DOWN, Conditions
 from relay.ops.metrics import Metrics
 from relay.policy.engine import Facts
 from relay.workers.link import Link
@@ -28,6 +29,7 @@ class CheckServices:
     def __init__(
         self, settings: CheckSettings, limits: dict[str, LimitSpec],
         metrics: Metrics | None = None, shared: Link | None = None,
+        conditions: Conditions | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -49,10 +51,14 @@ class CheckServices:
             on_backend_error=settings.on_backend_error,
             redis_timeout=settings.redis_timeout,
             shared=shared,
+            conditions=conditions,
         )
 
     async def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        # Replaced on reload: what this limiter saw of Redis is no longer in force (the
+        # new one reports Redis down again as soon as it sees it).
+        self.limiter.conditions.cleared(REDIS_DOWN)
 
 
 @dataclass

@@ -16,6 +16,7 @@ import aiosmtplib
 
 from relay.config import Settings
 from relay.ipaddr import client_ip
+from relay.ops.conditions import UPSTREAM_DOWN, Conditions
 from relay.ops.metrics import Metrics
 from relay.outbound.connector import Connection
 from relay.outbound.pool import Host, HostGroup
@@ -131,8 +132,11 @@ class Delivery:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
+        conditions: Conditions | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        # A group whose every host is down is a condition (logged at start and end).
+        self.conditions = conditions or Conditions()
         self.spool = spool
         self.settings = settings
         self.upstreams = upstreams
@@ -343,6 +347,7 @@ class Delivery:
                 vias = [Via()] * len(pending)
             else:
                 tried = await self._send(message, [r.address for r in pending], data, group)
+                self._watch(group)
                 if tried is None:
                     self._set_aside(message, group)
                     return
@@ -359,6 +364,19 @@ class Delivery:
                 raise
         finally:
             shaper.release(self.monotonic(), throttled, succeeded)
+
+    def _watch(self, group: HostGroup) -> None:
+        """Report the group down while every host is (each message deferred or set
+        aside meanwhile counts), and up again once one answers."""
+        name = group.settings.name
+        if all(h.health.is_down for h in group.hosts):
+            last = max(group.hosts, key=lambda h: h.health.down_since).health
+            self.conditions.failing(
+                UPSTREAM_DOWN, f"every host of upstream group {name!r} is down (last: "
+                f"{last.last_failure})", subject=name, unit="messages not delivered",
+                consequence="mail waits in the queue")
+        else:
+            self.conditions.cleared(UPSTREAM_DOWN, name)
 
     def _set_aside(self, message: QueuedMessage, group: HostGroup) -> None:
         """No host of `group` may be tried now: no attempt, no backoff; the message

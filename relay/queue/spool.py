@@ -22,8 +22,8 @@ blocks on disk and the connection is never shared between threads.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
-import logging
 import os
 import secrets
 import sqlite3
@@ -34,11 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from relay.ops.conditions import DISK_FULL, SPOOL_UNWRITABLE, Conditions
 from relay.queue.walcheck import wal_damage
 
 T = TypeVar("T")
-
-log = logging.getLogger("relay.spool")
 
 MessageState = Literal["queued", "hold", "failed"]
 RecipientState = Literal["pending", "sent", "failed"]
@@ -188,8 +187,11 @@ def new_queue_id() -> str:
 class Spool:
     """The queue on disk. Open it with `await spool.open()` before use."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, conditions: Conditions | None = None) -> None:
         self.directory = directory
+        # A full disk or an unwritable spool is a condition: logged when it starts and
+        # when it ends (with the count of refused writes), never once per message.
+        self.conditions = conditions or Conditions()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self._db: sqlite3.Connection | None = None
         # Writes waiting for the next group commit: a function run inside the
@@ -197,9 +199,6 @@ class Spool:
         self._pending: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._lock: int | None = None  # the open lock file, held for the spool's lifetime
-        # Writes refused since the spool last took one (a full disk, an I/O error): the
-        # condition is logged when it starts and when it ends, never once per message.
-        self.refused_writes = 0
         self.commits = 0  # group commits so far (each one WAL flush)
 
     def __repr__(self) -> str:
@@ -305,19 +304,21 @@ class Spool:
 
     @property
     def writable(self) -> bool:
-        """False while the spool refuses writes (for /readyz)."""
-        return self.refused_writes == 0
+        """False while the spool refuses writes."""
+        return not any(self.conditions.active(name) for name in (DISK_FULL, SPOOL_UNWRITABLE))
 
     def _note(self, outcome: object) -> None:
         if isinstance(outcome, BaseException):
-            if self.refused_writes == 0:
-                log.error("cannot write to the spool %s: %s; new mail gets 451 and delivery "
-                          "results wait until it can", self.directory, outcome)
-            self.refused_writes += 1
-        elif self.refused_writes:
-            log.warning("spool %s writable again after %d refused writes", self.directory,
-                        self.refused_writes)
-            self.refused_writes = 0
+            # SQLite says "database or disk is full"; the OS says ENOSPC.
+            full = any(sign in str(outcome) for sign in ("is full", os.strerror(errno.ENOSPC)))
+            self.conditions.failing(
+                DISK_FULL if full else SPOOL_UNWRITABLE,
+                f"cannot write to the spool {self.directory}: {outcome}",
+                unit="refused writes", blocks_mail=True,
+                consequence="new mail gets 451 and delivery results wait until it can")
+        else:
+            for name in (DISK_FULL, SPOOL_UNWRITABLE):
+                self.conditions.cleared(name)
 
     def _commit(self, ops: Sequence[Callable[[], Any]]) -> list[Any]:
         """One transaction for all `ops`, each in a savepoint: one that fails is undone

@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.queue.control import ControlSocket, ControlUnavailable, Response, request
 
 # Samples that are not additive across workers, and how they merge instead.
-MERGE_MAX = {"relay_queue_oldest_message_age_seconds", "relay_upstream_up"}
+MERGE_MAX = {"relay_queue_oldest_message_age_seconds", "relay_upstream_up",
+             "relay_condition_active"}
 MERGE_MIN = {
     "relay_config_last_reload_successful",
     "relay_config_last_reload_success_timestamp_seconds",

@@ -71,6 +71,9 @@ class Hub:
         self.per_client: collections.Counter[str] = collections.Counter()
         self.held = 0
         self.stores = {"local": LocalBuckets(), "fallback": LocalBuckets()}
+        # Conditions in force in each worker (relay/ops/conditions.py), for /readyz:
+        # (worker, name, subject) -> (refuses mail, what started it).
+        self.conditions: dict[tuple[int, str, str], tuple[bool, str]] = {}
         self._specs: dict[str, LimitSpec] = {}
         self._server: asyncio.Server | None = None
 
@@ -104,6 +107,14 @@ class Hub:
         for client, count in mine.clients.items():
             self._release(client, count)
         self.held -= mine.held
+        for key in [k for k in self.conditions if k[0] == mine.worker]:
+            del self.conditions[key]
+
+    def degraded(self) -> tuple[bool, list[str]]:
+        """As Conditions.readiness, over every worker."""
+        lines = [f"worker {worker}: {name} {subject}".rstrip() + f": {detail}"
+                 for (worker, name, subject), (_, detail) in sorted(self.conditions.items())]
+        return not any(blocks for blocks, _ in self.conditions.values()), lines
 
     def handle(self, request: dict[str, Any], mine: _Holdings) -> dict[str, Any] | None:
         """Apply one request; the answer, or None for requests that get none."""
@@ -145,6 +156,12 @@ class Hub:
             self.stores[request["store"]].clear()
         elif op == "ready":
             self.on_ready(mine.worker, str(request.get("status", "")))
+        elif op == "condition":
+            key = (mine.worker, str(request["name"]), str(request["subject"]))
+            if request["active"]:
+                self.conditions[key] = (bool(request["blocks_mail"]), str(request["detail"]))
+            else:
+                self.conditions.pop(key, None)
         return answer if request.get("id") else None
 
     def _spec(self, spec: LimitSpec) -> LimitSpec:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.checks.ratelimit import BucketState, LimitResult, LimitSpec
+from relay.ops.conditions import Condition
 
 MAX_LINE = 1 << 24
 
@@ -79,6 +80,14 @@ class Link:
         self._writer.write(_encode({"id": ident, "op": op, **args}))
         answer: dict[str, Any] = await future
         return answer
+
+    def condition(self, condition: Condition, occurring: bool) -> None:
+        """A Conditions watcher: the supervisor's /readyz hears of starts and ends."""
+        if occurring and condition.count > 1:
+            return
+        self.send("condition", name=condition.name, subject=condition.subject,
+                  active=occurring, blocks_mail=condition.blocks_mail,
+                  detail=condition.detail)
 
     # -- the questions a worker asks ---------------------------------------------------
 
