@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -218,7 +219,8 @@ def connection_caps(args: argparse.Namespace) -> str:
 
 
 class Relay:
-    def __init__(self, workdir: Path, name: str, sink_port: int, args: argparse.Namespace) -> None:
+    def __init__(self, workdir: Path, name: str, sink_port: int, args: argparse.Namespace,
+                 caps: str | None = None) -> None:
         self.port = free_port()
         self.dir = workdir / f"relay-{name}"
         self.dir.mkdir()
@@ -228,7 +230,7 @@ class Relay:
             'hostname = "relay.bench.test"\n'
             'relay_networks = ["127.0.0.0/8"]\n'
             f'max_message_size = "{args.max_message_size}"\n'
-            f"{connection_caps(args)}"
+            f"{connection_caps(args) if caps is None else caps}"
             f"workers = {relay_workers(args)}\n"
             "[listener.bench]\n"
             f'address = "{LOOPBACK}:{self.port}"\n'
@@ -756,6 +758,92 @@ def best(rs: list[LoadResult]) -> LoadResult | None:
     return max(ok, key=lambda r: r.rate) if ok else None
 
 
+# -- slowloris -------------------------------------------------------------------------
+
+async def slow_client(port: int, source: str, interval: float, stop: asyncio.Event,
+                      counts: dict[str, int]) -> None:
+    """Connect from `source`, then send one byte every `interval` seconds and never a
+    line's end; when closed or refused, reconnect after a moment, as slowloris does."""
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(LOOPBACK, port, local_addr=(source, 0)), 10)
+        except (OSError, TimeoutError):
+            counts["connect_errors"] += 1
+            await asyncio.sleep(1.0)
+            continue
+        counts["connections"] += 1
+        try:
+            while not stop.is_set():
+                try:
+                    if not await asyncio.wait_for(reader.read(1024), interval):
+                        break  # closed by the relay
+                except TimeoutError:
+                    writer.write(b"X")
+        except OSError:
+            pass
+        finally:
+            writer.close()
+        await asyncio.sleep(random.uniform(0.5, 1.5))
+
+
+async def served_within(port: int, window: float) -> float | None:
+    """Seconds until a real client's message got its 250, retrying refusals as an MTA's
+    client would (every 0.5 s); None when the window passed first."""
+    msg = message_bytes(1024, "app@source.bench.test", "rcpt@dest.bench.test", "slowloris")
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < window:
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+            await asyncio.wait_for(aiosmtplib.send(
+                msg, sender="app@source.bench.test", recipients=["rcpt@dest.bench.test"],
+                hostname=LOOPBACK, port=port, timeout=window, start_tls=False,
+                local_hostname="app.bench.test"), window)
+            return time.perf_counter() - t0
+        await asyncio.sleep(0.5)
+    return None
+
+
+async def slowloris(workdir: Path, args: argparse.Namespace) -> dict[str, object]:
+    """The relay at its default connection caps (100, 20 per client) under
+    --slow-connections from --slow-addresses loopback addresses (127.0.0.10 on), each
+    sending a byte every --slow-interval seconds, while a real client from 127.0.0.1
+    sends --slow-attempts messages, one a second, each within 10 s or not at all."""
+    sink = Sink(workdir, "slowloris")
+    relay = Relay(workdir, "slowloris", sink.port, args, caps="")
+    stop = asyncio.Event()
+    counts = {"connections": 0, "connect_errors": 0}
+    attack = [asyncio.create_task(slow_client(
+        relay.port, f"127.0.0.{10 + i % args.slow_addresses}", args.slow_interval, stop, counts))
+        for i in range(args.slow_connections)]
+    deadline = time.perf_counter() + 30
+    while b"smtpd_pressure started" not in relay.log_path.read_bytes():
+        if time.perf_counter() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    times: list[float | None] = []
+    rss = [proc_status(relay.pid, "VmRSS")]
+    sampler = asyncio.create_task(sample_rss(relay.pid, stop, rss))
+    for _ in range(args.slow_attempts):
+        times.append(await served_within(relay.port, 10.0))
+        await asyncio.sleep(1.0)
+    stop.set()
+    await asyncio.gather(*attack, sampler)
+    text = relay.log_path.read_text(errors="replace")
+    relay.stop()
+    sink.stop()
+    served = [t for t in times if t is not None]
+    return {
+        "slow_connections": args.slow_connections, "slow_addresses": args.slow_addresses,
+        "attempts": len(times), "served": len(served),
+        "served_p50_s": statistics.median(served) if served else None,
+        "served_max_s": max(served) if served else None,
+        "attack_connections": counts["connections"],
+        "stalled_closed": text.count("listener=bench: under pressure"),
+        "pressure_entered": text.count("smtpd_pressure started"),
+        "peak_rss_mb": rss[0] / 2**20,
+    }
+
+
 def report(results: dict[str, list[LoadResult]], mem: dict[str, object] | None,
            args: argparse.Namespace, started: str) -> str:
     rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -820,6 +908,21 @@ def report(results: dict[str, list[LoadResult]], mem: dict[str, object] | None,
     return "\n".join(L) + "\n"
 
 
+def slowloris_report(attack: dict[str, object] | None) -> str:
+    if attack is None:
+        return ""
+    p50, worst = attack["served_p50_s"], attack["served_max_s"]
+    return (
+        f"\nSlowloris: {attack['slow_connections']} connections from "
+        f"{attack['slow_addresses']} addresses (each a byte every few seconds, reconnecting "
+        f"when closed: {attack['attack_connections']} connections in all) against the default "
+        f"max_connections 100: the real client was served within 10 s in "
+        f"{attack['served']} of {attack['attempts']} attempts"
+        + (f" (median {p50:.2f} s, worst {worst:.2f} s)" if p50 is not None else "")
+        + f"; {attack['stalled_closed']} stalled sessions closed under pressure; peak relay "
+        f"RSS {attack['peak_rss_mb']:.0f} MB.\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -845,6 +948,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-connections", type=int, default=1000)
     p.add_argument("--big-messages", type=int, default=50)
     p.add_argument("--big-size", type=int, default=10 * 2**20)
+    p.add_argument("--slowloris", action="store_true",
+                   help="also measure a real client's service during a slowloris attack")
+    p.add_argument("--slow-connections", type=int, default=1000)
+    p.add_argument("--slow-addresses", type=int, default=50)
+    p.add_argument("--slow-interval", type=float, default=3.0,
+                   help="seconds between the bytes each slow connection sends")
+    p.add_argument("--slow-attempts", type=int, default=20,
+                   help="messages the real client sends during the attack")
     p.add_argument("--stall-timeout", type=float, default=60.0,
                    help="give up waiting for the sink after this long without progress")
     p.add_argument("--profile", action="store_true",
@@ -864,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile and not (VENV_BIN / "py-spy").exists():
         sys.exit(f"--profile needs py-spy: {VENV_BIN}/pip install py-spy")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = args.idle_connections + 1024
+    want = max(args.idle_connections, args.slow_connections) + 1024
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(want, soft)), hard))
     started = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -876,17 +987,20 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_signal)
-    mem = None
+    mem = attack = None
     try:
         results = asyncio.run(run_loads(workdir, args))
         if not args.no_memory:
             log("memory: idle connections and concurrent big messages")
             mem = asyncio.run(memory(workdir, args))
+        if args.slowloris:
+            log(f"slowloris: {args.slow_connections} slow connections and a real client")
+            attack = asyncio.run(slowloris(workdir, args))
     finally:
         OWNED.stop_all()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    text = report(results, mem, args, started)
+    text = report(results, mem, args, started) + slowloris_report(attack)
     if args.profile:
         text = text.replace("\n\n", "\n\n(py-spy attached to the relay: slower than usual)\n\n", 1)
     print(text)
@@ -896,7 +1010,8 @@ def main(argv: list[str] | None = None) -> int:
     (out.with_suffix(".json")).write_text(json.dumps(
         {"args": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
                   for k, v in vars(args).items()},
-         "results": {k: [asdict(r) for r in v] for k, v in results.items()}, "memory": mem},
+         "results": {k: [asdict(r) for r in v] for k, v in results.items()}, "memory": mem,
+         "slowloris": attack},
         indent=1))
     log(f"results written to {out}")
     ok = all(r.complete for rs in results.values() for r in rs if r.seconds > 0)

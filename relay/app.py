@@ -91,7 +91,7 @@ class Relay:
             limiter=lambda: self.services.limiter, metrics=self._exposition,
             probe=self.delivery.flush,
         )
-        self.limits = ConnectionLimits(link=self.link)
+        self.limits = ConnectionLimits(link=self.link, conditions=self.conditions)
         self.budget = DataBudget(settings.inbound.max_data_memory, self.link)
         self.passwords = CheckGate()
         self.tls: dict[str, ListenerTLS] = {}

@@ -156,6 +156,7 @@ class _LineReader(asyncio.StreamReader):
 
     async def readuntil(self, separator: Any = b"\n") -> bytes:
         self.protocol.before_command()
+        self.protocol.waiting_since = self.protocol.loop.time()
         self.waiting_for_command = True
         try:
             line = await super().readuntil(separator)
@@ -243,13 +244,17 @@ class RelaySMTP(SMTP):
         self.command_size_limits = collections.defaultdict(
             lambda: COMMAND_LINE, {"MAIL": MAIL_LINE}
         )
-        self._admitted: str | None = None
+        # The client address the connection limits counted (None before admission).
+        self.client: str | None = None
         self.last_command = ""  # the verb of the command being answered, for the log
         self._closing = False
         self._errors = 0
         self._deadline: asyncio.TimerHandle | None = None
         # loop.time() of the last complete DATA line (see _timeout_cb).
         self._progress_at = -math.inf
+        # loop.time() when the client last got the turn (a reply sent, DATA begun).
+        self.waiting_since = -math.inf
+        self._in_data = False
         self._held = 0  # bytes of the message being read, counted in the DataBudget
 
     # -- connection life ----------------------------------------------------------------
@@ -314,10 +319,7 @@ class RelaySMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
-        if self._admitted is not None:
-            self.limits.release(self._admitted)
-            self._admitted = None
-            self.context.metrics.connection_closed(self.listener.name)
+        self._give_back()
         self.limits.unregister(self)
         super().connection_lost(error)
 
@@ -357,9 +359,7 @@ class RelaySMTP(SMTP):
         assert self.session is not None
         address = client_address(self.session)
         settings = self.settings
-        why = await self.limits.enter(
-            address, settings.inbound.max_connections, settings.inbound.max_connections_per_client
-        )
+        why = await self.limits.enter(address, settings.inbound)
         if why is not None:
             log.info(refusal_line("CONNECT", address, replies.TOO_MANY_CONNECTIONS,
                                   sender=None, helo="", listener=self.listener.name,
@@ -370,9 +370,33 @@ class RelaySMTP(SMTP):
             # The client left while the hub was asked: give its place back.
             self.limits.release(address)
             return False
-        self._admitted = address
+        self.client = address
         self.context.metrics.connection_opened(self.listener.name)
         return True
+
+    def _give_back(self) -> None:
+        if self.client is not None:
+            self.limits.release(self.client)
+            self.client = None
+            self.context.metrics.connection_closed(self.listener.name)
+
+    def stalled_for(self) -> float:
+        """Seconds this session has waited for its client: since the later of its last
+        complete command or DATA line and the moment it got the turn. 0 while the
+        server has the turn (a policy check, the spool) or the session is closing."""
+        reader = cast(_LineReader, self._reader)
+        if self._closing or not (reader.waiting_for_command or self._in_data):
+            return 0.0
+        return self.loop.time() - max(self._progress_at, self.waiting_since)
+
+    def evict(self, why: str) -> None:
+        """Pressure (relay/inbound/connlimits.py): close with 421 4.7.0, and give the
+        place back now, so that the client that needed it is admitted at once."""
+        assert self.session is not None
+        log.info("closed [%s] listener=%s: %s", client_address(self.session),
+                 self.listener.name, why)
+        self.close_with(replies.TOO_MANY_CONNECTIONS)
+        self._give_back()
 
     def close_with(self, reply: Reply | None) -> None:
         """Say `reply` (if any) and hang up; everything after it is dropped."""
@@ -387,7 +411,7 @@ class RelaySMTP(SMTP):
         """SIGTERM: a session waiting for a command gets 421 now, a busy one after its
         current command (before_command), or now as well when `force`d."""
         waiting = cast(_LineReader, self._reader).waiting_for_command
-        if force or waiting or self._admitted is None:  # None: still before the PROXY header
+        if force or waiting or self.client is None:  # None: still before the PROXY header
             self.close_with(replies.SHUTTING_DOWN)
 
     def before_command(self) -> None:
@@ -519,7 +543,11 @@ class RelaySMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         status: Any = MISSING
         try:
-            data, refusal = await self._read_data(budget)
+            self.waiting_since, self._in_data = self.loop.time(), True
+            try:
+                data, refusal = await self._read_data(budget)
+            finally:
+                self._in_data = False
             if refusal is None and data is not None:
                 self.envelope.content = self.envelope.original_content = data
                 status = await self._call_handler_hook("DATA")

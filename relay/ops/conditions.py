@@ -1,4 +1,5 @@
-"""Conditions: failures that repeat (a full disk, Redis down, an upstream group down),
+"""Conditions: failures that repeat (a full disk, Redis down, an upstream group down) and
+states of stress (too many connections),
 logged once when they start and once when they end with how often they recurred
 meanwhile, never once per message; /readyz and the relay_condition_* metrics show them.
 
@@ -20,7 +21,9 @@ DISK_FULL = "disk_full"
 SPOOL_UNWRITABLE = "spool_unwritable"
 REDIS_DOWN = "redis_down"
 UPSTREAM_DOWN = "upstream_down"
-NAMES = (DISK_FULL, SPOOL_UNWRITABLE, REDIS_DOWN, UPSTREAM_DOWN)
+# More clients connected than pressure_threshold of max_connections (Postfix's stress
+# mode): slow sessions are closed first and idle ones sooner (relay/inbound/connlimits.py).
+SMTPD_PRESSURE = "smtpd_pressure"
 
 
 @dataclass(slots=True)
@@ -34,13 +37,15 @@ class Condition:
     blocks_mail: bool  # whether new mail is refused meanwhile: /readyz says 503
     since: float
     count: int = 0
+    reports: int = 0  # calls of failing(): the first one started it
 
     @property
     def label(self) -> str:
         return f"{self.name} {self.subject}".rstrip()
 
 
-Watcher = Callable[[Condition, bool], None]
+# Told (condition, in force, occurrences added) at every call of failing and cleared.
+Watcher = Callable[[Condition, bool, int], None]
 
 
 class Conditions:
@@ -49,8 +54,7 @@ class Conditions:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._active: dict[tuple[str, str], Condition] = {}
-        # Told of every occurrence (True; the first one starts the condition) and of
-        # its end (False): the metrics, and with workers the supervisor.
+        # The metrics, and with workers the supervisor.
         self.watchers: list[Watcher] = []
 
     def __repr__(self) -> str:
@@ -58,19 +62,21 @@ class Conditions:
 
     def failing(
         self, name: str, detail: str, *, subject: str = "", unit: str = "occurrences",
-        consequence: str = "", blocks_mail: bool = False,
+        consequence: str = "", blocks_mail: bool = False, added: int = 1,
     ) -> None:
-        """One more occurrence of `name`: the first one starts the condition and is
-        logged with `detail` and its `consequence` for mail."""
+        """`added` more occurrences of `name` (0: the condition holds, nothing counted
+        yet): the first call starts the condition and logs `detail` and its
+        `consequence` for mail."""
         condition = self._active.get((name, subject))
         if condition is None:
             condition = Condition(name, subject, detail, unit, blocks_mail, self.clock())
             self._active[(name, subject)] = condition
             log.error("%s started: %s%s", condition.label, detail,
                       f"; {consequence}" if consequence else "")
-        condition.count += 1
+        condition.count += added
+        condition.reports += 1
         for watch in self.watchers:
-            watch(condition, True)
+            watch(condition, True, added)
 
     def cleared(self, name: str, subject: str = "") -> None:
         """`name` is over (a write, a Redis call, a delivery succeeded): logged once."""
@@ -80,7 +86,7 @@ class Conditions:
         log.warning("%s ended after %.0fs and %d %s", condition.label,
                     self.clock() - condition.since, condition.count, condition.unit)
         for watch in self.watchers:
-            watch(condition, False)
+            watch(condition, False, 0)
 
     def active(self, name: str, subject: str = "") -> bool:
         return (name, subject) in self._active

@@ -17,7 +17,7 @@ API (callers never touch prometheus objects):
     metrics.upstream_up(upstream, up)         # before each scrape, from the hosts' health
     metrics.pool(upstream, idle, busy)
     metrics.reload_succeeded() / reload_failed()
-    metrics.condition(condition, occurring)   # a Conditions watcher (relay/ops/conditions.py)
+    metrics.condition(condition, in_force, added)  # a Conditions watcher (ops/conditions.py)
     await metrics.refresh(spool, groups)      # queue gauges from the spool; pool gauges from
                                               # {group name: [HostPool, ...]} (idle/busy)
     metrics.exposition() -> bytes             # the text format
@@ -55,6 +55,7 @@ from prometheus_client import (
 from relay.ops.conditions import (
     DISK_FULL,
     REDIS_DOWN,
+    SMTPD_PRESSURE,
     SPOOL_UNWRITABLE,
     Condition,
 )
@@ -208,14 +209,15 @@ class Metrics:
         )
         self._condition = Gauge(
             "relay_condition_active", "1 while a condition is in force (disk_full, "
-            "spool_unwritable, redis_down, upstream_down per group).",
+            "spool_unwritable, redis_down, upstream_down per group, smtpd_pressure).",
             ["condition", "subject"], registry=r,
         )
         self._occurrences = Counter(
-            "relay_condition_occurrences", "Failures counted under a condition (refused "
-            "writes, checks without Redis, deliveries set aside).", ["condition"], registry=r,
+            "relay_condition_occurrences", "What a condition counted (refused writes, "
+            "checks without Redis, messages not delivered, slow sessions closed).",
+            ["condition"], registry=r,
         )
-        for name in (DISK_FULL, SPOOL_UNWRITABLE, REDIS_DOWN):
+        for name in (DISK_FULL, SPOOL_UNWRITABLE, REDIS_DOWN, SMTPD_PRESSURE):
             self._condition.labels(name, "").set(0)
         # Starting counts as a successful load: `check` ran the same loader first.
         self.reload_succeeded()
@@ -286,10 +288,9 @@ class Metrics:
         self._reload_ok.set(0)
         self._reload_failures.inc()
 
-    def condition(self, condition: Condition, occurring: bool) -> None:
-        self._condition.labels(condition.name, _label(condition.subject)).set(int(occurring))
-        if occurring:
-            self._occurrences.labels(condition.name).inc()
+    def condition(self, condition: Condition, in_force: bool, added: int) -> None:
+        self._condition.labels(condition.name, _label(condition.subject)).set(int(in_force))
+        self._occurrences.labels(condition.name).inc(added)
 
     # -- gauges read from elsewhere ---------------------------------------------------
 

@@ -8,10 +8,12 @@ let exactly N through however many workers run. With workers = 1 there is no hub
 nothing goes through it.
 
 Protocol: one JSON object per line. A request with a nonzero "id" gets one answer with
-the same "id"; a request without one (release, give, ready) gets none.
+the same "id"; a request without one (release, give, ready, condition) gets none.
 
     {"op": "hello", "worker": N}
-    {"id", "op": "admit", "client", "max_total", "max_per_client"} -> {"id", "why": null | str}
+    {"id", "op": "admit", "client", "max_total", "max_per_client"}
+                                                  -> {"id", "why": null | str, "total"}
+    {"id", "op": "count"}                                           -> {"id", "total"}
     {"op": "release", "client"}
     {"id", "op": "take", "size", "limit"}                           -> {"id", "ok": bool}
     {"op": "give", "size"}
@@ -20,6 +22,7 @@ the same "id"; a request without one (release, give, ready) gets none.
     {"id", "op": "states", "store", "specs", "name", "key"}         -> {"id", "states"}
     {"op": "clear", "store"}
     {"op": "ready", "status"}
+    {"op": "condition", "name", "subject", "active", "blocks_mail", "detail"}
 
 What a worker held (connections, budget) is given back when its link closes, so a
 worker that crashes leaks nothing.
@@ -126,6 +129,9 @@ class Hub:
         if op == "admit":
             answer["why"] = self._admit(request["client"], request["max_total"],
                                         request["max_per_client"], mine)
+            answer["total"] = self.total  # pressure is judged on the count the cap uses
+        elif op == "count":
+            answer["total"] = self.total
         elif op == "release":
             if mine.clients[request["client"]] > 0:
                 mine.clients[request["client"]] -= 1
