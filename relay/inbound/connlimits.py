@@ -9,8 +9,9 @@ the hub with workers), two things change until the count falls below it again:
   the server waiting longest, if that is longer than `pressure_grace` (a session whose
   client has the turn: no complete command, or no DATA line, since its last reply),
   waiting up to that grace for one (it is not greeted meanwhile). A client that holds
-  such a stalled session itself takes no one's place, so the slow clients cannot take
-  turns pushing each other out while real clients wait;
+  such a stalled session, or one that has not completed a command yet, takes no one's
+  place, so slow clients cannot take turns pushing each other out while real clients
+  wait;
 - the idle timeout shrinks to `pressure_idle_timeout` (Postfix: smtpd_timeout 10s).
 Entering and leaving pressure are logged once each (the smtpd_pressure condition), with
 the count of sessions closed meanwhile.
@@ -54,6 +55,9 @@ class Drainable(Protocol):
 
     def stalled_for(self) -> float:
         """Seconds the session has waited for its client; 0 while the server has the turn."""
+
+    def silent(self) -> bool:
+        """Its client has not completed a command yet."""
 
     def evict(self, why: str) -> None:
         """Close it under pressure ("421 4.7.0") and give its place back at once."""
@@ -117,10 +121,15 @@ class ConnectionLimits:
         # was open when this client came, and still waits for its own, has stalled
         # longer than the grace (a flood of slow clients has just taken every place).
         deadline = self.clock() + settings.pressure_grace
+        key = client_key(address)
         while why is not None and total >= settings.max_connections and not self.draining:
-            stalled = self._stalled(settings.pressure_grace)
-            if client_key(address) in {client_key(s.client or "") for s in stalled}:
+            grace = settings.pressure_grace
+            mine = [s for s in self.sessions if client_key(s.client or "") == key]
+            if any(s.stalled_for() > grace for s in mine):
                 break  # it holds a stalled session itself: no place for another
+            # Nor while one of its sessions has not said a command yet: slow clients
+            # would otherwise push each other out, keeping every session young.
+            stalled = [] if any(s.silent() for s in mine) else self._stalled(grace)
             if stalled:
                 longest = max(stalled, key=lambda s: s.stalled_for())
                 longest.evict(f"under pressure, stalled for {longest.stalled_for():.1f}s; "

@@ -389,6 +389,9 @@ class RelaySMTP(SMTP):
             return 0.0
         return self.loop.time() - max(self._progress_at, self.waiting_since)
 
+    def silent(self) -> bool:
+        return self._progress_at == -math.inf
+
     def evict(self, why: str) -> None:
         """Pressure (relay/inbound/connlimits.py): close with 421 4.7.0, and give the
         place back now, so that the client that needed it is admitted at once."""
