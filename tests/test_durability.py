@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 import time
+from pathlib import Path
 
 import aiosmtplib
+import pytest
 from conftest import RelayProcess, Sink, free_port, wait_until
 
+from relay.queue.spool import Envelope, Spool, SpoolDamaged
+
 MESSAGE = b"From: a@example.test\r\nTo: b@dest.test\r\nSubject: durable\r\n\r\nbody\r\n"
+ENVELOPE = Envelope("a@example.test", ("b@dest.test",), "127.0.0.1", "h", "smtp",
+                    received_at=time.time())
 
 
 async def send(port: int, subject: bytes = b"durable") -> str:
@@ -61,3 +69,44 @@ async def test_sigkill_during_data_delivers_nothing_partial(sink: Sink, start_re
     assert b"Subject: after restart" in got.data
     wait_until(lambda: not relay.queue_rows(), what="the spool to empty")
     assert len(sink.handler.messages) == 1
+
+
+async def test_a_message_file_without_its_committed_row_is_removed_at_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    # What a crash between writing a message's file and committing its row leaves
+    # (the client never got its 250): the file goes, the stored messages stay.
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    await spool.store("KEPT", ENVELOPE, MESSAGE)
+    await spool.close()
+    (tmp_path / "spool" / "data" / "INTERRUPTED").write_bytes(b"Subject: half\r\n")
+    again = Spool(tmp_path / "spool")
+    with caplog.at_level(logging.INFO, logger="relay.spool"):
+        await again.open()
+    try:
+        assert sorted(os.listdir(tmp_path / "spool" / "data")) == ["KEPT"]
+        assert [m.id for m in await again.messages()] == ["KEPT"]
+        assert await again.data("KEPT") == MESSAGE
+        assert "removed 1 message files without a committed message" in caplog.text
+    finally:
+        await again.close()
+
+
+async def test_a_stored_message_whose_file_is_gone_is_refused_as_damage(tmp_path: Path):
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    await spool.store("LOST", ENVELOPE, MESSAGE)
+    await spool.close()
+    (tmp_path / "spool" / "data" / "LOST").unlink()
+    with pytest.raises(SpoolDamaged, match="1 stored messages have no file in"):
+        await Spool(tmp_path / "spool").open()
+
+
+async def test_delivered_and_deleted_messages_leave_no_file(sink: Sink, start_relay):
+    relay: RelayProcess = start_relay(sink.port)
+    await send(relay.port)
+    sink.wait_messages(1)
+    wait_until(lambda: not relay.queue_rows(), what="the spool to empty")
+    wait_until(lambda: not os.listdir(relay.spool_db.parent / "data"),
+               what="the delivered message's file to go")

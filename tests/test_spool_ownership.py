@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import time
@@ -98,13 +99,22 @@ async def test_a_damaged_spool_is_refused_at_open(tmp_path: Path, damage: str):
 
 async def crashed_spool(directory: Path) -> tuple[bytes, bytes]:
     """The database and write-ahead log as a SIGKILL would leave them after COUNT
-    messages were stored (each commit returned: each message got its 250)."""
+    messages were stored (each commit returned: each message got its 250). The
+    messages' own files stay in `directory`/data."""
     spool = Spool(directory)
     await spool.open()
     await store_messages(spool)
     files = (directory / "spool.db").read_bytes(), (directory / "spool.db-wal").read_bytes()
     await spool.close()  # checkpoints and removes the log: put the crashed state back
     return files
+
+
+def crashed_copy(target: Path, source: Path, database: bytes, wal: bytes) -> Path:
+    target.mkdir()
+    (target / "spool.db").write_bytes(database)
+    (target / "spool.db-wal").write_bytes(wal)
+    shutil.copytree(source / "data", target / "data")
+    return target
 
 
 def wal_frames(wal: bytes) -> tuple[int, int]:
@@ -138,9 +148,7 @@ async def test_a_damaged_wal_after_a_crash_is_refused_before_sqlite_drops_commit
     else:
         damaged[20] ^= 0xFF  # the header's second salt
     for name in ("crashed", "as-sqlite-sees-it"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "spool.db").write_bytes(database)
-        (tmp_path / name / "spool.db-wal").write_bytes(damaged)
+        crashed_copy(tmp_path / name, tmp_path / "spool", database, bytes(damaged))
     # What the relay guards against: SQLite alone opens it and quietly drops commits.
     dropped = COUNT - sqlite_alone_reads(tmp_path / "as-sqlite-sees-it")
     assert dropped > 0
@@ -160,10 +168,7 @@ async def test_a_wal_torn_at_its_end_by_a_crash_opens_with_every_committed_messa
     # A commit whose fsync never returned (so no 250 was given): its last frame torn.
     torn = bytearray(wal[:32 + frames * size])
     torn[-100:] = bytes(100)
-    directory = tmp_path / "crashed"
-    directory.mkdir()
-    (directory / "spool.db").write_bytes(database)
-    (directory / "spool.db-wal").write_bytes(torn)
+    directory = crashed_copy(tmp_path / "crashed", tmp_path / "spool", database, bytes(torn))
     spool = Spool(directory)
     await spool.open()
     try:

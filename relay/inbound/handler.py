@@ -170,7 +170,7 @@ class InboundHandler:
             verdict.rule, ", hold" if stored.hold else "",
         )
         if not stored.hold:
-            context.on_queued(queue_id, stored, message)
+            context.on_queued(queue_id, stored, len(message))
         return str(replies.queued(queue_id))
 
     async def handle_exception(self, error: Exception) -> str:

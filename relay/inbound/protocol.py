@@ -165,6 +165,11 @@ class _LineReader(asyncio.StreamReader):
             # just the LF of the CRLF) is no command of its own.
             self.overrun = True
             raise
+        except asyncio.IncompleteReadError as exc:
+            # EOF inside a command line: aiosmtpd would take it for a bug of ours. The
+            # client is gone; there is no one to answer.
+            self.protocol.hung_up(len(exc.partial))
+            raise ConnectionResetError("client hung up in the middle of a command") from None
         finally:
             self.waiting_for_command = False
         if self.overrun:
@@ -339,6 +344,8 @@ class RelaySMTP(SMTP):
             return
         try:
             await super()._handle_client()
+        except ConnectionResetError:
+            pass  # aiosmtpd has closed the connection
         except asyncio.CancelledError:
             # EOF while aiosmtpd waits for the PROXY header cancels it without closing
             # the (half-open) connection; it would linger until the timeout.
@@ -416,6 +423,13 @@ class RelaySMTP(SMTP):
         waiting = cast(_LineReader, self._reader).waiting_for_command
         if force or waiting or self.client is None:  # None: still before the PROXY header
             self.close_with(replies.SHUTTING_DOWN)
+
+    def hung_up(self, partial: int) -> None:
+        assert self.session is not None
+        if partial:
+            log.info("[%s] hung up in the middle of a command (%d octets) listener=%s",
+                     client_address(self.session), partial, self.listener.name)
+        self.close_with(None)
 
     def before_command(self) -> None:
         if self.limits.draining:

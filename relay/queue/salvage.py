@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay.queue.spool import Envelope, Spool, integrity_problem
+from relay.queue.spool import DATA_DIR, Envelope, Spool, integrity_problem
 from relay.queue.walcheck import wal_damage
 
 
@@ -60,6 +60,12 @@ def survey(database: Path) -> Survey:
                 continue
             (queue_id, sender, client, helo, listener, user, received_at, route, utf8,
              state, data) = row
+            if not data:  # kept in its own file (relay/queue/spool.py)
+                try:
+                    data = (database.parent / DATA_DIR / queue_id).read_bytes()
+                except OSError:
+                    unreadable += 1
+                    continue
             if not recipients:
                 continue  # nothing left to deliver (failed: kept for the record only)
             envelope = Envelope(sender, recipients, client, helo, listener, user,

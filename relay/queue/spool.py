@@ -15,6 +15,14 @@ Why SQLite rather than one file per message with rename and directory fsync:
 With `synchronous=FULL` SQLite fsyncs the WAL at every commit; the directory is fsync'd
 once at open so the WAL file's own directory entry is durable too.
 
+A message's bytes live in a file of their own, `data/<queue id>`, not in the database:
+the write-ahead log stays small whatever the messages weigh, and delivery reads them in
+pieces (relay/queue/content.py) instead of whole. The file is written and fsync'd, and
+the `data` directory fsync'd, before the transaction that inserts the row commits; the
+file is removed after the transaction that deletes the row committed. So a committed
+row always has its file, and a crash leaves at most files without a row, removed at the
+next open. (Rows written before this layout keep their bytes in the `data` column.)
+
 All SQLite calls run in one dedicated thread (one connection), so the event loop never
 blocks on disk and the connection is never shared between threads.
 """
@@ -24,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
 import os
 import secrets
 import sqlite3
@@ -35,9 +44,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from relay.ops.conditions import DISK_FULL, SPOOL_UNWRITABLE, Conditions
+from relay.queue.content import Content
 from relay.queue.walcheck import wal_damage
 
 T = TypeVar("T")
+
+log = logging.getLogger("relay.spool")
+
+DATA_DIR = "data"  # one file per message, named by its queue id
 
 MessageState = Literal["queued", "hold", "failed"]
 RecipientState = Literal["pending", "sent", "failed"]
@@ -196,9 +210,15 @@ class Spool:
         self._db: sqlite3.Connection | None = None
         # Writes waiting for the next group commit: a function run inside the
         # transaction, and the future that gets its result once the commit returned.
-        self._pending: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        # A write may wait for a file (a message's bytes) to be on disk first.
+        self._pending: list[tuple[Callable[[], Any], asyncio.Future[Any],
+                                  asyncio.Future[None] | None]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._lock: int | None = None  # the open lock file, held for the spool's lifetime
+        # Inside a group commit: whether rows naming new files were inserted, and the
+        # ids whose files go once the commit returned.
+        self._new_files = False
+        self._removed: list[str] = []
         self.commits = 0  # group commits so far (each one WAL flush)
 
     def __repr__(self) -> str:
@@ -250,7 +270,31 @@ class Spool:
         if problem is not None:
             raise _damaged(database, problem)
         self._db = db
+        self._adopt_files(db)
         _fsync_directory(self.directory)
+
+    def _adopt_files(self, db: sqlite3.Connection) -> None:
+        """Make the data directory, and remove the files a crash left without a row
+        (a message whose commit never returned: its client got no 250)."""
+        directory = self.directory / DATA_DIR
+        try:
+            directory.mkdir(exist_ok=True, mode=0o750)
+            names = set(os.listdir(directory))
+        except OSError as exc:
+            raise SpoolCannotCreate(f"cannot create {directory}: {exc.strerror}") from exc
+        stored = {queue_id for (queue_id,) in db.execute("SELECT id FROM message")}
+        orphans = names - stored
+        for name in orphans:
+            (directory / name).unlink(missing_ok=True)
+        if orphans:
+            log.info("spool %s: removed %d message files without a committed message (an "
+                     "interrupted DATA)", self.directory, len(orphans))
+        missing = db.execute(
+            "SELECT count(*) FROM message WHERE length(data) = 0").fetchone()[0] - len(
+            stored & names)
+        if missing > 0:
+            raise _damaged(self.directory / "spool.db",
+                           f"{missing} stored messages have no file in {directory}")
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -273,13 +317,33 @@ class Spool:
 
     async def store(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
         """Write a message durably; only when this returns may 250 be sent."""
-        await self._write(self._insert, queue_id, envelope, data)
+        path = self.data_path(queue_id)
+        # Files are written and fsync'd in parallel threads; the group commit waits for
+        # those of its messages, so their rows (and any delivery results meanwhile)
+        # still share one commit.
+        written = asyncio.get_running_loop().run_in_executor(None, _write_file, path, data)
+        try:
+            await self._write(self._insert, queue_id, envelope, len(data), prepared=written)
+        except SpoolError:
+            if not _why(written):
+                path.unlink(missing_ok=True)  # ours, and no row names it
+            raise
 
-    async def _write(self, func: Callable[..., T], *args: Any) -> T:
-        """Run `func` in the next group commit; return its result once that commit
-        returned (and with it, under synchronous=FULL, the WAL is on stable storage)."""
+    def data_path(self, queue_id: str) -> Path:
+        return self.directory / DATA_DIR / queue_id
+
+    def content(self, queue_id: str, size: int) -> Content:
+        """A stored message's bytes, to be read in pieces."""
+        return Content(self.data_path(queue_id), size)
+
+    async def _write(
+        self, func: Callable[..., T], *args: Any, prepared: asyncio.Future[None] | None = None
+    ) -> T:
+        """Run `func` in the next group commit (once `prepared` is done, and not if it
+        failed); return its result once that commit returned (and with it, under
+        synchronous=FULL, the WAL is on stable storage)."""
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((lambda: func(*args), done))
+        self._pending.append((lambda: func(*args), done, prepared))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await done
@@ -289,11 +353,18 @@ class Spool:
         # into the next transaction together: new messages and delivery results alike.
         while self._pending:
             batch, self._pending = self._pending, []
+            preparations = [p for _, _, p in batch if p is not None]
+            if preparations:
+                await asyncio.wait(preparations)
+            failed = {i: SpoolError(f"cannot write the message file: {_why(p)}")
+                      for i, (_, _, p) in enumerate(batch) if p is not None and _why(p)}
+            ops = [op for i, (op, _, _) in enumerate(batch) if i not in failed]
             try:
-                outcomes = await self._run(self._commit, [op for op, _ in batch])
+                committed = iter(await self._run(self._commit, ops))
             except Exception as exc:  # every waiter must hear about the failure
-                outcomes = [SpoolError(str(exc))] * len(batch)
-            for (_, done), outcome in zip(batch, outcomes, strict=True):
+                committed = iter([SpoolError(str(exc))] * len(ops))
+            outcomes = [failed[i] if i in failed else next(committed) for i in range(len(batch))]
+            for (_, done, _), outcome in zip(batch, outcomes, strict=True):
                 self._note(outcome)
                 if done.done():
                     continue
@@ -335,15 +406,25 @@ class Spool:
                     db.execute("ROLLBACK TO op")
                     outcomes.append(SpoolError(str(exc)))
                 db.execute("RELEASE op")
+            if self._new_files:
+                # The files' directory entries are durable before the rows naming them.
+                _fsync_directory(self.directory / DATA_DIR)
             db.execute("COMMIT")
             self.commits += 1
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
+            self._removed.clear()
             raise
+        finally:
+            self._new_files = False
+        for queue_id in self._removed:
+            self.data_path(queue_id).unlink(missing_ok=True)
+        self._removed.clear()
         return outcomes
 
-    def _insert(self, queue_id: str, env: Envelope, data: bytes) -> None:
+    def _insert(self, queue_id: str, env: Envelope, size: int) -> None:
+        self._new_files = True
         db = self.db
         db.execute(
             "INSERT INTO message (id, sender, client_address, helo, listener, "
@@ -351,9 +432,9 @@ class Spool:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 queue_id, env.sender, env.client_address, env.helo, env.listener,
-                env.sasl_username, env.received_at, len(data),
+                env.sasl_username, env.received_at, size,
                 "hold" if env.hold else "queued", env.route, env.received_at,
-                int(env.smtputf8), data,
+                int(env.smtputf8), b"",
             ),
         )
         db.executemany(
@@ -369,17 +450,6 @@ class Spool:
         where = "state = 'queued' AND next_attempt <= ?"
         return await self._run(self._select, where, (now,), limit, set(exclude))
 
-    async def due_with_data(
-        self, now: float, limit: int, exclude: Iterable[str] = ()
-    ) -> list[tuple[QueuedMessage, bytes]]:
-        """As due(), with each message's bytes, in one trip to the spool thread."""
-
-        def select() -> list[tuple[QueuedMessage, bytes]]:
-            where = "state = 'queued' AND next_attempt <= ?"
-            found = self._select(where, (now,), limit, set(exclude))
-            return [(m, self._data(m.id)) for m in found]
-
-        return await self._run(select)
 
     async def get(self, queue_id: str) -> QueuedMessage | None:
         found = await self._run(self._select, "id = ?", (queue_id,), 1, set())
@@ -426,7 +496,10 @@ class Spool:
         row = self.db.execute("SELECT data FROM message WHERE id = ?", (queue_id,)).fetchone()
         if row is None:
             raise SpoolError(f"no message {queue_id}")
-        return bytes(row[0])
+        try:
+            return bytes(row[0]) or self.data_path(queue_id).read_bytes()
+        except OSError as exc:
+            raise SpoolError(f"cannot read {self.data_path(queue_id)}: {exc.strerror}") from exc
 
     async def count(self) -> int:
         row = await self._run(lambda: self.db.execute("SELECT COUNT(*) FROM message").fetchone())
@@ -466,7 +539,7 @@ class Spool:
         else:
             new_state = None
         if new_state is None:
-            db.execute("DELETE FROM message WHERE id = ?", (queue_id,))
+            self._remove(queue_id)
         else:
             db.execute(
                 "UPDATE message SET state = ?, attempts = attempts + 1, next_attempt = ?, "
@@ -501,10 +574,14 @@ class Spool:
         return await self._run(update)
 
     async def delete(self, queue_id: str) -> bool:
-        def remove() -> bool:
-            return self.db.execute("DELETE FROM message WHERE id = ?", (queue_id,)).rowcount > 0
+        return bool(await self._write(self._remove, queue_id))
 
-        return await self._run(remove)
+    def _remove(self, queue_id: str) -> bool:
+        """Delete a message's row; its file goes once the transaction committed."""
+        if self.db.execute("DELETE FROM message WHERE id = ?", (queue_id,)).rowcount == 0:
+            return False
+        self._removed.append(queue_id)
+        return True
 
 
 def _own(directory: Path) -> int:
@@ -526,6 +603,25 @@ def _own(directory: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _why(future: asyncio.Future[None]) -> str:
+    """What went wrong in a finished future, "" if nothing."""
+    exc = future.exception()
+    if exc is None:
+        return ""
+    return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _damaged(database: Path, problem: str) -> SpoolDamaged:
