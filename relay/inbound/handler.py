@@ -151,9 +151,12 @@ class InboundHandler:
             return str(replies.queued(queue_id))
         received = received_header(session, envelope, policy.runtime.settings.smtp_hostname,
                                    queue_id, stored.received_at)
-        message = received + verdict.prepend + verdict.message
+        # The headers to prepend and the message are written one after the other, never
+        # joined: a copy of a large message would double what it holds in memory.
+        parts = (received + verdict.prepend, verdict.message)
+        size = sum(len(part) for part in parts)
         try:
-            await context.spool.store(queue_id, stored, message)
+            await context.spool.store(queue_id, stored, parts)
         except SpoolError:
             # The spool logs the condition when it starts and ends; one line per message.
             log.info("NOQUEUE: reject: DATA from [%s]: %s; spool write failed listener=%s",
@@ -165,12 +168,12 @@ class InboundHandler:
         log.info(
             "%s: client=[%s], from=<%s>, size=%d, nrcpt=%d, listener=%s%s, "
             "message_id=<%s>, rule=%s%s",
-            queue_id, stored.client_address, stored.sender, len(message),
+            queue_id, stored.client_address, stored.sender, size,
             len(stored.recipients), self.listener.name, user, message_id(verdict.message),
             verdict.rule, ", hold" if stored.hold else "",
         )
         if not stored.hold:
-            context.on_queued(queue_id, stored, len(message))
+            context.on_queued(queue_id, stored, size)
         return str(replies.queued(queue_id))
 
     async def handle_exception(self, error: Exception) -> str:

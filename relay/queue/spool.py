@@ -315,15 +315,21 @@ class Spool:
 
     # -- storing ----------------------------------------------------------------------
 
-    async def store(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
-        """Write a message durably; only when this returns may 250 be sent."""
+    async def store(
+        self, queue_id: str, envelope: Envelope, data: bytes | Sequence[bytes]
+    ) -> None:
+        """Write a message durably; only when this returns may 250 be sent. `data` may
+        come in parts (headers to prepend, then the message as received): they are
+        written one after the other, never joined in memory."""
+        parts = (data,) if isinstance(data, bytes) else tuple(data)
+        size = sum(len(part) for part in parts)
         path = self.data_path(queue_id)
         # Files are written and fsync'd in parallel threads; the group commit waits for
         # those of its messages, so their rows (and any delivery results meanwhile)
         # still share one commit.
-        written = asyncio.get_running_loop().run_in_executor(None, _write_file, path, data)
+        written = asyncio.get_running_loop().run_in_executor(None, _write_file, path, parts)
         try:
-            await self._write(self._insert, queue_id, envelope, len(data), prepared=written)
+            await self._write(self._insert, queue_id, envelope, size, prepared=written)
         except SpoolError:
             if not _why(written):
                 path.unlink(missing_ok=True)  # ours, and no row names it
@@ -613,12 +619,13 @@ def _why(future: asyncio.Future[None]) -> str:
     return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
 
 
-def _write_file(path: Path, data: bytes) -> None:
+def _write_file(path: Path, parts: Sequence[bytes]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
