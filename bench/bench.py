@@ -12,7 +12,7 @@ sends sequentially alongside and times each final-dot reply):
   - CPU seconds of the relay process (utime+stime from /proc/PID/stat, all threads);
   - latency of aiosmtplib's data() call (DATA, 354, content, final dot, reply), p50/p99.
 Then the relay's resident memory: at rest, with 1,000 idle connections (after EHLO), and
-peak while 50 clients send 10 MB messages at once.
+peak while 50, then 200, clients send 10 MB messages at once (and after the burst).
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def connection_caps(args: argparse.Namespace) -> str:
     """Raise the relay's connection caps above what the benchmark opens (21 sessions from
     one address; 1,000 idle connections), if this relay version has such settings."""
     if "v" not in _CAPS:
-        n = max(args.idle_connections, args.sessions, args.big_messages) + 100
+        n = max(args.idle_connections, args.sessions, *args.big_messages) + 100
         text = f"max_connections = {n}\nmax_connections_per_client = {n}\n"
         with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
             f.write("[server]\n" + text)
@@ -591,6 +591,46 @@ async def sample_rss(pid: int, stop: asyncio.Event, peak: list[int]) -> None:
         await asyncio.sleep(0.02)
 
 
+async def big_burst(workdir: Path, args: argparse.Namespace, count: int) -> dict[str, object]:
+    """`count` clients each send one big message at once to a fresh relay: its RSS at
+    rest, at the peak (sampled every 20 ms, and VmHWM) and 2 s after every message was
+    delivered, and how many tries were answered 4xx (the memory budget's 452)."""
+    out: dict[str, object] = {"count": count}
+    sink = Sink(workdir, f"mem-big-{count}")
+    relay = Relay(workdir, f"mem-big-{count}", sink.port, args)
+    await asyncio.sleep(1.0)
+    rest = proc_status(relay.pid, "VmRSS")
+    peak = [rest]
+    stop = asyncio.Event()
+    spy = await start_spy(workdir, relay.pid, f"big-{count}") if args.profile else None
+    sampler = asyncio.create_task(sample_rss(relay.pid, stop, peak))
+    t0 = time.perf_counter()
+    ok, errors = await big_messages(relay.port, count, args.big_size)
+    accept_s = time.perf_counter() - t0
+    deadline = time.perf_counter() + 300
+    while time.perf_counter() < deadline and sink.count() < ok:
+        await asyncio.sleep(0.05)
+    delivered = sink.count()
+    total_s = time.perf_counter() - t0
+    stop.set()
+    await sampler
+    stop_spy(spy)
+    out["rss_at_rest_mb"] = rest / 2**20
+    out["accepted"] = ok
+    out["delivered"] = delivered
+    out["errors"] = errors[:3]
+    out["retries"] = BIG_RETRIES[0]
+    out["rss_peak_mb"] = peak[0] / 2**20
+    out["vmhwm_mb"] = proc_status(relay.pid, "VmHWM") / 2**20
+    await asyncio.sleep(2.0)
+    out["rss_after_mb"] = proc_status(relay.pid, "VmRSS") / 2**20
+    out["accept_seconds"] = accept_s
+    out["total_seconds"] = total_s
+    relay.stop()
+    sink.stop()
+    return out
+
+
 async def memory(workdir: Path, args: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {}
     # 1) idle connections
@@ -612,39 +652,8 @@ async def memory(workdir: Path, args: argparse.Namespace) -> dict[str, object]:
     out["rss_after_idle_closed_mb"] = proc_status(relay.pid, "VmRSS") / 2**20
     relay.stop()
     sink.stop()
-    # 2) concurrent big messages
-    sink = Sink(workdir, "mem-big")
-    relay = Relay(workdir, "mem-big", sink.port, args)
-    await asyncio.sleep(1.0)
-    rest = proc_status(relay.pid, "VmRSS")
-    peak = [rest]
-    stop = asyncio.Event()
-    spy = await start_spy(workdir, relay.pid, "big") if args.profile else None
-    sampler = asyncio.create_task(sample_rss(relay.pid, stop, peak))
-    t0 = time.perf_counter()
-    ok, errors = await big_messages(relay.port, args.big_messages, args.big_size)
-    accept_s = time.perf_counter() - t0
-    deadline = time.perf_counter() + 300
-    while time.perf_counter() < deadline and sink.count() < ok:
-        await asyncio.sleep(0.05)
-    delivered = sink.count()
-    total_s = time.perf_counter() - t0
-    stop.set()
-    await sampler
-    stop_spy(spy)
-    out["big_rss_at_rest_mb"] = rest / 2**20
-    out["big_accepted"] = ok
-    out["big_delivered"] = delivered
-    out["big_errors"] = errors[:3]
-    out["big_retries"] = BIG_RETRIES[0]
-    out["big_rss_peak_mb"] = peak[0] / 2**20
-    out["big_vmhwm_mb"] = proc_status(relay.pid, "VmHWM") / 2**20
-    await asyncio.sleep(2.0)
-    out["big_rss_after_mb"] = proc_status(relay.pid, "VmRSS") / 2**20
-    out["big_accept_seconds"] = accept_s
-    out["big_total_seconds"] = total_s
-    relay.stop()
-    sink.stop()
+    # 2) concurrent big messages, a fresh relay for each burst size
+    out["bursts"] = [await big_burst(workdir, args, count) for count in args.big_messages]
     return out
 
 
@@ -896,15 +905,18 @@ def report(results: dict[str, list[LoadResult]], mem: dict[str, object] | None,
               f"{mem['relay_fds_with_idle']} fds) | {mem['rss_idle_mb']:.1f} MB "
               f"({mem['rss_per_idle_conn_kb']:.1f} KB per connection) |",
               f"| after closing them | {mem['rss_after_idle_closed_mb']:.1f} MB |",
-              f"| {args.big_messages} concurrent {args.big_size / 2**20:.0f} MB messages, peak "
-              f"(sampled every 20 ms / VmHWM) | {mem['big_rss_peak_mb']:.0f} MB / "
-              f"{mem['big_vmhwm_mb']:.0f} MB |",
-              f"| after they were delivered | {mem['big_rss_after_mb']:.0f} MB |",
-              "",
-              f"Big messages: {mem['big_accepted']} accepted, {mem['big_delivered']} delivered; "
-              f"all accepted after {mem['big_accept_seconds']:.1f}s, delivered after "
-              f"{mem['big_total_seconds']:.1f}s; {mem.get('big_retries', 0)} tries answered "
-              f"4xx (memory budget) and sent again. {mem['big_errors'] or ''}"]
+              ]
+        for b in mem["bursts"]:
+            L += [f"| {b['count']} concurrent {args.big_size / 2**20:.0f} MB messages: at rest, "
+                  f"peak (sampled every 20 ms / VmHWM), 2 s after delivery | "
+                  f"{b['rss_at_rest_mb']:.0f} MB, {b['rss_peak_mb']:.0f} MB / "
+                  f"{b['vmhwm_mb']:.0f} MB, {b['rss_after_mb']:.0f} MB |"]
+        L.append("")
+        for b in mem["bursts"]:
+            L.append(f"{b['count']} big messages: {b['accepted']} accepted, {b['delivered']} "
+                     f"delivered; all accepted after {b['accept_seconds']:.1f}s, delivered "
+                     f"after {b['total_seconds']:.1f}s; {b['retries']} tries answered 4xx "
+                     f"(memory budget) and sent again. {b['errors'] or ''}")
     return "\n".join(L) + "\n"
 
 
@@ -946,7 +958,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-message-size", default="25M")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     p.add_argument("--idle-connections", type=int, default=1000)
-    p.add_argument("--big-messages", type=int, default=50)
+    p.add_argument("--big-messages", default="50,200",
+                   help="comma list: concurrent big messages per burst (a fresh relay each)")
     p.add_argument("--big-size", type=int, default=10 * 2**20)
     p.add_argument("--slowloris", action="store_true",
                    help="also measure a real client's service during a slowloris attack")
@@ -964,6 +977,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, help="results file (default bench/results/DATE.md)")
     args = p.parse_args(argv)
     args.targets = {t.strip() for t in args.targets.split(",") if t.strip()}
+    args.big_messages = [int(n) for n in str(args.big_messages).split(",") if n.strip()]
     return args
 
 

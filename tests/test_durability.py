@@ -49,15 +49,21 @@ async def test_sigkill_after_250_with_upstream_down_then_delivered_after_restart
         sink.stop()
 
 
+def in_data(port: int) -> socket.socket:
+    """A session that has just been told 354: the message may follow."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.recv(1024)
+    for line in (b"EHLO c.test\r\n", b"MAIL FROM:<a@example.test>\r\n",
+                 b"RCPT TO:<b@dest.test>\r\n", b"DATA\r\n"):
+        s.sendall(line)
+        time.sleep(0.05)
+        s.recv(1024)
+    return s
+
+
 async def test_sigkill_during_data_delivers_nothing_partial(sink: Sink, start_relay):
     relay: RelayProcess = start_relay(sink.port)
-    with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as s:
-        s.recv(1024)
-        for line in (b"EHLO c.test\r\n", b"MAIL FROM:<a@example.test>\r\n",
-                     b"RCPT TO:<b@dest.test>\r\n", b"DATA\r\n"):
-            s.sendall(line)
-            time.sleep(0.05)
-            s.recv(1024)
+    with in_data(relay.port) as s:
         s.sendall(b"Subject: partial\r\n\r\nthe first half of a message\r\n")
         time.sleep(0.2)
         relay.kill()
@@ -110,3 +116,21 @@ async def test_delivered_and_deleted_messages_leave_no_file(sink: Sink, start_re
     wait_until(lambda: not relay.queue_rows(), what="the spool to empty")
     wait_until(lambda: not os.listdir(relay.spool_db.parent / "data"),
                what="the delivered message's file to go")
+
+
+async def test_sigkill_during_a_large_data_leaves_nothing_after_restart(
+    sink: Sink, start_relay
+):
+    relay: RelayProcess = start_relay(sink.port)
+    incoming = relay.spool_db.parent / "incoming"
+    with in_data(relay.port) as s:
+        s.sendall(b"Subject: large and partial\r\n\r\n" + (b"z" * 78 + b"\r\n") * 20000)
+        # Past its first octets the message goes to disk as it arrives.
+        wait_until(lambda: os.listdir(incoming), what="the message to reach the disk")
+        relay.kill()
+    relay.start()
+    assert not os.listdir(incoming)
+    assert not relay.queue_rows()
+    await send(relay.port, subject=b"after restart")
+    [got] = sink.wait_messages(1)
+    assert b"Subject: after restart" in got.data

@@ -126,7 +126,7 @@ class InboundHandler:
     ) -> str:
         policy = server.policy()
         queue_id = new_queue_id()
-        verdict = await policy.data(envelope.original_content or b"", queue_id)
+        verdict = await policy.data(envelope.original_content or b"", queue_id, server.tail)
         self._count_checks(policy)
         if verdict.refused and verdict.reply is not None:
             return str(verdict.reply)
@@ -154,9 +154,10 @@ class InboundHandler:
         # The headers to prepend and the message are written one after the other, never
         # joined: a copy of a large message would double what it holds in memory.
         parts = (received + verdict.prepend, verdict.message)
-        size = sum(len(part) for part in parts)
+        size = sum(len(part) for part in parts) + (verdict.tail.size if verdict.tail else 0)
         try:
-            await context.spool.store(queue_id, stored, parts)
+            await context.spool.store(queue_id, stored, parts,
+                                      verdict.tail.path if verdict.tail else None)
         except SpoolError:
             # The spool logs the condition when it starts and ends; one line per message.
             log.info("NOQUEUE: reject: DATA from [%s]: %s; spool write failed listener=%s",

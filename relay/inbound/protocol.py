@@ -13,7 +13,10 @@ import collections
 import ipaddress
 import logging
 import math
+import os
 import re
+import secrets
+from pathlib import Path
 from typing import Any, AnyStr, Protocol, cast
 
 import aiosmtpd
@@ -32,7 +35,7 @@ from relay.headers import header_safe
 from relay.inbound.budget import DataBudget
 from relay.inbound.context import ListenerContext
 from relay.ipaddr import LOOPBACK_NETWORKS, in_networks
-from relay.message import has_bare_line_ending, has_long_line
+from relay.message import Tail, has_bare_line_ending, has_long_line, longest_line
 from relay.ops.logs import refusal_line
 from relay.policy.session import PolicySession
 from relay.replies import Reply
@@ -71,6 +74,9 @@ DATA_CHUNK = 256 * 1024
 # RFC 5321 section 4.1.1.4: the message ends with CRLF "." CRLF, and only so; "\n.\n",
 # "\r.\r" and friends are content, which then fails the bare CR/LF check (smuggling).
 END_OF_DATA = b"\r\n.\r\n"
+# A message's first octets stay in memory (its header section, the start of its body);
+# the rest goes to disk as it arrives (see _Spill).
+SPILL_AT = 256 * 1024
 
 _ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
@@ -181,6 +187,74 @@ class _LineReader(asyncio.StreamReader):
         return line
 
 
+class _Spill:
+    """Where a message goes past the first `at` octets: a file in the spool's incoming
+    directory, written as whole lines arrive, each piece checked (line lengths, bare
+    CR or LF) before its transparency dots are removed. The first part stays in the
+    reader's buffer; the file is named by relay.message.Tail."""
+
+    def __init__(self, directory: Path, at: int) -> None:
+        self.directory = directory
+        self.at = at
+        self.head_end = 0  # where the first part ends in the reader's buffer (0: not yet)
+        self.path: Path | None = None
+        self._fd = -1
+        self.size = 0
+        self.bare_line_ending = False
+        self.longest_line = 0
+        self.too_long = False  # a line over the reader's limit went to the file
+
+    def take(self, buf: bytearray, upto: int, line_limit: int) -> int:
+        """Move the whole lines of `buf` between the first part and `upto` to the file;
+        how many octets left `buf`."""
+        if not self.head_end:
+            # buf starts with the CRLF that ended the DATA command.
+            first = buf.find(b"\r\n", 2 + self.at, upto)
+            if first < 0:
+                return 0
+            self.head_end = first + 2
+        last = buf.rfind(b"\r\n", self.head_end, upto)
+        if last < 0:
+            return 0
+        piece = bytes(buf[self.head_end:last + 2])
+        bare = has_bare_line_ending(piece)
+        self.too_long = self.too_long or has_long_line(piece, line_limit, exact=bare)
+        # RFC 5321 section 4.5.2: each piece starts a line, so a leading dot is one too.
+        if piece.startswith(b".") or b"\r\n." in piece:
+            piece = (b"\r\n" + piece).replace(b"\r\n.", b"\r\n")[2:]
+        self.bare_line_ending = self.bare_line_ending or bare
+        self.longest_line = max(self.longest_line, longest_line(piece))
+        self._write(piece)
+        del buf[self.head_end:last + 2]
+        return last + 2 - self.head_end
+
+    def _write(self, piece: bytes) -> None:
+        if self.path is None:
+            self.path = self.directory / secrets.token_hex(12)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                               0o640)
+        # Into the page cache: the spool copies and fsyncs it when it stores the message.
+        view = memoryview(piece)
+        while view:
+            view = view[os.write(self._fd, view):]
+        self.size += len(piece)
+
+    def tail(self) -> Tail | None:
+        if self.path is None:
+            return None
+        os.close(self._fd)
+        self._fd = -1
+        return Tail(self.path, self.size, self.bare_line_ending, self.longest_line)
+
+    def discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
 class RelaySession(Session):
     """aiosmtpd's session, without the deprecation warning its AUTH logs every time."""
 
@@ -261,6 +335,8 @@ class RelaySMTP(SMTP):
         self.waiting_since = -math.inf
         self._in_data = False
         self._held = 0  # bytes of the message being read, counted in the DataBudget
+        # The part of the message being handled that went to disk (the DATA hook reads it).
+        self.tail: Tail | None = None
 
     # -- connection life ----------------------------------------------------------------
 
@@ -559,16 +635,20 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         status: Any = MISSING
+        spill = _Spill(self.context.spool.incoming, self._spill_at())
         try:
             self.waiting_since, self._in_data = self.loop.time(), True
             try:
-                data, refusal = await self._read_data(budget)
+                data, refusal = await self._read_data(budget, spill)
             finally:
                 self._in_data = False
             if refusal is None and data is not None:
                 self.envelope.content = self.envelope.original_content = data
+                self.tail = spill.tail()
                 status = await self._call_handler_hook("DATA")
         finally:
+            self.tail = None
+            spill.discard()  # stored by now (copied into the spool), or not to be
             budget.release(self._held)
             self._held = 0
         if data is None:  # the connection is gone
@@ -579,9 +659,18 @@ class RelaySMTP(SMTP):
             return
         await self.push("250 OK" if status is MISSING else status)
 
-    async def _read_data(self, budget: DataBudget) -> tuple[bytes | None, Reply | None]:
+    def _spill_at(self) -> int:
+        """Octets of a message kept in memory; the rest goes to disk as it arrives. At
+        least twice max_header_size, so the header section is always in memory."""
+        return max(SPILL_AT, 2 * self.settings.inbound.max_header_size)
+
+    async def _read_data(
+        self, budget: DataBudget, spill: _Spill
+    ) -> tuple[bytes | None, Reply | None]:
         """The message (dot-unstuffed) or the refusal due once its end was read; None
-        for the message when the connection closed first.
+        for the message when the connection closed first. Past `spill`'s threshold the
+        message goes to its file as whole lines arrive (checked, then unstuffed), and
+        the bytes returned are only its first part (relay.message.Tail).
 
         Like aiosmtpd, a message over the size limit or with a line over the reader's
         limit is read to its end before the reply (RFC 5321 section 4.2.5), keeping
@@ -638,14 +727,24 @@ class RelaySMTP(SMTP):
                 if refusal is not None:  # read on to the end, keeping nothing
                     budget.release(self._held)
                     self._held = 0
+                    spill.discard()
+                elif end < 0:
+                    # Whole lines already counted for dots (and not the last 4 octets,
+                    # which may start the end of data) go to disk past the threshold.
+                    moved = spill.take(buf, min(counted, len(buf) - 4), line_limit)
+                    counted -= moved
+                    budget.release(moved)
+                    self._held -= moved
             if end >= 0:
                 break
             if refusal is not None:
                 del buf[:-4]
         if refusal is not None:
             return b"", refusal
+        if spill.head_end:
+            spill.take(buf, len(buf), line_limit)
         del buf[:2]
-        if has_long_line(buf, line_limit, exact=has_bare_line_ending(buf)):
+        if spill.too_long or has_long_line(buf, line_limit, exact=has_bare_line_ending(buf)):
             return b"", replies.LINE_TOO_LONG
         # RFC 5321 section 4.5.2: remove the transparency dot of lines starting with one.
         if buf.startswith(b".") or b"\r\n." in buf:

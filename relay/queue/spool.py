@@ -35,6 +35,7 @@ import fcntl
 import logging
 import os
 import secrets
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -52,6 +53,8 @@ T = TypeVar("T")
 log = logging.getLogger("relay.spool")
 
 DATA_DIR = "data"  # one file per message, named by its queue id
+INCOMING_DIR = "incoming"  # messages being received (relay/inbound/protocol.py)
+COPY_PIECE = 1024 * 1024
 
 MessageState = Literal["queued", "hold", "failed"]
 RecipientState = Literal["pending", "sent", "failed"]
@@ -203,6 +206,9 @@ class Spool:
 
     def __init__(self, directory: Path, conditions: Conditions | None = None) -> None:
         self.directory = directory
+        # Where the listener writes the part of a large message past its first octets
+        # while it arrives; stored messages are copied from there into data/.
+        self.incoming = directory / INCOMING_DIR
         # A full disk or an unwritable spool is a condition: logged when it starts and
         # when it ends (with the count of refused writes), never once per message.
         self.conditions = conditions or Conditions()
@@ -280,8 +286,11 @@ class Spool:
         try:
             directory.mkdir(exist_ok=True, mode=0o750)
             names = set(os.listdir(directory))
+            self.incoming.mkdir(exist_ok=True, mode=0o750)
+            for name in os.listdir(self.incoming):  # messages whose DATA never ended
+                (self.incoming / name).unlink(missing_ok=True)
         except OSError as exc:
-            raise SpoolCannotCreate(f"cannot create {directory}: {exc.strerror}") from exc
+            raise SpoolCannotCreate(f"cannot create {exc.filename}: {exc.strerror}") from exc
         stored = {queue_id for (queue_id,) in db.execute("SELECT id FROM message")}
         orphans = names - stored
         for name in orphans:
@@ -316,18 +325,21 @@ class Spool:
     # -- storing ----------------------------------------------------------------------
 
     async def store(
-        self, queue_id: str, envelope: Envelope, data: bytes | Sequence[bytes]
+        self, queue_id: str, envelope: Envelope, data: bytes | Sequence[bytes],
+        tail: Path | None = None,
     ) -> None:
         """Write a message durably; only when this returns may 250 be sent. `data` may
         come in parts (headers to prepend, then the message as received): they are
-        written one after the other, never joined in memory."""
+        written one after the other, never joined in memory, followed by the contents
+        of the file `tail` (the rest of a large message), copied a piece at a time."""
         parts = (data,) if isinstance(data, bytes) else tuple(data)
-        size = sum(len(part) for part in parts)
+        size = sum(len(part) for part in parts) + (tail.stat().st_size if tail else 0)
         path = self.data_path(queue_id)
         # Files are written and fsync'd in parallel threads; the group commit waits for
         # those of its messages, so their rows (and any delivery results meanwhile)
         # still share one commit.
-        written = asyncio.get_running_loop().run_in_executor(None, _write_file, path, parts)
+        written = asyncio.get_running_loop().run_in_executor(
+            None, _write_file, path, parts, tail)
         try:
             await self._write(self._insert, queue_id, envelope, size, prepared=written)
         except SpoolError:
@@ -619,13 +631,17 @@ def _why(future: asyncio.Future[None]) -> str:
     return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
 
 
-def _write_file(path: Path, parts: Sequence[bytes]) -> None:
+def _write_file(path: Path, parts: Sequence[bytes], tail: Path | None = None) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
         for part in parts:
             view = memoryview(part)
             while view:
                 view = view[os.write(fd, view):]
+        if tail is not None:
+            # A piece at a time: never whole in memory.
+            with tail.open("rb") as source, os.fdopen(os.dup(fd), "wb") as target:
+                shutil.copyfileobj(source, target, COPY_PIECE)
         os.fsync(fd)
     finally:
         os.close(fd)
