@@ -231,6 +231,7 @@ class Relay:
         await self.start()
         delivery = asyncio.create_task(self.delivery.run())
         watchdog = asyncio.create_task(watchdog_task(self.notifier))
+        trimmer = asyncio.create_task(trim_after_bursts(self.budget))
         try:
             await self._stop.wait()
         finally:
@@ -244,9 +245,9 @@ class Relay:
             if left:
                 log.info("closed %d SMTP sessions still busy at the deadline", left)
             await self.delivery.stop(STOP_DEADLINE)
-            for task in (delivery, watchdog):
+            for task in (delivery, watchdog, trimmer):
                 task.cancel()
-            await asyncio.gather(delivery, watchdog, return_exceptions=True)
+            await asyncio.gather(delivery, watchdog, trimmer, return_exceptions=True)
             await self.control.stop()
             if self.http is not None:
                 self.http.close()
@@ -283,6 +284,25 @@ def keep_large_buffers_returnable() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 256 * 1024)
+
+
+async def trim_after_bursts(budget: DataBudget, period: float = 1.0) -> None:
+    """Give freed memory back to the system once the sessions hold no message data.
+
+    A burst of large messages leaves glibc's heaps full of freed pieces (256K reads and
+    lines, under the mmap threshold): freed, but still resident. malloc_trim(3) returns
+    them; it runs at most once a `period`, and only when data went through since.
+    """
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return
+    trimmed = budget.taken
+    while True:
+        await asyncio.sleep(period)
+        if budget.held == 0 and budget.taken != trimmed:
+            trimmed = budget.taken
+            trim(0)
 
 
 def serve(loaded: Runtime, reload: Callable[[], Runtime]) -> int:

@@ -75,3 +75,30 @@ def test_a_flaw_deep_in_a_large_message_is_found_in_what_went_to_disk(
         assert raw.reply().startswith(reply)
     assert not relay.queue_rows()
     assert not os.listdir(relay.spool_db.parent / "incoming")
+
+
+async def test_a_disk_that_refuses_the_large_part_gets_451_and_a_condition(
+    sink: Sink, start_relay
+):
+    relay: RelayProcess = start_relay(sink.port)
+    incoming = relay.spool_db.parent / "incoming"
+    incoming.rmdir()
+    incoming.write_bytes(b"")  # what was a directory cannot take files now
+    message = big_message(2 * 2**20)
+
+    async def send() -> None:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port,
+                                   timeout=60) as client:
+            await client.sendmail("app@example.test", ["b@dest.test"], message)
+
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await send()
+    assert (refused.value.code, refused.value.message[:5]) == (451, "4.3.0")
+    incoming.unlink()
+    incoming.mkdir()
+    await send()
+    assert len(sink.wait_messages(1)) == 1
+    log = relay.log_text()
+    assert log.count("spool_unwritable started: cannot write to ") == 1
+    assert log.count("spool_unwritable ended after") == 1
+    assert "Traceback" not in log

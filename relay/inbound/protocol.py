@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import logging
 import math
@@ -230,9 +231,9 @@ class _Spill:
 
     def _write(self, piece: bytes) -> None:
         if self.path is None:
-            self.path = self.directory / secrets.token_hex(12)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                               0o640)
+            path = self.directory / secrets.token_hex(12)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            self.path = path
         # Into the page cache: the spool copies and fsyncs it when it stores the message.
         view = memoryview(piece)
         while view:
@@ -251,7 +252,8 @@ class _Spill:
             os.close(self._fd)
             self._fd = -1
         if self.path is not None:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # gone with its directory: nothing to undo
+                self.path.unlink(missing_ok=True)
             self.path = None
 
 
@@ -731,7 +733,12 @@ class RelaySMTP(SMTP):
                 elif end < 0:
                     # Whole lines already counted for dots (and not the last 4 octets,
                     # which may start the end of data) go to disk past the threshold.
-                    moved = spill.take(buf, min(counted, len(buf) - 4), line_limit)
+                    try:
+                        moved = spill.take(buf, min(counted, len(buf) - 4), line_limit)
+                    except OSError as exc:
+                        refusal = self._spill_failed(spill, exc)
+                        budget.release(self._held)
+                        self._held = moved = 0
                     counted -= moved
                     budget.release(moved)
                     self._held -= moved
@@ -742,7 +749,10 @@ class RelaySMTP(SMTP):
         if refusal is not None:
             return b"", refusal
         if spill.head_end:
-            spill.take(buf, len(buf), line_limit)
+            try:
+                spill.take(buf, len(buf), line_limit)
+            except OSError as exc:
+                return b"", self._spill_failed(spill, exc)
         del buf[:2]
         if spill.too_long or has_long_line(buf, line_limit, exact=has_bare_line_ending(buf)):
             return b"", replies.LINE_TOO_LONG
@@ -752,6 +762,15 @@ class RelaySMTP(SMTP):
             buf = buf.replace(b"\r\n.", b"\r\n")
             del buf[:2]
         return bytes(buf), None
+
+    def _spill_failed(self, spill: _Spill, exc: OSError) -> Reply:
+        """The spool's disk refused the part of a message that goes there: 451, the
+        spool's condition (a full disk) noted, and the message read to its end."""
+        spill.discard()
+        why = f"cannot write to {spill.directory}: {exc.strerror or exc}"
+        self.context.spool.write_failed(why)
+        self.log_refusal("DATA", replies.QUEUE_WRITE_ERROR, "spool", why)
+        return replies.QUEUE_WRITE_ERROR
 
     def _over_budget(self, budget: DataBudget) -> None:
         self.log_refusal("DATA", replies.INSUFFICIENT_STORAGE, "max_data_memory",

@@ -396,6 +396,11 @@ class Spool:
         """False while the spool refuses writes."""
         return not any(self.conditions.active(name) for name in (DISK_FULL, SPOOL_UNWRITABLE))
 
+    def write_failed(self, why: str) -> None:
+        """A write for the spool outside it failed (a message arriving, relay/inbound):
+        it counts as the spool's own."""
+        self._note(SpoolError(why))
+
     def _note(self, outcome: object) -> None:
         if isinstance(outcome, BaseException):
             # SQLite says "database or disk is full"; the OS says ENOSPC.
