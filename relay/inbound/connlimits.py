@@ -120,10 +120,10 @@ class ConnectionLimits:
         # At the cap, wait up to pressure_grace for a place: by then every session that
         # was open when this client came, and still waits for its own, has stalled
         # longer than the grace (a flood of slow clients has just taken every place).
-        deadline = self.clock() + settings.pressure_grace
+        grace = settings.pressure_grace
+        deadline = self.clock() + grace
         key = client_key(address)
         while why is not None and total >= settings.max_connections and not self.draining:
-            grace = settings.pressure_grace
             mine = [s for s in self.sessions if client_key(s.client or "") == key]
             if any(s.stalled_for() > grace for s in mine):
                 break  # it holds a stalled session itself: no place for another
@@ -187,9 +187,7 @@ class ConnectionLimits:
         self._closed_under_pressure(settings, count=0)
         try:
             while not self.draining and await self._count() >= settings.pressure_connections:
-                idle = [s for s in self.sessions
-                        if s.client is not None
-                        and s.stalled_for() > settings.pressure_idle_timeout]
+                idle = self._stalled(settings.pressure_idle_timeout)
                 for session in idle:
                     session.evict(f"under pressure, idle for {session.stalled_for():.1f}s")
                 if idle:
