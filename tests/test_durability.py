@@ -12,7 +12,7 @@ import aiosmtplib
 import pytest
 from conftest import RelayProcess, Sink, free_port, wait_until
 
-from relay.queue.spool import Envelope, Spool, SpoolDamaged
+from relay.queue.spool import Envelope, Spool, SpoolDamaged, SpoolError
 
 MESSAGE = b"From: a@example.test\r\nTo: b@dest.test\r\nSubject: durable\r\n\r\nbody\r\n"
 ENVELOPE = Envelope("a@example.test", ("b@dest.test",), "127.0.0.1", "h", "smtp",
@@ -134,3 +134,17 @@ async def test_sigkill_during_a_large_data_leaves_nothing_after_restart(
     await send(relay.port, subject=b"after restart")
     [got] = sink.wait_messages(1)
     assert b"Subject: after restart" in got.data
+
+
+async def test_a_message_file_that_cannot_be_written_whole_is_not_left_behind(tmp_path: Path):
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    try:
+        unreadable = tmp_path / "a-directory"  # the rest of the message cannot be read
+        unreadable.mkdir()
+        with pytest.raises(SpoolError):
+            await spool.store("HALF", ENVELOPE, MESSAGE, unreadable)
+        assert not os.listdir(tmp_path / "spool" / "data")
+        assert not await spool.messages()
+    finally:
+        await spool.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from conftest import RelayProcess, Sink
+from conftest import RelayProcess, Sink, run_cli
 from smtpraw import RawSMTP
 
 BUDGET = 16 * 2**20
@@ -60,7 +60,7 @@ async def test_concurrent_large_messages_are_all_accepted_within_the_memory_budg
     (b"y" * 1200, "500 5.5.2"),
 ])
 def test_a_flaw_deep_in_a_large_message_is_found_in_what_went_to_disk(
-    sink: Sink, start_relay, flaw: bytes, reply: str
+    sink: Sink, start_relay, tmp_path: Path, flaw: bytes, reply: str
 ):
     relay: RelayProcess = start_relay(sink.port)
     message = big_message(2 * 2**20)
@@ -75,6 +75,12 @@ def test_a_flaw_deep_in_a_large_message_is_found_in_what_went_to_disk(
         assert raw.reply().startswith(reply)
     assert not relay.queue_rows()
     assert not os.listdir(relay.spool_db.parent / "incoming")
+    # The dry run reads the message whole and says the same (one set of checks).
+    path = tmp_path / "flawed.eml"
+    path.write_bytes(flawed)
+    dry = run_cli("test", "--config", str(relay.config), "--from", "app@example.test",
+                  "--to", "b@dest.test", "--message", str(path))
+    assert dry.returncode == 5 and reply in dry.stdout, dry.stdout + dry.stderr
 
 
 async def test_a_disk_that_refuses_the_large_part_gets_451_and_a_condition(

@@ -648,6 +648,9 @@ def _write_file(path: Path, parts: Sequence[bytes], tail: Path | None = None) ->
             with tail.open("rb") as source, os.fdopen(os.dup(fd), "wb") as target:
                 shutil.copyfileobj(source, target, COPY_PIECE)
         os.fsync(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)  # half a message: no row will name it
+        raise
     finally:
         os.close(fd)
 
