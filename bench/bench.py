@@ -12,7 +12,7 @@ sends sequentially alongside and times each final-dot reply):
   - CPU seconds of the relay process (utime+stime from /proc/PID/stat, all threads);
   - latency of aiosmtplib's data() call (DATA, 354, content, final dot, reply), p50/p99.
 Then the relay's resident memory: at rest, with 1,000 idle connections (after EHLO), and
-peak while 50 clients send 10 MB messages at once.
+peak while 50, then 200, clients send 10 MB messages at once (and after the burst).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -223,7 +224,7 @@ def connection_caps(args: argparse.Namespace) -> str:
     """Raise the relay's connection caps above what the benchmark opens (21 sessions from
     one address; 1,000 idle connections), if this relay version has such settings."""
     if "v" not in _CAPS:
-        n = max(args.idle_connections, args.sessions, args.big_messages) + 100
+        n = max(args.idle_connections, args.sessions, *args.big_messages, *args.big_points) + 100
         text = f"max_connections = {n}\nmax_connections_per_client = {n}\n"
         with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
             f.write("[server]\n" + text)
@@ -264,7 +265,7 @@ class Receiver:
 
 class Relay:
     def __init__(self, workdir: Path, name: str, sink_port: int, args: argparse.Namespace,
-                 extra: str = "") -> None:
+                 extra: str = "", caps: str | None = None) -> None:
         self.port = free_port()
         self.dir = workdir / f"relay-{name}"
         self.dir.mkdir()
@@ -275,7 +276,7 @@ class Relay:
             'hostname = "relay.bench.test"\n'
             'relay_networks = ["127.0.0.0/8"]\n'
             f'max_message_size = "{args.max_message_size}"\n'
-            f"{connection_caps(args)}"
+            f"{connection_caps(args) if caps is None else caps}"
             f"{tuned['server']}"
             "[listener.bench]\n"
             f'address = "{LOOPBACK}:{self.port}"\n'
@@ -639,6 +640,46 @@ async def sample_rss(pid: int, stop: asyncio.Event, peak: list[int]) -> None:
         await asyncio.sleep(0.02)
 
 
+async def big_burst(workdir: Path, args: argparse.Namespace, count: int) -> dict[str, object]:
+    """`count` clients each send one big message at once to a fresh relay: its RSS at
+    rest, at the peak (sampled every 20 ms, and VmHWM) and 2 s after every message was
+    delivered, and how many tries were answered 4xx (the memory budget's 452)."""
+    out: dict[str, object] = {"count": count}
+    sink = Sink(workdir, f"mem-big-{count}")
+    relay = Relay(workdir, f"mem-big-{count}", sink.port, args)
+    await asyncio.sleep(1.0)
+    rest = proc_status(relay.pid, "VmRSS")
+    peak = [rest]
+    stop = asyncio.Event()
+    spy = await start_spy(workdir, relay.pid, f"big-{count}") if args.profile else None
+    sampler = asyncio.create_task(sample_rss(relay.pid, stop, peak))
+    t0 = time.perf_counter()
+    ok, errors = await big_messages(relay.port, count, args.big_size)
+    accept_s = time.perf_counter() - t0
+    deadline = time.perf_counter() + 300
+    while time.perf_counter() < deadline and sink.count() < ok:
+        await asyncio.sleep(0.05)
+    delivered = sink.count()
+    total_s = time.perf_counter() - t0
+    stop.set()
+    await sampler
+    stop_spy(spy)
+    out["rss_at_rest_mb"] = rest / 2**20
+    out["accepted"] = ok
+    out["delivered"] = delivered
+    out["errors"] = errors[:3]
+    out["retries"] = BIG_RETRIES[0]
+    out["rss_peak_mb"] = peak[0] / 2**20
+    out["vmhwm_mb"] = proc_status(relay.pid, "VmHWM") / 2**20
+    await asyncio.sleep(2.0)
+    out["rss_after_mb"] = proc_status(relay.pid, "VmRSS") / 2**20
+    out["accept_seconds"] = accept_s
+    out["total_seconds"] = total_s
+    relay.stop()
+    sink.stop()
+    return out
+
+
 async def memory(workdir: Path, args: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {}
     # 1) idle connections
@@ -660,39 +701,8 @@ async def memory(workdir: Path, args: argparse.Namespace) -> dict[str, object]:
     out["rss_after_idle_closed_mb"] = proc_status(relay.pid, "VmRSS") / 2**20
     relay.stop()
     sink.stop()
-    # 2) concurrent big messages
-    sink = Sink(workdir, "mem-big")
-    relay = Relay(workdir, "mem-big", sink.port, args)
-    await asyncio.sleep(1.0)
-    rest = proc_status(relay.pid, "VmRSS")
-    peak = [rest]
-    stop = asyncio.Event()
-    spy = await start_spy(workdir, relay.pid, "big") if args.profile else None
-    sampler = asyncio.create_task(sample_rss(relay.pid, stop, peak))
-    t0 = time.perf_counter()
-    ok, errors = await big_messages(relay.port, args.big_messages, args.big_size)
-    accept_s = time.perf_counter() - t0
-    deadline = time.perf_counter() + 300
-    while time.perf_counter() < deadline and sink.count() < ok:
-        await asyncio.sleep(0.05)
-    delivered = sink.count()
-    total_s = time.perf_counter() - t0
-    stop.set()
-    await sampler
-    stop_spy(spy)
-    out["big_rss_at_rest_mb"] = rest / 2**20
-    out["big_accepted"] = ok
-    out["big_delivered"] = delivered
-    out["big_errors"] = errors[:3]
-    out["big_retries"] = BIG_RETRIES[0]
-    out["big_rss_peak_mb"] = peak[0] / 2**20
-    out["big_vmhwm_mb"] = proc_status(relay.pid, "VmHWM") / 2**20
-    await asyncio.sleep(2.0)
-    out["big_rss_after_mb"] = proc_status(relay.pid, "VmRSS") / 2**20
-    out["big_accept_seconds"] = accept_s
-    out["big_total_seconds"] = total_s
-    relay.stop()
-    sink.stop()
+    # 2) concurrent big messages, a fresh relay for each burst size
+    out["bursts"] = [await big_burst(workdir, args, count) for count in args.big_messages]
     return out
 
 
@@ -831,6 +841,92 @@ def best(rs: list[LoadResult]) -> LoadResult | None:
     return max(ok, key=lambda r: r.rate) if ok else None
 
 
+# -- slowloris -------------------------------------------------------------------------
+
+async def slow_client(port: int, source: str, interval: float, stop: asyncio.Event,
+                      counts: dict[str, int]) -> None:
+    """Connect from `source`, then send one byte every `interval` seconds and never a
+    line's end; when closed or refused, reconnect after a moment, as slowloris does."""
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(LOOPBACK, port, local_addr=(source, 0)), 10)
+        except (OSError, TimeoutError):
+            counts["connect_errors"] += 1
+            await asyncio.sleep(1.0)
+            continue
+        counts["connections"] += 1
+        try:
+            while not stop.is_set():
+                try:
+                    if not await asyncio.wait_for(reader.read(1024), interval):
+                        break  # closed by the relay
+                except TimeoutError:
+                    writer.write(b"X")
+        except OSError:
+            pass
+        finally:
+            writer.close()
+        await asyncio.sleep(random.uniform(0.5, 1.5))
+
+
+async def served_within(port: int, window: float) -> float | None:
+    """Seconds until a real client's message got its 250, retrying refusals as an MTA's
+    client would (every 0.5 s); None when the window passed first."""
+    msg = message_bytes(1024, "app@source.bench.test", "rcpt@dest.bench.test", "slowloris")
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < window:
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+            await asyncio.wait_for(aiosmtplib.send(
+                msg, sender="app@source.bench.test", recipients=["rcpt@dest.bench.test"],
+                hostname=LOOPBACK, port=port, timeout=window, start_tls=False,
+                local_hostname="app.bench.test"), window)
+            return time.perf_counter() - t0
+        await asyncio.sleep(0.5)
+    return None
+
+
+async def slowloris(workdir: Path, args: argparse.Namespace) -> dict[str, object]:
+    """The relay at its default connection caps (100, 20 per client) under
+    --slow-connections from --slow-addresses loopback addresses (127.0.0.10 on), each
+    sending a byte every --slow-interval seconds, while a real client from 127.0.0.1
+    sends --slow-attempts messages, one a second, each within 10 s or not at all."""
+    sink = Sink(workdir, "slowloris")
+    relay = Relay(workdir, "slowloris", sink.port, args, caps="")
+    stop = asyncio.Event()
+    counts = {"connections": 0, "connect_errors": 0}
+    attack = [asyncio.create_task(slow_client(
+        relay.port, f"127.0.0.{10 + i % args.slow_addresses}", args.slow_interval, stop, counts))
+        for i in range(args.slow_connections)]
+    deadline = time.perf_counter() + 30
+    while b"smtpd_pressure started" not in relay.log_path.read_bytes():
+        if time.perf_counter() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    times: list[float | None] = []
+    rss = [proc_status(relay.pid, "VmRSS")]
+    sampler = asyncio.create_task(sample_rss(relay.pid, stop, rss))
+    for _ in range(args.slow_attempts):
+        times.append(await served_within(relay.port, 10.0))
+        await asyncio.sleep(1.0)
+    stop.set()
+    await asyncio.gather(*attack, sampler)
+    text = relay.log_path.read_text(errors="replace")
+    relay.stop()
+    sink.stop()
+    served = [t for t in times if t is not None]
+    return {
+        "slow_connections": args.slow_connections, "slow_addresses": args.slow_addresses,
+        "attempts": len(times), "served": len(served),
+        "served_p50_s": statistics.median(served) if served else None,
+        "served_max_s": max(served) if served else None,
+        "attack_connections": counts["connections"],
+        "stalled_closed": text.count("listener=bench: under pressure"),
+        "pressure_entered": text.count("smtpd_pressure started"),
+        "peak_rss_mb": rss[0] / 2**20,
+    }
+
+
 def report(results: dict[str, list[LoadResult]], mem: dict[str, object] | None,
            args: argparse.Namespace, started: str) -> str:
     rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -898,16 +994,34 @@ def report(results: dict[str, list[LoadResult]], mem: dict[str, object] | None,
               f"{mem['relay_fds_with_idle']} fds) | {mem['rss_idle_mb']:.1f} MB "
               f"({mem['rss_per_idle_conn_kb']:.1f} KB per connection) |",
               f"| after closing them | {mem['rss_after_idle_closed_mb']:.1f} MB |",
-              f"| {args.big_messages} concurrent {args.big_size / 2**20:.0f} MB messages, peak "
-              f"(sampled every 20 ms / VmHWM) | {mem['big_rss_peak_mb']:.0f} MB / "
-              f"{mem['big_vmhwm_mb']:.0f} MB |",
-              f"| after they were delivered | {mem['big_rss_after_mb']:.0f} MB |",
-              "",
-              f"Big messages: {mem['big_accepted']} accepted, {mem['big_delivered']} delivered; "
-              f"all accepted after {mem['big_accept_seconds']:.1f}s, delivered after "
-              f"{mem['big_total_seconds']:.1f}s; {mem.get('big_retries', 0)} tries answered "
-              f"4xx (memory budget) and sent again. {mem['big_errors'] or ''}"]
+              ]
+        for b in mem["bursts"]:
+            L += [f"| {b['count']} concurrent {args.big_size / 2**20:.0f} MB messages: at rest, "
+                  f"peak (sampled every 20 ms / VmHWM), 2 s after delivery | "
+                  f"{b['rss_at_rest_mb']:.0f} MB, {b['rss_peak_mb']:.0f} MB / "
+                  f"{b['vmhwm_mb']:.0f} MB, {b['rss_after_mb']:.0f} MB |"]
+        L.append("")
+        for b in mem["bursts"]:
+            L.append(f"{b['count']} big messages: {b['accepted']} accepted, {b['delivered']} "
+                     f"delivered; all accepted after {b['accept_seconds']:.1f}s, delivered "
+                     f"after {b['total_seconds']:.1f}s; {b['retries']} tries answered 4xx "
+                     f"(memory budget) and sent again. {b['errors'] or ''}")
     return "\n".join(L) + "\n"
+
+
+def slowloris_report(attack: dict[str, object] | None) -> str:
+    if attack is None:
+        return ""
+    p50, worst = attack["served_p50_s"], attack["served_max_s"]
+    return (
+        f"\nSlowloris: {attack['slow_connections']} connections from "
+        f"{attack['slow_addresses']} addresses (each a byte every few seconds, reconnecting "
+        f"when closed: {attack['attack_connections']} connections in all) against the default "
+        f"max_connections 100: the real client was served within 10 s in "
+        f"{attack['served']} of {attack['attempts']} attempts"
+        + (f" (median {p50:.2f} s, worst {worst:.2f} s)" if p50 is not None else "")
+        + f"; {attack['stalled_closed']} stalled sessions closed under pressure; peak relay "
+        f"RSS {attack['peak_rss_mb']:.0f} MB.\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -936,8 +1050,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-message-size", default="25M")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     p.add_argument("--idle-connections", type=int, default=1000)
-    p.add_argument("--big-messages", type=int, default=50)
+    p.add_argument("--big-messages", default="50,200",
+                   help="comma list: concurrent big messages per burst (a fresh relay each)")
     p.add_argument("--big-size", type=int, default=10 * 2**20)
+    p.add_argument("--slowloris", action="store_true",
+                   help="also measure a real client's service during a slowloris attack")
+    p.add_argument("--slow-connections", type=int, default=1000)
+    p.add_argument("--slow-addresses", type=int, default=50)
+    p.add_argument("--slow-interval", type=float, default=3.0,
+                   help="seconds between the bytes each slow connection sends")
+    p.add_argument("--slow-attempts", type=int, default=20,
+                   help="messages the real client sends during the attack")
     p.add_argument("--stall-timeout", type=float, default=60.0,
                    help="give up waiting for the sink after this long without progress")
     p.add_argument("--curves", action="store_true",
@@ -955,6 +1078,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.targets = {t.strip() for t in args.targets.split(",") if t.strip()}
     args.big_points = [int(n) for n in args.big_points.split(",") if n.strip()]
+    args.big_messages = [int(n) for n in str(args.big_messages).split(",") if n.strip()]
     return args
 
 
@@ -966,7 +1090,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile and not (VENV_BIN / "py-spy").exists():
         sys.exit(f"--profile needs py-spy: {VENV_BIN}/pip install py-spy")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = args.idle_connections + 1024
+    want = max(args.idle_connections, args.slow_connections) + 1024
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(want, soft)), hard))
     started = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -978,7 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_signal)
-    mem = None
+    mem = attack = None
     out = args.output or BENCH_DIR / "results" / (time.strftime("%Y-%m-%d-%H%M%S") + ".md")
     out.parent.mkdir(exist_ok=True)
     curve_text, curves_complete = "", True
@@ -987,6 +1111,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_memory:
             log("memory: idle connections and concurrent big messages")
             mem = asyncio.run(memory(workdir, args))
+        if args.slowloris:
+            log(f"slowloris: {args.slow_connections} slow connections and a real client")
+            attack = asyncio.run(slowloris(workdir, args))
         if args.curves:
             import curves  # beside this file; needs matplotlib (bench/run installs it)
 
@@ -995,7 +1122,7 @@ def main(argv: list[str] | None = None) -> int:
         OWNED.stop_all()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    text = report(results, mem, args, started)
+    text = report(results, mem, args, started) + slowloris_report(attack)
     if args.profile:
         text = text.replace("\n\n", "\n\n(py-spy attached to the relay: slower than usual)\n\n", 1)
     text += "\n" + curve_text if curve_text else ""
@@ -1004,7 +1131,8 @@ def main(argv: list[str] | None = None) -> int:
     (out.with_suffix(".json")).write_text(json.dumps(
         {"args": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
                   for k, v in vars(args).items()},
-         "results": {k: [asdict(r) for r in v] for k, v in results.items()}, "memory": mem},
+         "results": {k: [asdict(r) for r in v] for k, v in results.items()}, "memory": mem,
+         "slowloris": attack},
         indent=1))
     log(f"results written to {out}")
     ok = all(r.complete for rs in results.values() for r in rs if r.seconds > 0)

@@ -23,6 +23,7 @@ from relay.inbound.context import ListenerContext
 from relay.inbound.handler import start_listener
 from relay.inbound.tls import ListenerTLS
 from relay.inbound.users import CheckGate
+from relay.ops.conditions import Conditions
 from relay.ops.metrics import Metrics, readiness, start_http
 from relay.ops.notify import Notifier, watchdog_task
 from relay.outbound.delivery import Delivery, Upstreams
@@ -75,14 +76,18 @@ class Relay:
         self.link = Link(place.hub, place.worker) if place else None
         self.metrics = Metrics()
         self.notifier = Notifier.from_environment()
+        self.conditions = Conditions()
+        self.conditions.watchers.append(self.metrics.condition)
+        if self.link is not None:
+            self.conditions.watchers.append(self.link.condition)
         # One suppression list for every worker: suppression.db in the spool root, or Redis.
         self.suppression = open_list(settings.suppression, settings.spool_path)
         self.services = self._services(loaded)
-        self.spool = Spool(spool_shard(settings, self.worker))
+        self.spool = Spool(spool_shard(settings, self.worker), self.conditions)
         self.drain = Drain(self.spool, settings.events, self.metrics)
         self.upstreams = Upstreams(settings)
         self.delivery = Delivery(self.spool, settings, self.upstreams, metrics=self.metrics,
-                                 suppression=self.suppression)
+                                 suppression=self.suppression, conditions=self.conditions)
         self.control = ControlServer(
             self.spool, self.delivery.wake,
             place.control if place else settings.ops.control_socket_path,
@@ -90,7 +95,7 @@ class Relay:
             limiter=lambda: self.services.limiter, metrics=self._exposition,
             probe=self.delivery.flush,
         )
-        self.limits = ConnectionLimits(link=self.link)
+        self.limits = ConnectionLimits(link=self.link, conditions=self.conditions)
         self.budget = DataBudget(settings.inbound.max_data_memory, self.link)
         self.passwords = CheckGate()
         self.tls: dict[str, ListenerTLS] = {}
@@ -105,7 +110,7 @@ class Relay:
 
     def _services(self, loaded: Runtime) -> CheckServices:
         return CheckServices(loaded.settings.checks, dict(loaded.policy.limits), self.metrics,
-                             self.link, self.suppression)
+                             self.link, self.suppression, self.conditions)
 
     def current(self) -> Runtime:
         """The snapshot a new session starts with (swapped whole on reload)."""
@@ -170,7 +175,7 @@ class Relay:
                     # Delivery results wait for a spool that cannot take them.
                     "delivery": lambda: not self.delivery.paused,
                     "policy": lambda: self.runtime.policy is not None,
-                }), self._refresh_metrics)
+                }, self.conditions.readiness), self._refresh_metrics)
             except OSError as exc:
                 log.error("metrics endpoint %s:%d unavailable: %s", host, port, exc)
             else:
@@ -238,6 +243,7 @@ class Relay:
         await self.start()
         delivery = asyncio.create_task(self.delivery.run())
         watchdog = asyncio.create_task(watchdog_task(self.notifier))
+        trimmer = asyncio.create_task(trim_after_bursts(self.budget))
         try:
             await self._stop.wait()
         finally:
@@ -251,9 +257,9 @@ class Relay:
             if left:
                 log.info("closed %d SMTP sessions still busy at the deadline", left)
             await self.delivery.stop(STOP_DEADLINE)
-            for task in (delivery, watchdog):
+            for task in (delivery, watchdog, trimmer):
                 task.cancel()
-            await asyncio.gather(delivery, watchdog, return_exceptions=True)
+            await asyncio.gather(delivery, watchdog, trimmer, return_exceptions=True)
             await self.control.stop()
             if self.http is not None:
                 self.http.close()
@@ -292,6 +298,25 @@ def keep_large_buffers_returnable() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 256 * 1024)
+
+
+async def trim_after_bursts(budget: DataBudget, period: float = 1.0) -> None:
+    """Give freed memory back to the system once the sessions hold no message data.
+
+    A burst of large messages leaves glibc's heaps full of freed pieces (256K reads and
+    lines, under the mmap threshold): freed, but still resident. malloc_trim(3) returns
+    them; it runs at most once a `period`, and only when data went through since.
+    """
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return
+    trimmed = budget.taken
+    while True:
+        await asyncio.sleep(period)
+        if budget.held == 0 and budget.taken != trimmed:
+            trimmed = budget.taken
+            trim(0)
 
 
 def serve(loaded: Runtime, reload: Callable[[], Runtime]) -> int:

@@ -1,6 +1,28 @@
-"""Checks of message bytes as received: line endings and line lengths."""
+"""Checks of message bytes as received: line endings and line lengths; and the part of a
+large message that went to disk as it arrived."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Tail:
+    """What a large message holds past its first octets (relay/inbound/protocol.py keeps
+    those in memory: the header section and the start of the body): a file in the
+    spool's incoming directory, dot-unstuffed, and what the line checks found in it."""
+
+    path: Path
+    size: int
+    bare_line_ending: bool
+    longest_line: int
+
+
+def whole(message: bytes, tail: Tail | None) -> bytes:
+    """The message in one piece, for what must see all of it at once (a DKIM signature
+    over a large message): the one place a large message is read back into memory."""
+    return message if tail is None else message + tail.path.read_bytes()
 
 
 def has_bare_line_ending(data: bytes | bytearray) -> bool:

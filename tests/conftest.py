@@ -305,7 +305,12 @@ def start_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
         )
         relay = RelayProcess(tmp_path, text + sections, port, env)
         started.append(relay)
-        return relay.start(wait)
+        relay.start(wait)
+        if wait and metrics:
+            # The relay opens its metrics endpoint after its SMTP listeners.
+            wait_until(lambda: port_open(int(metrics.rsplit(":", 1)[1])), 10,
+                       "the metrics endpoint to listen")
+        return relay
 
     yield start
     for relay in started:

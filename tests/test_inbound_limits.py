@@ -72,11 +72,14 @@ def test_hundreds_of_idle_connections_are_capped_and_timed_out(sink: Sink, start
         # (the default) is what refuses the last 50.
         assert greetings.count("220 relay.test ESMTP") == 100
         assert greetings.count(TOO_MANY) == 50
+        # Over 80 of 100 the relay is under pressure: a client without a stalled session
+        # of its own takes the place of the session that stalled longest.
         with RawSMTP(relay.port, source="127.0.0.3") as other:
-            assert other.reply() == TOO_MANY
+            assert other.reply() == "220 relay.test ESMTP"
         # The idle ones are dropped after idle_timeout, and the relay serves again.
         admitted = [raw for raw, said in zip(crowd, greetings, strict=True) if said[:3] == "220"]
-        assert admitted[0].reply() == TIMEOUT
+        said = [raw.reply() for raw in admitted]
+        assert said.count(TOO_MANY) == 1 and said.count(TIMEOUT) == 99
         assert all(raw.closed() for raw in admitted)
         with RawSMTP(relay.port, source="127.0.0.3") as other:
             assert other.reply() == "220 relay.test ESMTP"

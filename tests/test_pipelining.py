@@ -14,6 +14,7 @@ from conftest import Sink
 from relay.outbound.pool import Host
 from relay.outbound.smarthosts import UpstreamSettings
 from relay.outbound.transaction import Transaction, transmit
+from relay.queue.content import Content
 
 MESSAGE = b"From: a@example.test\r\nSubject: pipelining\r\n\r\nbody\r\n"
 
@@ -33,7 +34,7 @@ async def send(sink: Sink, recipients: list[str], sender: str = "a@example.test"
     try:
         async with host.borrow() as conn:
             assert conn.client.supports_extension("pipelining") == sink.handler.pipelining
-            return await transmit(conn, sender, recipients, MESSAGE, settings)
+            return await transmit(conn, sender, recipients, Content.of(MESSAGE), settings)
     finally:
         await host.close()
 
@@ -84,7 +85,8 @@ async def test_a_connection_carries_on_after_a_pipelined_transaction(upstream: S
     try:
         async with host.borrow() as conn:
             for recipients in (["a@dest.test"], ["no@dest.test"], ["b@dest.test"]):
-                await transmit(conn, "a@example.test", recipients, MESSAGE, settings)
+                await transmit(conn, "a@example.test", recipients, Content.of(MESSAGE),
+                               settings)
             assert not conn.broken
     finally:
         await host.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -422,7 +423,7 @@ async def test_two_relays_sharing_redis_let_exactly_the_burst_through(
 async def test_redis_down_falls_back_to_local_and_recovers(
     redis_server: RedisServer, clients: list[aioredis.Redis], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="relay.ratelimit")
+    caplog.set_level(logging.INFO, logger="relay.conditions")
     clocks = [Clock(), Clock()]
     s = shared_spec(burst=3)
     relays = [
@@ -442,8 +443,9 @@ async def test_redis_down_falls_back_to_local_and_recovers(
     clocks[0].advance(5.0)
     await relays[0].check("lim", CLIENT)
     assert relays[0].redis_errors == 2  # one probe per interval
-    warnings = [r for r in caplog.records if r.name == "relay.ratelimit"]
-    assert len(warnings) == 1 and "failed" in warnings[0].getMessage()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "relay.conditions"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("redis_down started: rate-limit Redis failed (")
 
     redis_server.start()
     for _ in range(100):  # bounded: the probe needs the server to accept connections
@@ -453,8 +455,10 @@ async def test_redis_down_falls_back_to_local_and_recovers(
             break
         await asyncio.sleep(0.05)
     assert relays[0].redis_available
-    messages = [r.getMessage() for r in caplog.records if r.name == "relay.ratelimit"]
-    assert len(messages) == 2 and "answers again" in messages[1]
+    messages = [r.getMessage() for r in caplog.records if r.name == "relay.conditions"]
+    assert len(messages) == 2
+    assert re.fullmatch(rf"redis_down ended after \d+s and {relays[0].fallbacks} checks "
+                        "without Redis", messages[1])
 
     # Shared again: the restarted (empty) server gives both relays one burst between them.
     clocks[1].advance(5.0)

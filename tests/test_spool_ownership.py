@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import socket
 import sqlite3
 import time
@@ -22,13 +24,17 @@ MESSAGE = b"From: a@example.test\r\nSubject: spool\r\n\r\n" + (b"y" * 70 + b"\r\
 COUNT = 200
 
 
-async def fill(directory: Path, count: int = COUNT) -> None:
-    spool = Spool(directory)
-    await spool.open()
+async def store_messages(spool: Spool, count: int = COUNT) -> None:
     envelope = Envelope("a@example.test", ("b@dest.test",), "127.0.0.1", "h", "smtp",
                         received_at=time.time())
     for i in range(count):
         await spool.store(f"M{i:05d}", envelope, MESSAGE)
+
+
+async def fill(directory: Path, count: int = COUNT) -> None:
+    spool = Spool(directory)
+    await spool.open()
+    await store_messages(spool, count)
     await spool.close()
 
 
@@ -89,6 +95,86 @@ async def test_a_damaged_spool_is_refused_at_open(tmp_path: Path, damage: str):
         os.truncate(database, 0)
     with pytest.raises(SpoolDamaged):
         await Spool(directory).open()
+
+
+async def crashed_spool(directory: Path) -> tuple[bytes, bytes]:
+    """The database and write-ahead log as a SIGKILL would leave them after COUNT
+    messages were stored (each commit returned: each message got its 250). The
+    messages' own files stay in `directory`/data."""
+    spool = Spool(directory)
+    await spool.open()
+    await store_messages(spool)
+    files = (directory / "spool.db").read_bytes(), (directory / "spool.db-wal").read_bytes()
+    await spool.close()  # checkpoints and removes the log: put the crashed state back
+    return files
+
+
+def crashed_copy(target: Path, source: Path, database: bytes, wal: bytes) -> Path:
+    target.mkdir()
+    (target / "spool.db").write_bytes(database)
+    (target / "spool.db-wal").write_bytes(wal)
+    shutil.copytree(source / "data", target / "data")
+    return target
+
+
+def wal_frames(wal: bytes) -> tuple[int, int]:
+    """(frames of the log's current generation, frame size): the frames after a
+    checkpoint restarted the log carry new salts (sqlite.org/fileformat.html, 4.1)."""
+    frame = 24 + int.from_bytes(wal[8:12], "big")
+    salts, count = wal[16:24], 0
+    while 32 + (count + 1) * frame <= len(wal) and wal[32 + count * frame + 8:][:8] == salts:
+        count += 1
+    return count, frame
+
+
+def sqlite_alone_reads(directory: Path) -> int:
+    db = sqlite3.connect(directory / "spool.db")
+    try:
+        return int(db.execute("SELECT count(*) FROM message").fetchone()[0])
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("damage", ["a frame in the middle", "the log header"])
+async def test_a_damaged_wal_after_a_crash_is_refused_before_sqlite_drops_commits(
+    tmp_path: Path, damage: str
+):
+    database, wal = await crashed_spool(tmp_path / "spool")
+    frames, size = wal_frames(wal)
+    damaged = bytearray(wal)
+    if damage == "a frame in the middle":
+        middle = 32 + frames // 2 * size + 1000
+        damaged[middle:middle + 4096] = bytes(4096)
+    else:
+        damaged[20] ^= 0xFF  # the header's second salt
+    for name in ("crashed", "as-sqlite-sees-it"):
+        crashed_copy(tmp_path / name, tmp_path / "spool", database, bytes(damaged))
+    # What the relay guards against: SQLite alone opens it and quietly drops commits.
+    dropped = COUNT - sqlite_alone_reads(tmp_path / "as-sqlite-sees-it")
+    assert dropped > 0
+    with pytest.raises(SpoolDamaged, match=f"{dropped} committed transaction"):
+        await Spool(tmp_path / "crashed").open()
+    check = run_cli("spool", "check", str(tmp_path / "crashed"))
+    assert check.returncode == 65, check.stdout + check.stderr
+    assert "write-ahead log damaged at " in check.stdout
+    assert f"readable messages: {COUNT - dropped}" in check.stdout
+
+
+async def test_a_wal_torn_at_its_end_by_a_crash_opens_with_every_committed_message(
+    tmp_path: Path,
+):
+    database, wal = await crashed_spool(tmp_path / "spool")
+    frames, size = wal_frames(wal)
+    # A commit whose fsync never returned (so no 250 was given): its last frame torn.
+    torn = bytearray(wal[:32 + frames * size])
+    torn[-100:] = bytes(100)
+    directory = crashed_copy(tmp_path / "crashed", tmp_path / "spool", database, bytes(torn))
+    spool = Spool(directory)
+    await spool.open()
+    try:
+        assert await spool.count() == COUNT - 1
+    finally:
+        await spool.close()
 
 
 async def test_the_relay_refuses_a_damaged_spool_with_one_line_and_exit_74(
@@ -193,7 +279,7 @@ async def test_a_full_disk_is_logged_once_when_it_starts_and_once_when_it_ends(
     await spool.open()
     envelope = Envelope("a@example.test", ("b@dest.test",), "127.0.0.1", "h", "smtp")
     spool.full = True
-    with caplog.at_level(logging.INFO, logger="relay.spool"):
+    with caplog.at_level(logging.INFO, logger="relay.conditions"):
         for i in range(50):
             with pytest.raises(SpoolError):
                 await spool.store(f"F{i}", envelope, MESSAGE)
@@ -201,10 +287,12 @@ async def test_a_full_disk_is_logged_once_when_it_starts_and_once_when_it_ends(
         spool.full = False
         await spool.store("OK", envelope, MESSAGE)
     await spool.close()
-    lines = [r.getMessage() for r in caplog.records if r.name == "relay.spool"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "relay.conditions"]
     assert len(lines) == 2
-    assert lines[0].startswith(f"cannot write to the spool {tmp_path / 'spool'}: ")
-    assert lines[1] == f"spool {tmp_path / 'spool'} writable again after 50 refused writes"
+    assert lines[0].startswith(
+        f"disk_full started: cannot write to the spool {tmp_path / 'spool'}: database or "
+        "disk is full; new mail gets 451")
+    assert re.fullmatch(r"disk_full ended after \d+s and 50 refused writes", lines[1])
     assert not any(r.exc_info for r in caplog.records)
     assert spool.writable
 

@@ -101,6 +101,13 @@ _KeyRecord = bytes | None | DnsTempError
 KEY_SHARE = 0.8
 
 
+def signed(message: bytes) -> bool:
+    """Whether the header section (the message up to its first empty line) names a
+    DKIM-Signature at all."""
+    end = message.find(b"\r\n\r\n")
+    return b"dkim-signature" in message[: end if end >= 0 else len(message)].lower()
+
+
 async def verify_dkim(
     resolver: Resolver, message: bytes, *, timeout: float, executor: Executor | None = None
 ) -> DkimOutcome:
@@ -112,8 +119,7 @@ async def verify_dkim(
     pool). Never raises: running out of ``timeout`` or failing to fetch a key is
     ``temperror`` for the signatures concerned.
     """
-    end = message.find(b"\r\n\r\n")
-    if b"dkim-signature" not in message[: end if end >= 0 else len(message)].lower():
+    if not signed(message):
         # Most mail from app servers is unsigned: no thread hop, no parse.
         return DkimOutcome("none")
     loop = asyncio.get_running_loop()

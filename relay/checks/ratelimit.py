@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from relay.address import domain_of
 from relay.ipaddr import client_ip
+from relay.ops.conditions import REDIS_DOWN, Conditions
 from relay.schema import Table
 
 if TYPE_CHECKING:
@@ -538,6 +539,7 @@ class Limiter:
         redis_timeout: float = 0.25,
         redis_retry_interval: float = 5.0,
         shared: Link | None = None,
+        conditions: Conditions | None = None,
     ):
         if on_backend_error not in ("local", "tempfail", "allow"):
             raise ValueError(
@@ -555,7 +557,11 @@ class Limiter:
         self._redis_timeout = redis_timeout
         self._retry_interval = redis_retry_interval
         self._redis_down = False
+        self._redis_failure = ""
         self._retry_at = 0.0
+        # Redis down is a condition: logged when it starts and ends, in /readyz (refusing
+        # mail only with on_backend_error = "tempfail") and in the metrics.
+        self.conditions = conditions or Conditions()
         self.fallbacks = 0  # checks answered without Redis because it failed
         self.outages = 0  # times Redis went from answering to failing
         self.redis_errors = 0  # Redis calls that failed (probes included)
@@ -612,27 +618,25 @@ class Limiter:
             if not self._redis_down:
                 self._redis_down = True
                 self.outages += 1
-                log.warning(
-                    "rate-limit Redis failed (%s: %s); on_backend_error=%s until it answers, "
-                    "probing every %gs",
-                    type(exc).__name__,
-                    exc,
-                    self._on_backend_error,
-                    self._retry_interval,
-                )
+                self._redis_failure = f"rate-limit Redis failed ({type(exc).__name__}: {exc})"
             return await self._without_redis(spec, key, cost, update)
         if self._redis_down:
             self._redis_down = False
             self._fallback.clear()  # Redis holds the shared truth again
             if self._shared is not None:
                 self._shared.send("clear", store="fallback")
-            log.info("rate-limit Redis answers again; shared buckets restored")
+            self.conditions.cleared(REDIS_DOWN)
         return result
 
     async def _without_redis(
         self, spec: LimitSpec, key: str, cost: int, update: bool
     ) -> LimitResult:
         self.fallbacks += 1
+        self.conditions.failing(
+            REDIS_DOWN, self._redis_failure, unit="checks without Redis",
+            consequence=f"on_backend_error={self._on_backend_error} until it answers, "
+            f"probing every {self._retry_interval:g}s",
+            blocks_mail=self._on_backend_error == "tempfail")
         if self._on_backend_error == "local":
             if self._shared is not None:
                 return await self._shared.check("fallback", spec, key, cost, update)

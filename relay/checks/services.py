@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from relay.checks.settings import CheckSettings
 from relay.checks.spf import SpfOutcome, check_spf
 from relay.events.suppression import SuppressionList
 from relay.headers import header_fields
+from relay.message import whole
+from relay.ops.conditions import REDIS_DOWN, Conditions
 from relay.ops.metrics import Metrics
 from relay.policy.engine import Facts
 from relay.workers.link import Link
@@ -31,6 +34,7 @@ class CheckServices:
         self, settings: CheckSettings, limits: dict[str, LimitSpec],
         metrics: Metrics | None = None, shared: Link | None = None,
         suppression: SuppressionList | None = None,
+        conditions: Conditions | None = None,
     ) -> None:
         self.settings = settings
         self.suppression = suppression
@@ -53,10 +57,14 @@ class CheckServices:
             on_backend_error=settings.on_backend_error,
             redis_timeout=settings.redis_timeout,
             shared=shared,
+            conditions=conditions,
         )
 
     async def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        # Replaced on reload: what this limiter saw of Redis is no longer in force (the
+        # new one reports Redis down again as soon as it sees it).
+        self.limiter.conditions.cleared(REDIS_DOWN)
 
 
 @dataclass
@@ -151,11 +159,16 @@ class SessionChecks:
     async def dkim(self, facts: Facts) -> tuple[str, str]:
         if facts.message is None:
             return "none", ""
-        outcome = await self._dkim(facts.message)
+        outcome = await self._dkim(facts)
         return outcome.result, outcome.domain
 
-    async def _dkim(self, message: bytes) -> dkimlib.DkimOutcome:
+    async def _dkim(self, facts: Facts) -> dkimlib.DkimOutcome:
+        assert facts.message is not None
         if self.dkim_outcome is None:
+            message = facts.message
+            if facts.tail is not None and dkimlib.signed(message):
+                # The body hash needs every octet: read the rest of a large message back.
+                message = await asyncio.to_thread(whole, message, facts.tail)
             self.dkim_outcome = await dkimlib.verify_dkim(
                 self.services.resolver, message,
                 timeout=self.services.settings.dkim_verify_timeout,
@@ -169,7 +182,7 @@ class SessionChecks:
             return "none", ""
         if self.dmarc_outcome is None:
             spf = await self._spf(facts)
-            dkim_outcome = await self._dkim(facts.message)
+            dkim_outcome = await self._dkim(facts)
             self.dmarc_outcome = await evaluate_dmarc(
                 self.services.resolver, author_domain(facts.message),
                 (spf.result, spf.domain), _passing(dkim_outcome),
@@ -188,7 +201,7 @@ class SessionChecks:
             settings = self.services.settings
             sender = facts.sender or ""
             domains = [k.domain for k in signing_keys_for(settings, facts.message, sender)]
-            domains += _passing(await self._dkim(facts.message))
+            domains += _passing(await self._dkim(facts))
             spf: tuple[str, str] = ("none", "")
             if settings.spf_egress_addresses:
                 outcome = (

@@ -44,7 +44,9 @@ def run_spool(args: argparse.Namespace) -> int:
     if args.target.exists() and any(args.target.iterdir()):
         print(f"policy-relay spool: {args.target}: not empty", file=sys.stderr)
         return EX_DATAERR
-    saved, lost = asyncio.run(salvage(database, args.target))
-    print(f"salvaged: {saved}")
-    print(f"unreadable: {lost}")
+    found = asyncio.run(salvage(database, args.target))
+    print(f"salvaged: {len(found.readable)}")
+    print(f"unreadable: {found.unreadable}")
+    if found.problem is not None:
+        print(f"not salvaged: {found.problem}")
     return 0

@@ -10,13 +10,16 @@ class DataBudget:
 
     A DATA that would take it over `limit` is read to its end, kept nowhere, and
     answered "452 4.3.1" (RFC 5321 section 4.5.3.1.9): the client tries again later.
-    The bytes count from the first chunk until the message is spooled or refused.
+    The bytes count from the first chunk until the message is spooled or refused;
+    what goes to disk past a large message's first part (relay/inbound/protocol.py,
+    _Spill) is given back as it goes, so the budget bounds memory, not message sizes.
     With workers, `link` makes the budget global: the hub counts every worker's bytes.
     """
 
     def __init__(self, limit: int, link: Link | None = None) -> None:
         self.limit = limit
         self.held = 0
+        self.taken = 0  # bytes ever held: whether data went through since some moment
         self.link = link
 
     def __repr__(self) -> str:
@@ -30,6 +33,7 @@ class DataBudget:
         if self.held + size > self.limit:
             return False
         self.held += size
+        self.taken += size
         return True
 
     async def full(self) -> bool:
@@ -51,6 +55,7 @@ class DataBudget:
         except LinkDown:
             return False
         self.held += size
+        self.taken += size
         return True
 
     def release(self, size: int) -> None:

@@ -29,7 +29,7 @@ class ListenerContext:
     current: Callable[[], Runtime]
     services: Callable[[], CheckServices]
     spool: Spool
-    on_queued: Callable[[str, Envelope, bytes], None]
+    on_queued: Callable[[str, Envelope, int], None]
     metrics: Metrics
     limits: ConnectionLimits
     budget: DataBudget

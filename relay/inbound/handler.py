@@ -133,7 +133,7 @@ class InboundHandler:
     ) -> str:
         policy = server.policy()
         queue_id = new_queue_id()
-        verdict = await policy.data(envelope.original_content or b"", queue_id)
+        verdict = await policy.data(envelope.original_content or b"", queue_id, server.tail)
         self._count_checks(policy)
         if verdict.refused and verdict.reply is not None:
             return str(verdict.reply)
@@ -160,18 +160,23 @@ class InboundHandler:
             return str(replies.queued(queue_id))
         received = received_header(session, envelope, policy.runtime.settings.smtp_hostname,
                                    queue_id, stored.received_at, stored.recipients)
-        message = received + verdict.prepend + verdict.message
-        events = outcomes.received(queue_id, stored, msgid, len(message), verdict.rule,
+        # The headers to prepend and the message are written one after the other, never
+        # joined: a copy of a large message would double what it holds in memory.
+        parts = (received + verdict.prepend, verdict.message)
+        size = sum(len(part) for part in parts) + (verdict.tail.size if verdict.tail else 0)
+        events = outcomes.received(queue_id, stored, msgid, size, verdict.rule,
                                    trace_lines(policy.walks))
         copies = archive_copies(stored, verdict.copies)
         copy_events = [
-            outcomes.received(copy_id, copy, msgid, len(message), archive.rule,
+            outcomes.received(copy_id, copy, msgid, size, archive.rule,
                               [f"archive copy of {queue_id}"])
             for (copy_id, copy), archive in zip(copies, verdict.copies, strict=True)
         ]
         try:
-            await context.spool.store(queue_id, stored, message, events,
-                                      list(zip(copies, copy_events, strict=True)))
+            await context.spool.store(queue_id, stored, parts,
+                                      verdict.tail.path if verdict.tail else None,
+                                      events=events,
+                                      copies=list(zip(copies, copy_events, strict=True)))
         except SpoolError:
             # The spool logs the condition when it starts and ends; one line per message.
             log.info("NOQUEUE: reject: DATA from [%s]: %s; spool write failed listener=%s",
@@ -183,7 +188,7 @@ class InboundHandler:
         log.info(
             "%s: client=[%s], from=<%s>, size=%d, nrcpt=%d, listener=%s%s, "
             "message_id=<%s>, rule=%s%s",
-            queue_id, stored.client_address, stored.sender, len(message),
+            queue_id, stored.client_address, stored.sender, size,
             len(stored.recipients), self.listener.name, user, msgid,
             verdict.rule, ", hold" if stored.hold else "",
         )
@@ -193,7 +198,7 @@ class InboundHandler:
                      archive.rule)
         if not stored.hold:
             for copy_id, copy in ((queue_id, stored), *copies):
-                context.on_queued(copy_id, copy, message)
+                context.on_queued(copy_id, copy, size)
         return str(replies.queued(queue_id))
 
     async def handle_exception(self, error: Exception) -> str:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import logging
 import math
+import os
 import re
+import secrets
+from pathlib import Path
 from typing import Any, AnyStr, Protocol, cast
 
 import aiosmtpd
@@ -33,7 +37,7 @@ from relay.headers import header_safe
 from relay.inbound.budget import DataBudget
 from relay.inbound.context import ListenerContext
 from relay.ipaddr import LOOPBACK_NETWORKS, in_networks
-from relay.message import has_bare_line_ending, has_long_line
+from relay.message import Tail, has_bare_line_ending, has_long_line, longest_line
 from relay.ops.logs import refusal_line
 from relay.policy.session import PolicySession
 from relay.replies import Reply
@@ -72,6 +76,9 @@ DATA_CHUNK = 256 * 1024
 # RFC 5321 section 4.1.1.4: the message ends with CRLF "." CRLF, and only so; "\n.\n",
 # "\r.\r" and friends are content, which then fails the bare CR/LF check (smuggling).
 END_OF_DATA = b"\r\n.\r\n"
+# A message's first octets stay in memory (its header section, the start of its body);
+# the rest goes to disk as it arrives (see _Spill).
+SPILL_AT = 256 * 1024
 
 _ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
@@ -157,6 +164,7 @@ class _LineReader(asyncio.StreamReader):
 
     async def readuntil(self, separator: Any = b"\n") -> bytes:
         self.protocol.before_command()
+        self.protocol.waiting_since = self.protocol.loop.time()
         self.waiting_for_command = True
         try:
             line = await super().readuntil(separator)
@@ -165,6 +173,11 @@ class _LineReader(asyncio.StreamReader):
             # just the LF of the CRLF) is no command of its own.
             self.overrun = True
             raise
+        except asyncio.IncompleteReadError as exc:
+            # EOF inside a command line: aiosmtpd would take it for a bug of ours. The
+            # client is gone; there is no one to answer.
+            self.protocol.hung_up(len(exc.partial))
+            raise ConnectionResetError("client hung up in the middle of a command") from None
         finally:
             self.waiting_for_command = False
         if self.overrun:
@@ -174,6 +187,75 @@ class _LineReader(asyncio.StreamReader):
         verb = line.split(maxsplit=1)[:1]
         self.protocol.last_command = verb[0].decode("ascii", "replace").upper() if verb else ""
         return line
+
+
+class _Spill:
+    """Where a message goes past the first `at` octets: a file in the spool's incoming
+    directory, written as whole lines arrive, each piece checked (line lengths, bare
+    CR or LF) before its transparency dots are removed. The first part stays in the
+    reader's buffer; the file is named by relay.message.Tail."""
+
+    def __init__(self, directory: Path, at: int) -> None:
+        self.directory = directory
+        self.at = at
+        self.head_end = 0  # where the first part ends in the reader's buffer (0: not yet)
+        self.path: Path | None = None
+        self._fd = -1
+        self.size = 0
+        self.bare_line_ending = False
+        self.longest_line = 0
+        self.too_long = False  # a line over the reader's limit went to the file
+
+    def take(self, buf: bytearray, upto: int, line_limit: int) -> int:
+        """Move the whole lines of `buf` between the first part and `upto` to the file;
+        how many octets left `buf`."""
+        if not self.head_end:
+            # buf starts with the CRLF that ended the DATA command.
+            first = buf.find(b"\r\n", 2 + self.at, upto)
+            if first < 0:
+                return 0
+            self.head_end = first + 2
+        last = buf.rfind(b"\r\n", self.head_end, upto)
+        if last < 0:
+            return 0
+        piece = bytes(buf[self.head_end:last + 2])
+        bare = has_bare_line_ending(piece)
+        self.too_long = self.too_long or has_long_line(piece, line_limit, exact=bare)
+        # RFC 5321 section 4.5.2: each piece starts a line, so a leading dot is one too.
+        if piece.startswith(b".") or b"\r\n." in piece:
+            piece = (b"\r\n" + piece).replace(b"\r\n.", b"\r\n")[2:]
+        self.bare_line_ending = self.bare_line_ending or bare
+        self.longest_line = max(self.longest_line, longest_line(piece))
+        self._write(piece)
+        del buf[self.head_end:last + 2]
+        return last + 2 - self.head_end
+
+    def _write(self, piece: bytes) -> None:
+        if self.path is None:
+            path = self.directory / secrets.token_hex(12)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            self.path = path
+        # Into the page cache: the spool copies and fsyncs it when it stores the message.
+        view = memoryview(piece)
+        while view:
+            view = view[os.write(self._fd, view):]
+        self.size += len(piece)
+
+    def tail(self) -> Tail | None:
+        if self.path is None:
+            return None
+        os.close(self._fd)
+        self._fd = -1
+        return Tail(self.path, self.size, self.bare_line_ending, self.longest_line)
+
+    def discard(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self.path is not None:
+            with contextlib.suppress(OSError):  # gone with its directory: nothing to undo
+                self.path.unlink(missing_ok=True)
+            self.path = None
 
 
 class RelaySession(Session):
@@ -244,14 +326,20 @@ class RelaySMTP(SMTP):
         self.command_size_limits = collections.defaultdict(
             lambda: COMMAND_LINE, {"MAIL": MAIL_LINE}
         )
-        self._admitted: str | None = None
+        # The client address the connection limits counted (None before admission).
+        self.client: str | None = None
         self.last_command = ""  # the verb of the command being answered, for the log
         self._closing = False
         self._errors = 0
         self._deadline: asyncio.TimerHandle | None = None
         # loop.time() of the last complete DATA line (see _timeout_cb).
         self._progress_at = -math.inf
+        # loop.time() when the client last got the turn (a reply sent, DATA begun).
+        self.waiting_since = -math.inf
+        self._in_data = False
         self._held = 0  # bytes of the message being read, counted in the DataBudget
+        # The part of the message being handled that went to disk (the DATA hook reads it).
+        self.tail: Tail | None = None
 
     # -- connection life ----------------------------------------------------------------
 
@@ -315,10 +403,7 @@ class RelaySMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
-        if self._admitted is not None:
-            self.limits.release(self._admitted)
-            self._admitted = None
-            self.context.metrics.connection_closed(self.listener.name)
+        self._give_back()
         self.limits.unregister(self)
         super().connection_lost(error)
 
@@ -338,6 +423,8 @@ class RelaySMTP(SMTP):
             return
         try:
             await super()._handle_client()
+        except ConnectionResetError:
+            pass  # aiosmtpd has closed the connection
         except asyncio.CancelledError:
             # EOF while aiosmtpd waits for the PROXY header cancels it without closing
             # the (half-open) connection; it would linger until the timeout.
@@ -358,9 +445,7 @@ class RelaySMTP(SMTP):
         assert self.session is not None
         address = client_address(self.session)
         settings = self.settings
-        why = await self.limits.enter(
-            address, settings.inbound.max_connections, settings.inbound.max_connections_per_client
-        )
+        why = await self.limits.enter(address, settings.inbound)
         if why is not None:
             log.info(refusal_line("CONNECT", address, replies.TOO_MANY_CONNECTIONS,
                                   sender=None, helo="", listener=self.listener.name,
@@ -371,9 +456,36 @@ class RelaySMTP(SMTP):
             # The client left while the hub was asked: give its place back.
             self.limits.release(address)
             return False
-        self._admitted = address
+        self.client = address
         self.context.metrics.connection_opened(self.listener.name)
         return True
+
+    def _give_back(self) -> None:
+        if self.client is not None:
+            self.limits.release(self.client)
+            self.client = None
+            self.context.metrics.connection_closed(self.listener.name)
+
+    def stalled_for(self) -> float:
+        """Seconds this session has waited for its client: since the later of its last
+        complete command or DATA line and the moment it got the turn. 0 while the
+        server has the turn (a policy check, the spool) or the session is closing."""
+        reader = cast(_LineReader, self._reader)
+        if self._closing or not (reader.waiting_for_command or self._in_data):
+            return 0.0
+        return self.loop.time() - max(self._progress_at, self.waiting_since)
+
+    def silent(self) -> bool:
+        return self._progress_at == -math.inf
+
+    def evict(self, why: str) -> None:
+        """Pressure (relay/inbound/connlimits.py): close with 421 4.7.0, and give the
+        place back now, so that the client that needed it is admitted at once."""
+        assert self.session is not None
+        log.info("closed [%s] listener=%s: %s", client_address(self.session),
+                 self.listener.name, why)
+        self.close_with(replies.TOO_MANY_CONNECTIONS)
+        self._give_back()
 
     def close_with(self, reply: Reply | None) -> None:
         """Say `reply` (if any) and hang up; everything after it is dropped."""
@@ -388,8 +500,15 @@ class RelaySMTP(SMTP):
         """SIGTERM: a session waiting for a command gets 421 now, a busy one after its
         current command (before_command), or now as well when `force`d."""
         waiting = cast(_LineReader, self._reader).waiting_for_command
-        if force or waiting or self._admitted is None:  # None: still before the PROXY header
+        if force or waiting or self.client is None:  # None: still before the PROXY header
             self.close_with(replies.SHUTTING_DOWN)
+
+    def hung_up(self, partial: int) -> None:
+        assert self.session is not None
+        if partial:
+            log.info("[%s] hung up in the middle of a command (%d octets) listener=%s",
+                     client_address(self.session), partial, self.listener.name)
+        self.close_with(None)
 
     def before_command(self) -> None:
         if self.limits.draining:
@@ -519,12 +638,20 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         status: Any = MISSING
+        spill = _Spill(self.context.spool.incoming, self._spill_at())
         try:
-            data, refusal = await self._read_data(budget)
+            self.waiting_since, self._in_data = self.loop.time(), True
+            try:
+                data, refusal = await self._read_data(budget, spill)
+            finally:
+                self._in_data = False
             if refusal is None and data is not None:
                 self.envelope.content = self.envelope.original_content = data
+                self.tail = spill.tail()
                 status = await self._call_handler_hook("DATA")
         finally:
+            self.tail = None
+            spill.discard()  # stored by now (copied into the spool), or not to be
             budget.release(self._held)
             self._held = 0
         if data is None:  # the connection is gone
@@ -535,9 +662,18 @@ class RelaySMTP(SMTP):
             return
         await self.push("250 OK" if status is MISSING else status)
 
-    async def _read_data(self, budget: DataBudget) -> tuple[bytes | None, Reply | None]:
+    def _spill_at(self) -> int:
+        """Octets of a message kept in memory; the rest goes to disk as it arrives. At
+        least twice max_header_size, so the header section is always in memory."""
+        return max(SPILL_AT, 2 * self.settings.inbound.max_header_size)
+
+    async def _read_data(
+        self, budget: DataBudget, spill: _Spill
+    ) -> tuple[bytes | None, Reply | None]:
         """The message (dot-unstuffed) or the refusal due once its end was read; None
-        for the message when the connection closed first.
+        for the message when the connection closed first. Past `spill`'s threshold the
+        message goes to its file as whole lines arrive (checked, then unstuffed), and
+        the bytes returned are only its first part (relay.message.Tail).
 
         Like aiosmtpd, a message over the size limit or with a line over the reader's
         limit is read to its end before the reply (RFC 5321 section 4.2.5), keeping
@@ -594,14 +730,32 @@ class RelaySMTP(SMTP):
                 if refusal is not None:  # read on to the end, keeping nothing
                     budget.release(self._held)
                     self._held = 0
+                    spill.discard()
+                elif end < 0:
+                    # Whole lines already counted for dots (and not the last 4 octets,
+                    # which may start the end of data) go to disk past the threshold.
+                    try:
+                        moved = spill.take(buf, min(counted, len(buf) - 4), line_limit)
+                    except OSError as exc:
+                        refusal = self._spill_failed(spill, exc)
+                        budget.release(self._held)
+                        self._held = moved = 0
+                    counted -= moved
+                    budget.release(moved)
+                    self._held -= moved
             if end >= 0:
                 break
             if refusal is not None:
                 del buf[:-4]
         if refusal is not None:
             return b"", refusal
+        if spill.head_end:
+            try:
+                spill.take(buf, len(buf), line_limit)
+            except OSError as exc:
+                return b"", self._spill_failed(spill, exc)
         del buf[:2]
-        if has_long_line(buf, line_limit, exact=has_bare_line_ending(buf)):
+        if spill.too_long or has_long_line(buf, line_limit, exact=has_bare_line_ending(buf)):
             return b"", replies.LINE_TOO_LONG
         # RFC 5321 section 4.5.2: remove the transparency dot of lines starting with one.
         if buf.startswith(b".") or b"\r\n." in buf:
@@ -609,6 +763,15 @@ class RelaySMTP(SMTP):
             buf = buf.replace(b"\r\n.", b"\r\n")
             del buf[:2]
         return bytes(buf), None
+
+    def _spill_failed(self, spill: _Spill, exc: OSError) -> Reply:
+        """The spool's disk refused the part of a message that goes there: 451, the
+        spool's condition (a full disk) noted, and the message read to its end."""
+        spill.discard()
+        why = f"cannot write to {spill.directory}: {exc.strerror or exc}"
+        self.context.spool.write_failed(why)
+        self.log_refusal("DATA", replies.QUEUE_WRITE_ERROR, "spool", why)
+        return replies.QUEUE_WRITE_ERROR
 
     def _over_budget(self, budget: DataBudget) -> None:
         self.log_refusal("DATA", replies.INSUFFICIENT_STORAGE, "max_data_memory",

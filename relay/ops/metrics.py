@@ -17,12 +17,15 @@ API (callers never touch prometheus objects):
     metrics.upstream_up(upstream, up)         # before each scrape, from the hosts' health
     metrics.pool(upstream, idle, busy)
     metrics.reload_succeeded() / reload_failed()
+    metrics.condition(condition, in_force, added)  # a Conditions watcher (ops/conditions.py)
     await metrics.refresh(spool, groups)      # queue gauges from the spool; pool gauges from
                                               # {group name: [HostPool, ...]} (idle/busy)
     metrics.exposition() -> bytes             # the text format
 
     server = await start_http(metrics, host, port, ready, refresh)
-    ready = readiness({"listeners": lambda: ..., "spool": lambda: ..., "policy": lambda: ...})
+    ready = readiness({"listeners": lambda: ..., "spool": lambda: ..., "policy": lambda: ...},
+                      conditions.readiness)   # conditions in force are listed, and those
+                                              # that refuse mail make it not ready
 
 Label values are names from the configuration (listener, rule, upstream group, limit)
 or small fixed vocabularies; anything that looks like an IP or email address is replaced
@@ -47,6 +50,14 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+)
+
+from relay.ops.conditions import (
+    DISK_FULL,
+    REDIS_DOWN,
+    SMTPD_PRESSURE,
+    SPOOL_UNWRITABLE,
+    Condition,
 )
 
 log = logging.getLogger("relay.metrics")
@@ -210,6 +221,18 @@ class Metrics:
         self._reload_failures = Counter(
             "relay_config_reload_failures", "Reloads refused because of errors.", registry=r
         )
+        self._condition = Gauge(
+            "relay_condition_active", "1 while a condition is in force (disk_full, "
+            "spool_unwritable, redis_down, upstream_down per group, smtpd_pressure).",
+            ["condition", "subject"], registry=r,
+        )
+        self._occurrences = Counter(
+            "relay_condition_occurrences", "What a condition counted (refused writes, "
+            "checks without Redis, messages not delivered, slow sessions closed).",
+            ["condition"], registry=r,
+        )
+        for name in (DISK_FULL, SPOOL_UNWRITABLE, REDIS_DOWN, SMTPD_PRESSURE):
+            self._condition.labels(name, "").set(0)
         # Starting counts as a successful load: `check` ran the same loader first.
         self.reload_succeeded()
         for state in QUEUE_STATES:
@@ -291,6 +314,10 @@ class Metrics:
         self._reload_ok.set(0)
         self._reload_failures.inc()
 
+    def condition(self, condition: Condition, in_force: bool, added: int) -> None:
+        self._condition.labels(condition.name, _label(condition.subject)).set(int(in_force))
+        self._occurrences.labels(condition.name).inc(added)
+
     # -- gauges read from elsewhere ---------------------------------------------------
 
     def queue(self, messages: Sequence[_Message]) -> None:
@@ -336,10 +363,16 @@ class Exposition(Protocol):
     def exposition(self) -> bytes: ...
 
 
-def readiness(checks: Mapping[str, Callable[[], bool]]) -> Readiness:
-    """Combine named checks into one readiness callable: ready when all pass.
+def readiness(
+    checks: Mapping[str, Callable[[], bool]],
+    conditions: Callable[[], tuple[bool, list[str]]] | None = None,
+) -> Readiness:
+    """Combine named checks into one readiness callable: ready when all pass and no
+    condition in force refuses mail.
 
-    The detail lists every check (`spool: ok`, `policy: failing`) so a 503 says why.
+    The detail lists every check (`spool: ok`, `policy: failing`) and every condition
+    in force (`upstream_down default: since 30s, 12 deliveries set aside`), so a 503
+    says why and a 200 still shows what is degraded.
     """
 
     def ready() -> tuple[bool, str]:
@@ -352,6 +385,10 @@ def readiness(checks: Mapping[str, Callable[[], bool]]) -> Readiness:
                 log.warning("readiness check %s raised %r", name, exc)
             ok = ok and passed
             lines.append(f"{name}: {'ok' if passed else 'failing'}")
+        if conditions is not None:
+            accepting, degraded = conditions()
+            ok = ok and accepting
+            lines += degraded
         return ok, "\n".join(lines)
 
     return ready

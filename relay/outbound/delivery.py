@@ -19,6 +19,7 @@ from relay.events import outcomes as outcomes_of
 from relay.events.event import Event
 from relay.events.suppression import SuppressionError, SuppressionList
 from relay.ipaddr import client_ip
+from relay.ops.conditions import UPSTREAM_DOWN, Conditions
 from relay.ops.metrics import Metrics
 from relay.outbound.connector import Connection
 from relay.outbound.pool import Host, HostGroup
@@ -32,6 +33,7 @@ from relay.outbound.transaction import (
     transmit,
 )
 from relay.queue import bounce
+from relay.queue.content import Content
 from relay.queue.settings import QueueSettings
 from relay.queue.spool import Envelope, Outcome, QueuedMessage, Spool, fresh, new_queue_id
 from relay.replies import UpstreamReply
@@ -138,9 +140,12 @@ class Delivery:
         monotonic: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
         suppression: SuppressionList | None = None,
+        conditions: Conditions | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
         self.suppression = suppression
+        # A group whose every host is down is a condition (logged at start and end).
+        self.conditions = conditions or Conditions()
         self.spool = spool
         self.settings = settings
         self.upstreams = upstreams
@@ -216,9 +221,9 @@ class Delivery:
                      released)
         self.wake()
 
-    def offer(self, queue_id: str, envelope: Envelope, data: bytes) -> None:
+    def offer(self, queue_id: str, envelope: Envelope, size: int) -> None:
         """A message the spool has just committed: with a worker free, start it at once
-        with its bytes at hand (no trip back to the spool); else the loop finds it."""
+        (no query of the spool); else the loop finds it."""
         if queue_id in self._tasks:
             # A due() query that ran after the commit, but before the listener got
             # here, has started it already. (It cannot have finished: its result's
@@ -229,7 +234,7 @@ class Delivery:
             return
         if self._selecting:
             self._offered.add(queue_id)
-        self._start(fresh(queue_id, envelope, len(data)), data)
+        self._start(fresh(queue_id, envelope, size))
 
     def shaper(self, name: str) -> Shaper:
         if name not in self.shapers:
@@ -252,8 +257,8 @@ class Delivery:
                 backlog = self._backlog
                 self._selecting = True
                 try:
-                    due = await self.spool.due_with_data(
-                        self.clock(), free, exclude=scheduler.excluded())
+                    due = await self.spool.due(self.clock(), free,
+                                               exclude=scheduler.excluded())
                 except Exception:
                     log.exception("cannot read the spool; retrying")
                     due = []
@@ -262,13 +267,13 @@ class Delivery:
                 offered, self._offered = self._offered, set()
                 if len(due) < free and self._backlog == backlog:
                     self._backlog = 0
-                for message, data in due:
+                for message in due:
                     # offer() may have started (and even finished) it meanwhile.
                     if message.id in offered or message.id in self._tasks:
                         continue
-                    timeout = min(timeout, self._start(message, data))
+                    timeout = min(timeout, self._start(message))
                 # Parked messages took places in that batch: look for others at once.
-                again = len(due) == free and any(m.id in scheduler.parked for m, _ in due)
+                again = len(due) == free and any(m.id in scheduler.parked for m in due)
                 timeout = scheduler.next_wakeup(timeout)
             if self.monotonic() - last_prune > IDLE_POLL:
                 await self.upstreams.prune()
@@ -279,7 +284,7 @@ class Delivery:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.001, timeout))
 
-    def _start(self, message: QueuedMessage, data: bytes) -> float:
+    def _start(self, message: QueuedMessage) -> float:
         """Start delivering `message` if its group admits it; else (it is parked) return
         how long until its group may admit one."""
         if self._stopping:  # stop() came while the spool was being read
@@ -291,7 +296,8 @@ class Delivery:
         wait = self.scheduler.admit(message.id, name)
         if wait > 0:
             return wait
-        task = asyncio.create_task(self._deliver(message, data, name, self.shaper(name)))
+        content = self.spool.content(message.id, message.size)
+        task = asyncio.create_task(self._deliver(message, content, name, self.shaper(name)))
         self._tasks[message.id] = task
         task.add_done_callback(self._finished(message.id))
         return math.inf
@@ -343,7 +349,7 @@ class Delivery:
     # -- one delivery -------------------------------------------------------------------
 
     async def _deliver(
-        self, message: QueuedMessage, data: bytes, name: str, shaper: Shaper
+        self, message: QueuedMessage, content: Content, name: str, shaper: Shaper
     ) -> None:
         throttled = succeeded = False
         try:
@@ -355,7 +361,9 @@ class Delivery:
                 results = [RecipientResult(reply)] * len(pending)
                 vias = [Via()] * len(pending)
             else:
-                tried = await self._send(message, [r.address for r in pending], data, group)
+                tried = await self._send(message, [r.address for r in pending], content,
+                                         group)
+                self._watch(group)
                 if tried is None:
                     self._set_aside(message, group)
                     return
@@ -364,7 +372,7 @@ class Delivery:
             succeeded = any(r.accepted for r in results)
             # What the upstream accepted must be recorded even if SIGTERM's deadline
             # cancels us now, or it would be sent a second time after restart.
-            record = asyncio.ensure_future(self._record(message, results, vias, data))
+            record = asyncio.ensure_future(self._record(message, results, vias, content))
             try:
                 await asyncio.shield(record)
             except asyncio.CancelledError:
@@ -372,6 +380,19 @@ class Delivery:
                 raise
         finally:
             shaper.release(self.monotonic(), throttled, succeeded)
+
+    def _watch(self, group: HostGroup) -> None:
+        """Report the group down while every host is (each message deferred or set
+        aside meanwhile counts), and up again once one answers."""
+        name = group.settings.name
+        if all(h.health.is_down for h in group.hosts):
+            last = max(group.hosts, key=lambda h: h.health.down_since).health
+            self.conditions.failing(
+                UPSTREAM_DOWN, f"every host of upstream group {name!r} is down (last: "
+                f"{last.last_failure})", subject=name, unit="messages not delivered",
+                consequence="mail waits in the queue")
+        else:
+            self.conditions.cleared(UPSTREAM_DOWN, name)
 
     def _set_aside(self, message: QueuedMessage, group: HostGroup) -> None:
         """No host of `group` may be tried now: no attempt, no backoff; the message
@@ -385,7 +406,8 @@ class Delivery:
                      group.settings.name, since, down.last_failure)
 
     async def _send(
-        self, message: QueuedMessage, recipients: Sequence[str], data: bytes, group: HostGroup
+        self, message: QueuedMessage, recipients: Sequence[str], content: Content,
+        group: HostGroup,
     ) -> tuple[list[RecipientResult], list[Via]] | None:
         """Try the group's hosts, best first, until every recipient has a final answer.
 
@@ -405,7 +427,8 @@ class Delivery:
             if not host.health.admits():
                 continue
             tried = True
-            got, via, unsuitable = await self._try_host(message, host, recipients, todo, data)
+            got, via, unsuitable = await self._try_host(message, host, recipients, todo,
+                                                        content)
             for i, result in got.items():
                 results[i] = result
                 vias[i] = via
@@ -422,7 +445,7 @@ class Delivery:
         host: Host,
         recipients: Sequence[str],
         todo: list[int],
-        data: bytes,
+        content: Content,
     ) -> tuple[dict[int, RecipientResult], Via, bool]:
         """Send to the `todo` recipients through one host; new transactions on the same
         connection for recipients it had no room for (452). Returns a result for every
@@ -442,7 +465,7 @@ class Delivery:
                         via = _via(host, conn)
                         while batch:
                             sent = await transmit(conn, message.sender,
-                                                  [recipients[i] for i in batch], data,
+                                                  [recipients[i] for i in batch], content,
                                                   host.settings, message.smtputf8)
                             for i, result in zip(batch, sent.results, strict=True):
                                 if not result.again:
@@ -486,7 +509,7 @@ class Delivery:
         message: QueuedMessage,
         results: Sequence[RecipientResult],
         vias: Sequence[Via],
-        data: bytes,
+        content: Content,
     ) -> None:
         queue = self.settings.queue
         now = self.clock()
@@ -523,11 +546,16 @@ class Delivery:
                 message.id, rcpt.address, via.relay, tls, now - message.received_at,
                 attempts, status, reply,
             )
+        dsn = None
+        if failures and bounce_them:
+            # The bounce quotes the header section only: read no more than that can be.
+            head = await content.head(2 * self.settings.inbound.max_header_size)
+            dsn = self._bounce(message, failures, head, now)
         states = {o.state for o in outcomes}
         unrecorded = Unrecorded(
             message, outcomes, retry_at,
             last_error=next((o.reply for o in outcomes if o.state != "sent"), ""),
-            dsn=self._bounce(message, failures, data, now) if failures and bounce_them else None,
+            dsn=dsn,
             status="deferred" if "pending" in states else "bounced" if "failed" in states
             else "sent",
             events=events, suppress=suppress,
@@ -545,7 +573,7 @@ class Delivery:
         try:
             if result.dsn is not None:
                 dsn_id, envelope, dsn = result.dsn
-                await self.spool.store(dsn_id, envelope, dsn, outcomes_of.received(
+                await self.spool.store(dsn_id, envelope, dsn, events=outcomes_of.received(
                     dsn_id, envelope, bounce.message_id(message.id, self.settings.smtp_hostname),
                     len(dsn), "bounce", [f"the relay's notification about {message.id}"]))
                 log.info("%s: sender non-delivery notification: %s", message.id, dsn_id)
@@ -594,7 +622,7 @@ class Delivery:
                     waiting)
 
     def _bounce(
-        self, message: QueuedMessage, failures: list[bounce.Failure], data: bytes, now: float
+        self, message: QueuedMessage, failures: list[bounce.Failure], head: bytes, now: float
     ) -> tuple[str, Envelope, bytes]:
         """An RFC 3464 notification to the sender, through the same upstream group."""
         hostname = self.settings.smtp_hostname
@@ -602,7 +630,7 @@ class Delivery:
         # SMTPUTF8 anyway; otherwise an ASCII report that any upstream takes.
         utf8 = not message.sender.isascii()
         dsn = bounce.build(queue_id=message.id, reporting_mta=hostname, sender=message.sender,
-                           arrival=message.received_at, failures=failures, original=data,
+                           arrival=message.received_at, failures=failures, original=head,
                            now=now, utf8=utf8)
         envelope = Envelope(sender="", recipients=(message.sender,), client_address="",
                             helo=hostname, listener="bounce", received_at=now,

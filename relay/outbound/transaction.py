@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
+from aiosmtplib.protocol import SMTPProtocol
 
 from relay.outbound.connector import Connection
 from relay.outbound.smarthosts import UpstreamSettings
+from relay.queue.content import Content
 from relay.replies import UpstreamReply
 
 # What can go wrong while talking to an upstream, short of a reply: the pool throws the
@@ -78,7 +80,7 @@ async def transmit(
     conn: Connection,
     sender: str,
     recipients: Sequence[str],
-    data: bytes,
+    content: Content,
     settings: UpstreamSettings,
     smtputf8: bool = False,
 ) -> Transaction:
@@ -90,8 +92,9 @@ async def transmit(
 
     The commands go out through aiosmtplib's execute_command with the addresses as
     they were accepted (its mail()/rcpt() re-parse them with email.utils), and the
-    content with one bytes.replace for the transparency dots (its data() runs two
-    regexes over every message and copies it to append the final dot).
+    content read from the spool in pieces, each with one bytes.replace for the
+    transparency dots (aiosmtplib's data() wants the whole message in memory, runs two
+    regexes over it and copies it to append the final dot).
     """
     client = conn.client
     timeout = settings.command_timeout
@@ -103,7 +106,7 @@ async def transmit(
             missing = UpstreamReply.of(553, "5.6.7 upstream does not support SMTPUTF8")
             return Transaction(_all(missing, len(recipients)), unsuitable=True)
         mail += b" SMTPUTF8"
-    eight_bit = not data.isascii()
+    eight_bit = await content.eight_bit()
     if client.supports_extension("8bitmime"):
         # RFC 6152 section 2: say what the body is.
         mail += b" BODY=8BITMIME" if eight_bit else b" BODY=7BIT"
@@ -115,7 +118,7 @@ async def transmit(
         return Transaction(_all(missing, len(recipients)), unsuitable=True)
     if client.supports_extension("size"):
         # RFC 1870 section 6: the size as the message is, before the transparency dots.
-        mail += b" SIZE=%d" % len(data)
+        mail += b" SIZE=%d" % content.size
     addresses = [b"RCPT TO:<%s>" % rcpt.encode("utf-8") for rcpt in recipients]
     exchange: _Pipelined | _Stepwise
     if client.supports_extension("pipelining"):
@@ -177,13 +180,15 @@ async def transmit(
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost")
         try:
-            # No await between the writes and read_response: the reply cannot come
-            # before aiosmtplib waits for it.
-            protocol.write(dot_stuffed(data))
-            protocol.write(b".\r\n")
+            async with asyncio.timeout(settings.data_timeout):
+                await _send_content(protocol, content)
             response = await protocol.read_response(timeout=settings.data_timeout)
             exchange.round_trips += 1
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        except TimeoutError as exc:
+            client.close()
+            raise aiosmtplib.SMTPTimeoutError("timed out sending the message") from exc
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError,
+                ConnectionError):
             client.close()  # what aiosmtplib's data() does: never reuse a desynced session
             raise
     final = _reply(response)
@@ -369,13 +374,28 @@ class _ReplyReader(asyncio.Protocol):
 _BARE_LINE_ENDING = re.compile(rb"\r\n|\n|\r(?!\n)")
 
 
-def dot_stuffed(data: bytes) -> bytes:
+async def _send_content(protocol: SMTPProtocol, content: Content) -> None:
+    """The message and its final dot, a piece at a time, each written once the
+    connection took the previous one (a 10 MB message is never buffered whole)."""
+    # aiosmtplib keeps what the server says only while it expects a reply: one that
+    # comes early (a 5xx before the end) must not be dropped while we are writing.
+    protocol._response_pending = True
+    last = b"\r\n"
+    async for piece in content.pieces():
+        protocol.write(dot_stuffed(piece, end=False))
+        last = piece[-2:]
+        await protocol._drain_helper()  # flow control: wait while the socket is full
+    protocol.write(b".\r\n" if last.endswith(b"\n") else b"\r\n.\r\n")
+
+
+def dot_stuffed(data: bytes, end: bool = True) -> bytes:
     """The message as DATA sends it: CRLF line ends, ending in CRLF, and a dot added to
-    every line that starts with one (RFC 5321 section 4.5.2)."""
+    every line that starts with one (RFC 5321 section 4.5.2). A piece of a message
+    (`end` False, starting at a line start) gets no CRLF added."""
     if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\n"):
         # Never for mail from our listener (it refuses bare CR and LF); kept for safety.
         data = _BARE_LINE_ENDING.sub(b"\r\n", data)
-    if not data.endswith(b"\r\n"):
+    if end and not data.endswith(b"\r\n"):
         data += b"\r\n"
     if data.startswith(b".") or b"\r\n." in data:
         data = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from relay.headers import header_fields
+from relay.message import Tail
 from relay.policy.fields import DATA, FIELDS, RCPT, Field
 from relay.policy.match import parse_ip
 from relay.policy.rewrite import NONE, Archive, MapEdit, Rewrites, Strip
@@ -87,6 +88,9 @@ class Facts:
     recipients: tuple[str, ...] = ()
     size: int | None = None
     message: bytes | None = None
+    # The rest of a large message, on disk (relay.message.Tail); `message` then holds
+    # its header section and the start of its body.
+    tail: Tail | None = None
     tls: bool = False
 
 

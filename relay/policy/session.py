@@ -39,7 +39,7 @@ from relay.headers import (
     strip_forged_authentication_results,
 )
 from relay.ipaddr import in_networks
-from relay.message import has_bare_line_ending, has_long_line, longest_line
+from relay.message import Tail, has_bare_line_ending, longest_line, whole
 from relay.policy import rewrite
 from relay.policy.engine import Checks, Decision, Facts, evaluate
 from relay.policy.maps import MapError
@@ -97,6 +97,7 @@ class Verdict:
     recipients: tuple[str, ...] = ()
     copies: tuple[rewrite.Copy, ...] = ()
     changes: tuple[str, ...] = ()
+    tail: Tail | None = None  # the rest of a large message, on disk
 
     @property
     def refused(self) -> bool:
@@ -264,8 +265,10 @@ class PolicySession:
     def recipients(self) -> tuple[str, ...]:
         return self.facts.recipients
 
-    async def data(self, message: bytes, queue_id: str) -> Verdict:
-        """The end of DATA: the message checks, then the policy's final word."""
+    async def data(self, message: bytes, queue_id: str, tail: Tail | None = None) -> Verdict:
+        """The end of DATA: the message checks, then the policy's final word. A large
+        message comes as its first part (`message`: the header section and the start
+        of the body) and the rest on disk (`tail`, checked as it was written)."""
         self.last_decision = None
         settings = self.runtime.settings
         detail = ""  # the log line names the sender itself
@@ -275,13 +278,14 @@ class PolicySession:
             action = "tempfail" if reply.is_temporary else "reject"
             return Verdict(action, reply, rule, message, b"", None)
 
-        if len(message) > settings.inbound.max_message_size:
-            return refused(replies.MESSAGE_TOO_BIG, f"size={len(message)}")
-        if has_bare_line_ending(message):
+        size = len(message) + (tail.size if tail else 0)
+        if size > settings.inbound.max_message_size:
+            return refused(replies.MESSAGE_TOO_BIG, f"size={size}")
+        if has_bare_line_ending(message) or (tail is not None and tail.bare_line_ending):
             return refused(replies.BAD_LINE_ENDING, detail)
-        if has_long_line(message, settings.inbound.max_line_length):
-            return refused(replies.LINE_TOO_LONG,
-                           f"line of {longest_line(message)} octets")
+        longest = max(longest_line(message), tail.longest_line if tail else 0)
+        if longest > settings.inbound.max_line_length:
+            return refused(replies.LINE_TOO_LONG, f"line of {longest} octets")
         header_size, hops = header_stats(message)
         if header_size > settings.inbound.max_header_size:
             return refused(replies.HEADER_TOO_BIG, f"header_size={header_size}")
@@ -292,8 +296,9 @@ class PolicySession:
         if forged:
             log.info("%s: removed %d Authentication-Results header(s) claiming to be ours",
                      queue_id, forged)
-        facts = dataclasses.replace(self.facts, recipient=None, size=len(message),
-                                    message=message)
+        facts = dataclasses.replace(self.facts, recipient=None,
+                                    size=len(message) + (tail.size if tail else 0),
+                                    message=message, tail=tail)
         decision = await self._walk("data", facts)
         if decision.action == "continue":  # the engine applies final_action at data
             decision = Decision("tempfail", BACKEND_FAILURE, "internal-error")
@@ -319,7 +324,7 @@ class PolicySession:
                 return refused(BACKEND_FAILURE, detail, "internal-error")
         return Verdict(decision.action, decision.reply, decision.rule, rewritten.message,
                        prepend, decision.route, rewritten.sender, rewritten.recipients,
-                       rewritten.copies, rewritten.changes)
+                       rewritten.copies, rewritten.changes, tail)
 
     @property
     def authserv_id(self) -> str:
@@ -359,7 +364,7 @@ class PolicySession:
             self._unsigned(queue_id, f"header section is not RFC 5322 syntax ({why})")
             keys = ()
         if keys:
-            signed = prepend + message
+            signed = prepend + await asyncio.to_thread(whole, message, facts.tail)
             try:
                 signature = await asyncio.to_thread(
                     dkimlib.sign, signed, keys, settings.dkim_sign_headers

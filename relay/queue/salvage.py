@@ -7,14 +7,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay.queue.spool import Envelope, Spool, integrity_problem
+from relay.queue.spool import DATA_DIR, Envelope, Spool, integrity_problem
+from relay.queue.walcheck import wal_damage
 
 
 @dataclass(frozen=True, slots=True)
 class Survey:
     """What a spool database holds, as far as it can be read."""
 
-    problem: str | None  # SQLite's integrity verdict, None when sound
+    problem: str | None  # the integrity verdict, None when sound
     readable: list[tuple[str, Envelope, bytes, str]]  # id, envelope, bytes, state
     unreadable: int  # message rows that could not be read whole
 
@@ -23,12 +24,17 @@ def survey(database: Path) -> Survey:
     """Read every message row that can be read, one row at a time, so that damage to
     some pages costs only the messages stored there. Read-only: safe on a spool that
     a relay refused, and on one in use."""
+    # Read before SQLite replays the log: what the replay would drop is reported, not
+    # copied (salvage takes what SQLite reads: the commits before the damage).
+    damage = wal_damage(database.with_name(database.name + "-wal"))
     db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
     try:
         try:
             problem = integrity_problem(db)
         except sqlite3.DatabaseError as exc:
             problem = str(exc)
+        if damage is not None:
+            problem = str(damage) if problem is None else f"{damage}; {problem}"
         try:
             (last,) = db.execute("SELECT max(rowid) FROM message").fetchone()
         except sqlite3.DatabaseError:
@@ -54,6 +60,12 @@ def survey(database: Path) -> Survey:
                 continue
             (queue_id, sender, client, helo, listener, user, received_at, route, utf8,
              state, data) = row
+            if not data:  # kept in its own file (relay/queue/spool.py)
+                try:
+                    data = (database.parent / DATA_DIR / queue_id).read_bytes()
+                except OSError:
+                    unreadable += 1
+                    continue
             if not recipients:
                 continue  # nothing left to deliver (failed: kept for the record only)
             envelope = Envelope(sender, recipients, client, helo, listener, user,
@@ -79,9 +91,9 @@ def _last_rowid_by_probing(db: sqlite3.Connection) -> int:
     return last
 
 
-async def salvage(source: Path, target: Path) -> tuple[int, int]:
+async def salvage(source: Path, target: Path) -> Survey:
     """Copy every readable message with its pending recipients into a fresh spool at
-    `target`; (salvaged, unreadable)."""
+    `target`; the survey says what was copied and what was not."""
     found = survey(source)
     spool = Spool(target)
     await spool.open()
@@ -90,4 +102,4 @@ async def salvage(source: Path, target: Path) -> tuple[int, int]:
             await spool.store(queue_id, envelope, data)
     finally:
         await spool.close()
-    return len(found.readable), found.unreadable
+    return found

@@ -15,6 +15,14 @@ Why SQLite rather than one file per message with rename and directory fsync:
 With `synchronous=FULL` SQLite fsyncs the WAL at every commit; the directory is fsync'd
 once at open so the WAL file's own directory entry is durable too.
 
+A message's bytes live in a file of their own, `data/<queue id>`, not in the database:
+the write-ahead log stays small whatever the messages weigh, and delivery reads them in
+pieces (relay/queue/content.py) instead of whole. The file is written and fsync'd, and
+the `data` directory fsync'd, before the transaction that inserts the row commits; the
+file is removed after the transaction that deletes the row committed. So a committed
+row always has its file, and a crash leaves at most files without a row, removed at the
+next open. (Rows written before this layout keep their bytes in the `data` column.)
+
 All SQLite calls run in one dedicated thread (one connection), so the event loop never
 blocks on disk and the connection is never shared between threads.
 """
@@ -22,11 +30,13 @@ blocks on disk and the connection is never shared between threads.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import functools
 import logging
 import os
 import secrets
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -37,10 +47,17 @@ from typing import Any, Literal, TypeVar
 
 from relay.events import outbox
 from relay.events.event import Event
+from relay.ops.conditions import DISK_FULL, SPOOL_UNWRITABLE, Conditions
+from relay.queue.content import Content
+from relay.queue.walcheck import wal_damage
 
 T = TypeVar("T")
 
 log = logging.getLogger("relay.spool")
+
+DATA_DIR = "data"  # one file per message, named by its queue id
+INCOMING_DIR = "incoming"  # messages being received (relay/inbound/protocol.py)
+COPY_PIECE = 1024 * 1024
 
 MessageState = Literal["queued", "hold", "failed"]
 RecipientState = Literal["pending", "sent", "failed"]
@@ -190,18 +207,27 @@ def new_queue_id() -> str:
 class Spool:
     """The queue on disk. Open it with `await spool.open()` before use."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, conditions: Conditions | None = None) -> None:
         self.directory = directory
+        # Where the listener writes the part of a large message past its first octets
+        # while it arrives; stored messages are copied from there into data/.
+        self.incoming = directory / INCOMING_DIR
+        # A full disk or an unwritable spool is a condition: logged when it starts and
+        # when it ends (with the count of refused writes), never once per message.
+        self.conditions = conditions or Conditions()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self._db: sqlite3.Connection | None = None
         # Writes waiting for the next group commit: a function run inside the
         # transaction, and the future that gets its result once the commit returned.
-        self._pending: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        # A write may wait for a file (a message's bytes) to be on disk first.
+        self._pending: list[tuple[Callable[[], Any], asyncio.Future[Any],
+                                  asyncio.Future[None] | None]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._lock: int | None = None  # the open lock file, held for the spool's lifetime
-        # Writes refused since the spool last took one (a full disk, an I/O error): the
-        # condition is logged when it starts and when it ends, never once per message.
-        self.refused_writes = 0
+        # Inside a group commit: whether rows naming new files were inserted, and the
+        # ids whose files go once the commit returned.
+        self._new_files = False
+        self._removed: list[str] = []
         self.commits = 0  # group commits so far (each one WAL flush)
 
     def __repr__(self) -> str:
@@ -231,6 +257,10 @@ class Spool:
             raise SpoolDamaged(f"spool {database} is empty or missing next to a non-empty "
                                f"{wal.name}: committed mail would be lost; see "
                                "`policy-relay spool check`")
+        if (damage := wal_damage(wal)) is not None:
+            # Checked before SQLite opens the log: its replay would stop at the damage
+            # and the next checkpoint would overwrite the commits after it.
+            raise _damaged(database, str(damage))
         try:
             db = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -247,11 +277,36 @@ class Spool:
         except sqlite3.DatabaseError as exc:
             problem = str(exc)
         if problem is not None:
-            raise SpoolDamaged(f"spool {database} is damaged ({problem}); the relay will not "
-                               "accept mail into it: see `policy-relay spool check` and "
-                               "`policy-relay spool salvage`")
+            raise _damaged(database, problem)
         self._db = db
+        self._adopt_files(db)
         _fsync_directory(self.directory)
+
+    def _adopt_files(self, db: sqlite3.Connection) -> None:
+        """Make the data directory, and remove the files a crash left without a row
+        (a message whose commit never returned: its client got no 250)."""
+        directory = self.directory / DATA_DIR
+        try:
+            directory.mkdir(exist_ok=True, mode=0o750)
+            names = set(os.listdir(directory))
+            self.incoming.mkdir(exist_ok=True, mode=0o750)
+            for name in os.listdir(self.incoming):  # messages whose DATA never ended
+                (self.incoming / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise SpoolCannotCreate(f"cannot create {exc.filename}: {exc.strerror}") from exc
+        stored = {queue_id for (queue_id,) in db.execute("SELECT id FROM message")}
+        orphans = names - stored
+        for name in orphans:
+            (directory / name).unlink(missing_ok=True)
+        if orphans:
+            log.info("spool %s: removed %d message files without a committed message (an "
+                     "interrupted DATA)", self.directory, len(orphans))
+        missing = db.execute(
+            "SELECT count(*) FROM message WHERE length(data) = 0").fetchone()[0] - len(
+            stored & names)
+        if missing > 0:
+            raise _damaged(self.directory / "spool.db",
+                           f"{missing} stored messages have no file in {directory}")
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -273,20 +328,40 @@ class Spool:
     # -- storing ----------------------------------------------------------------------
 
     async def store(
-        self, queue_id: str, envelope: Envelope, data: bytes, events: Sequence[Event] = (),
+        self, queue_id: str, envelope: Envelope, data: bytes | Sequence[bytes],
+        tail: Path | None = None, *, events: Sequence[Event] = (),
         copies: Sequence[tuple[tuple[str, Envelope], Sequence[Event]]] = (),
     ) -> None:
         """Write a message durably, with its `events`; only when this returns may 250
-        be sent. `copies` are messages of their own with the same bytes (archive copies,
-        relay.policy.rewrite), each with its events, stored in the same transaction: all
-        of them or none."""
+        be sent. `data` may come in parts (headers to prepend, then the message as
+        received): they are written one after the other, never joined in memory,
+        followed by the contents of the file `tail` (the rest of a large message),
+        copied a piece at a time. `copies` are messages of their own with the same bytes
+        (archive copies, relay.policy.rewrite), each with its events: their files are
+        hard links to the message's, their rows share its transaction (all or none)."""
+        parts = (data,) if isinstance(data, bytes) else tuple(data)
+        size = sum(len(part) for part in parts) + (tail.stat().st_size if tail else 0)
+        path = self.data_path(queue_id)
+        links = [self.data_path(copy_id) for (copy_id, _), _ in copies]
+        # Files are written and fsync'd in parallel threads; the group commit waits for
+        # those of its messages, so their rows (and any delivery results meanwhile)
+        # still share one commit.
+        written = asyncio.get_running_loop().run_in_executor(
+            None, _write_file, path, parts, tail, links)
 
         def insert() -> None:
-            self._insert(queue_id, envelope, data, events)
+            self._insert(queue_id, envelope, size, events)
             for (copy_id, copy), copy_events in copies:
-                self._insert(copy_id, copy, data, copy_events)
+                self._insert(copy_id, copy, size, copy_events)
 
-        await self._write(insert)
+        try:
+            await self._write(insert, prepared=written)
+        except SpoolError:
+            if not _why(written):
+                for name in (path, *links):
+                    name.unlink(missing_ok=True)  # ours, and no row names it
+            raise
+
     def post(self, events: Sequence[Event]) -> None:
         """Record events that change no message (a refused command, a discard) in the
         next group commit, without waiting for it: the SMTP reply does not wait."""
@@ -302,11 +377,21 @@ class Spool:
         """Run `func` on the spool's connection in the next group commit."""
         return await self._write(lambda: func(self.db))
 
-    async def _write(self, func: Callable[..., T], *args: Any) -> T:
-        """Run `func` in the next group commit; return its result once that commit
-        returned (and with it, under synchronous=FULL, the WAL is on stable storage)."""
+    def data_path(self, queue_id: str) -> Path:
+        return self.directory / DATA_DIR / queue_id
+
+    def content(self, queue_id: str, size: int) -> Content:
+        """A stored message's bytes, to be read in pieces."""
+        return Content(self.data_path(queue_id), size)
+
+    async def _write(
+        self, func: Callable[..., T], *args: Any, prepared: asyncio.Future[None] | None = None
+    ) -> T:
+        """Run `func` in the next group commit (once `prepared` is done, and not if it
+        failed); return its result once that commit returned (and with it, under
+        synchronous=FULL, the WAL is on stable storage)."""
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((lambda: func(*args), done))
+        self._pending.append((lambda: func(*args), done, prepared))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await done
@@ -316,11 +401,18 @@ class Spool:
         # into the next transaction together: new messages and delivery results alike.
         while self._pending:
             batch, self._pending = self._pending, []
+            preparations = [p for _, _, p in batch if p is not None]
+            if preparations:
+                await asyncio.wait(preparations)
+            failed = {i: SpoolError(f"cannot write the message file: {_why(p)}")
+                      for i, (_, _, p) in enumerate(batch) if p is not None and _why(p)}
+            ops = [op for i, (op, _, _) in enumerate(batch) if i not in failed]
             try:
-                outcomes = await self._run(self._commit, [op for op, _ in batch])
+                committed = iter(await self._run(self._commit, ops))
             except Exception as exc:  # every waiter must hear about the failure
-                outcomes = [SpoolError(str(exc))] * len(batch)
-            for (_, done), outcome in zip(batch, outcomes, strict=True):
+                committed = iter([SpoolError(str(exc))] * len(ops))
+            outcomes = [failed[i] if i in failed else next(committed) for i in range(len(batch))]
+            for (_, done, _), outcome in zip(batch, outcomes, strict=True):
                 self._note(outcome)
                 if done.done():
                     continue
@@ -331,19 +423,26 @@ class Spool:
 
     @property
     def writable(self) -> bool:
-        """False while the spool refuses writes (for /readyz)."""
-        return self.refused_writes == 0
+        """False while the spool refuses writes."""
+        return not any(self.conditions.active(name) for name in (DISK_FULL, SPOOL_UNWRITABLE))
+
+    def write_failed(self, why: str) -> None:
+        """A write for the spool outside it failed (a message arriving, relay/inbound):
+        it counts as the spool's own."""
+        self._note(SpoolError(why))
 
     def _note(self, outcome: object) -> None:
         if isinstance(outcome, BaseException):
-            if self.refused_writes == 0:
-                log.error("cannot write to the spool %s: %s; new mail gets 451 and delivery "
-                          "results wait until it can", self.directory, outcome)
-            self.refused_writes += 1
-        elif self.refused_writes:
-            log.warning("spool %s writable again after %d refused writes", self.directory,
-                        self.refused_writes)
-            self.refused_writes = 0
+            # SQLite says "database or disk is full"; the OS says ENOSPC.
+            full = any(sign in str(outcome) for sign in ("is full", os.strerror(errno.ENOSPC)))
+            self.conditions.failing(
+                DISK_FULL if full else SPOOL_UNWRITABLE,
+                f"cannot write to the spool {self.directory}: {outcome}",
+                unit="refused writes", blocks_mail=True,
+                consequence="new mail gets 451 and delivery results wait until it can")
+        else:
+            for name in (DISK_FULL, SPOOL_UNWRITABLE):
+                self.conditions.cleared(name)
 
     def _commit(self, ops: Sequence[Callable[[], Any]]) -> list[Any]:
         """One transaction for all `ops`, each in a savepoint: one that fails is undone
@@ -360,17 +459,27 @@ class Spool:
                     db.execute("ROLLBACK TO op")
                     outcomes.append(SpoolError(str(exc)))
                 db.execute("RELEASE op")
+            if self._new_files:
+                # The files' directory entries are durable before the rows naming them.
+                _fsync_directory(self.directory / DATA_DIR)
             db.execute("COMMIT")
             self.commits += 1
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
+            self._removed.clear()
             raise
+        finally:
+            self._new_files = False
+        for queue_id in self._removed:
+            self.data_path(queue_id).unlink(missing_ok=True)
+        self._removed.clear()
         return outcomes
 
     def _insert(
-        self, queue_id: str, env: Envelope, data: bytes, events: Sequence[Event]
+        self, queue_id: str, env: Envelope, size: int, events: Sequence[Event] = ()
     ) -> None:
+        self._new_files = True
         db = self.db
         db.execute(
             "INSERT INTO message (id, sender, client_address, helo, listener, "
@@ -378,9 +487,9 @@ class Spool:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 queue_id, env.sender, env.client_address, env.helo, env.listener,
-                env.sasl_username, env.received_at, len(data),
+                env.sasl_username, env.received_at, size,
                 "hold" if env.hold else "queued", env.route, env.received_at,
-                int(env.smtputf8), data,
+                int(env.smtputf8), b"",
             ),
         )
         db.executemany(
@@ -397,17 +506,6 @@ class Spool:
         where = "state = 'queued' AND next_attempt <= ?"
         return await self._run(self._select, where, (now,), limit, set(exclude))
 
-    async def due_with_data(
-        self, now: float, limit: int, exclude: Iterable[str] = ()
-    ) -> list[tuple[QueuedMessage, bytes]]:
-        """As due(), with each message's bytes, in one trip to the spool thread."""
-
-        def select() -> list[tuple[QueuedMessage, bytes]]:
-            where = "state = 'queued' AND next_attempt <= ?"
-            found = self._select(where, (now,), limit, set(exclude))
-            return [(m, self._data(m.id)) for m in found]
-
-        return await self._run(select)
 
     async def get(self, queue_id: str) -> QueuedMessage | None:
         found = await self._run(self._select, "id = ?", (queue_id,), 1, set())
@@ -454,7 +552,10 @@ class Spool:
         row = self.db.execute("SELECT data FROM message WHERE id = ?", (queue_id,)).fetchone()
         if row is None:
             raise SpoolError(f"no message {queue_id}")
-        return bytes(row[0])
+        try:
+            return bytes(row[0]) or self.data_path(queue_id).read_bytes()
+        except OSError as exc:
+            raise SpoolError(f"cannot read {self.data_path(queue_id)}: {exc.strerror}") from exc
 
     async def count(self) -> int:
         row = await self._run(lambda: self.db.execute("SELECT COUNT(*) FROM message").fetchone())
@@ -498,7 +599,7 @@ class Spool:
         else:
             new_state = None
         if new_state is None:
-            db.execute("DELETE FROM message WHERE id = ?", (queue_id,))
+            self._remove(queue_id)
         else:
             db.execute(
                 "UPDATE message SET state = ?, attempts = attempts + 1, next_attempt = ?, "
@@ -538,15 +639,16 @@ class Spool:
 
     async def delete(self, queue_id: str, events: Sequence[Event] = ()) -> bool:
         """Remove a message; its `events` are recorded only if it was there."""
+        return bool(await self._write(self._remove, queue_id, events))
 
-        def remove() -> bool:
-            removed = self.db.execute("DELETE FROM message WHERE id = ?",
-                                      (queue_id,)).rowcount > 0
-            if removed:
-                outbox.append(self.db, events)
-            return removed
-
-        return await self._write(remove)
+    def _remove(self, queue_id: str, events: Sequence[Event] = ()) -> bool:
+        """Delete a message's row (and record its `events` only if it was there); its
+        file goes once the transaction committed."""
+        if self.db.execute("DELETE FROM message WHERE id = ?", (queue_id,)).rowcount == 0:
+            return False
+        outbox.append(self.db, events)
+        self._removed.append(queue_id)
+        return True
 
 
 def _quiet(future: asyncio.Future[Any]) -> None:
@@ -574,6 +676,46 @@ def _own(directory: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _why(future: asyncio.Future[None]) -> str:
+    """What went wrong in a finished future, "" if nothing."""
+    exc = future.exception()
+    if exc is None:
+        return ""
+    return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+
+
+def _write_file(path: Path, parts: Sequence[bytes], tail: Path | None = None,
+                links: Sequence[Path] = ()) -> None:
+    """Write and fsync a message's file; `links` are more names for it (archive copies:
+    the files are never changed once written). The commit that names them fsyncs their
+    directory."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+    try:
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view):]
+        if tail is not None:
+            # A piece at a time: never whole in memory.
+            with tail.open("rb") as source, os.fdopen(os.dup(fd), "wb") as target:
+                shutil.copyfileobj(source, target, COPY_PIECE)
+        os.fsync(fd)
+        for link in links:
+            os.link(path, link)
+    except BaseException:
+        for name in (path, *links):
+            name.unlink(missing_ok=True)  # half a message: no row will name it
+        raise
+    finally:
+        os.close(fd)
+
+
+def _damaged(database: Path, problem: str) -> SpoolDamaged:
+    return SpoolDamaged(f"spool {database} is damaged ({problem}); the relay will not accept "
+                        "mail into it: see `policy-relay spool check` and "
+                        "`policy-relay spool salvage`")
 
 
 def _size(path: Path) -> int:

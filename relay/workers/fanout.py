@@ -19,7 +19,7 @@ from relay.queue.control import ControlSocket, ControlUnavailable, Response, req
 
 # Samples that are not additive across workers, and how they merge instead.
 MERGE_MAX = {"relay_queue_oldest_message_age_seconds", "relay_upstream_up",
-             "relay_events_oldest_pending_age_seconds"}
+             "relay_events_oldest_pending_age_seconds", "relay_condition_active"}
 MERGE_MIN = {
     "relay_config_last_reload_successful",
     "relay_config_last_reload_success_timestamp_seconds",

@@ -8,10 +8,12 @@ let exactly N through however many workers run. With workers = 1 there is no hub
 nothing goes through it.
 
 Protocol: one JSON object per line. A request with a nonzero "id" gets one answer with
-the same "id"; a request without one (release, give, ready) gets none.
+the same "id"; a request without one (release, give, ready, condition) gets none.
 
     {"op": "hello", "worker": N}
-    {"id", "op": "admit", "client", "max_total", "max_per_client"} -> {"id", "why": null | str}
+    {"id", "op": "admit", "client", "max_total", "max_per_client"}
+                                                  -> {"id", "why": null | str, "total"}
+    {"id", "op": "count"}                                           -> {"id", "total"}
     {"op": "release", "client"}
     {"id", "op": "take", "size", "limit"}                           -> {"id", "ok": bool}
     {"op": "give", "size"}
@@ -20,6 +22,7 @@ the same "id"; a request without one (release, give, ready) gets none.
     {"id", "op": "states", "store", "specs", "name", "key"}         -> {"id", "states"}
     {"op": "clear", "store"}
     {"op": "ready", "status"}
+    {"op": "condition", "name", "subject", "active", "blocks_mail", "detail"}
 
 What a worker held (connections, budget) is given back when its link closes, so a
 worker that crashes leaks nothing.
@@ -71,6 +74,9 @@ class Hub:
         self.per_client: collections.Counter[str] = collections.Counter()
         self.held = 0
         self.stores = {"local": LocalBuckets(), "fallback": LocalBuckets()}
+        # Conditions in force in each worker (relay/ops/conditions.py), for /readyz:
+        # (worker, name, subject) -> (refuses mail, what started it).
+        self.conditions: dict[tuple[int, str, str], tuple[bool, str]] = {}
         self._specs: dict[str, LimitSpec] = {}
         self._server: asyncio.Server | None = None
 
@@ -104,6 +110,14 @@ class Hub:
         for client, count in mine.clients.items():
             self._release(client, count)
         self.held -= mine.held
+        for key in [k for k in self.conditions if k[0] == mine.worker]:
+            del self.conditions[key]
+
+    def degraded(self) -> tuple[bool, list[str]]:
+        """As Conditions.readiness, over every worker."""
+        lines = [f"worker {worker}: {name} {subject}".rstrip() + f": {detail}"
+                 for (worker, name, subject), (_, detail) in sorted(self.conditions.items())]
+        return not any(blocks for blocks, _ in self.conditions.values()), lines
 
     def handle(self, request: dict[str, Any], mine: _Holdings) -> dict[str, Any] | None:
         """Apply one request; the answer, or None for requests that get none."""
@@ -115,6 +129,9 @@ class Hub:
         if op == "admit":
             answer["why"] = self._admit(request["client"], request["max_total"],
                                         request["max_per_client"], mine)
+            answer["total"] = self.total  # pressure is judged on the count the cap uses
+        elif op == "count":
+            answer["total"] = self.total
         elif op == "release":
             if mine.clients[request["client"]] > 0:
                 mine.clients[request["client"]] -= 1
@@ -145,6 +162,12 @@ class Hub:
             self.stores[request["store"]].clear()
         elif op == "ready":
             self.on_ready(mine.worker, str(request.get("status", "")))
+        elif op == "condition":
+            key = (mine.worker, str(request["name"]), str(request["subject"]))
+            if request["active"]:
+                self.conditions[key] = (bool(request["blocks_mail"]), str(request["detail"]))
+            else:
+                self.conditions.pop(key, None)
         return answer if request.get("id") else None
 
     def _spec(self, spec: LimitSpec) -> LimitSpec:

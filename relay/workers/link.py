@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.checks.ratelimit import BucketState, LimitResult, LimitSpec
+from relay.ops.conditions import Condition
 
 MAX_LINE = 1 << 24
 
@@ -80,13 +81,26 @@ class Link:
         answer: dict[str, Any] = await future
         return answer
 
+    def condition(self, condition: Condition, in_force: bool, added: int) -> None:
+        """A Conditions watcher: the supervisor's /readyz hears of starts and ends."""
+        if in_force and condition.reports > 1:
+            return  # it was in force already
+        self.send("condition", name=condition.name, subject=condition.subject,
+                  active=in_force, blocks_mail=condition.blocks_mail,
+                  detail=condition.detail)
+
     # -- the questions a worker asks ---------------------------------------------------
 
-    async def admit(self, client: str, max_total: int, max_per_client: int) -> str | None:
+    async def admit(self, client: str, max_total: int,
+                    max_per_client: int) -> tuple[str | None, int]:
+        """(why not, or None when counted in; sessions open in all workers)."""
         answer = await self.call("admit", client=client, max_total=max_total,
                                  max_per_client=max_per_client)
         why = answer["why"]
-        return None if why is None else str(why)
+        return (None if why is None else str(why)), int(answer["total"])
+
+    async def count(self) -> int:
+        return int((await self.call("count"))["total"])
 
     async def take(self, size: int, limit: int) -> bool:
         return bool((await self.call("take", size=size, limit=limit))["ok"])

@@ -220,7 +220,7 @@ class Supervisor:
             try:
                 self.http = await start_http(merged, host, port, readiness({
                     "workers": lambda: len(self.ready) == self.count,
-                }), merged.refresh)
+                }, self.hub.degraded), merged.refresh)
             except OSError as exc:
                 log.error("metrics endpoint %s:%d unavailable: %s", host, port, exc)
             else:
