@@ -142,7 +142,8 @@ async def test_an_upstream_silent_after_the_batch_times_out_the_transaction():
     try:
         async with host.borrow() as conn:
             with pytest.raises(aiosmtplib.SMTPReadTimeoutError):
-                await transmit(conn, "a@example.test", ["b@dest.test"], MESSAGE, settings)
+                await transmit(conn, "a@example.test", ["b@dest.test"], Content.of(MESSAGE),
+                               settings)
             assert conn.broken
     finally:
         await host.close()
