@@ -29,7 +29,7 @@ async def test_a_message_the_loop_started_first_is_not_offered_again(sink: Sink,
         envelope = Envelope(sender="a@example.test", recipients=("b@dest.test",),
                             client_address="127.0.0.1", helo="client.test", listener="smtp",
                             received_at=time.time())
-        await spool.store("M1", envelope, MESSAGE)
+        stored = await spool.store("M1", envelope, MESSAGE)
         # The loop finds the committed message before the listener offers it...
         delivery.wake()
         while "M1" not in delivery.in_flight:
@@ -37,10 +37,10 @@ async def test_a_message_the_loop_started_first_is_not_offered_again(sink: Sink,
         # ...and the listener's offer comes while it is in flight (it cannot come
         # later: the commit that wakes the listener is ahead of the one recording the
         # delivery): it must not start a second one.
-        delivery.offer("M1", envelope, len(MESSAGE))
+        delivery.offer("M1", envelope, stored["M1"])
         # The usual order: offered at once, and the loop's next query must skip it.
-        await spool.store("M2", envelope, MESSAGE)
-        delivery.offer("M2", envelope, len(MESSAGE))
+        stored = await spool.store("M2", envelope, MESSAGE)
+        delivery.offer("M2", envelope, stored["M2"])
         delivery.wake()
         await asyncio.sleep(1.0)
         assert len(sink.wait_messages(2)) == 2

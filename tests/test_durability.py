@@ -12,9 +12,11 @@ import aiosmtplib
 import pytest
 from conftest import RelayProcess, Sink, free_port, wait_until
 
-from relay.queue.spool import Envelope, Spool, SpoolDamaged, SpoolError
+from relay.queue.spool import INLINE_MAX, Envelope, Spool, SpoolDamaged, SpoolError
 
 MESSAGE = b"From: a@example.test\r\nTo: b@dest.test\r\nSubject: durable\r\n\r\nbody\r\n"
+# Larger than a spool row holds (relay.queue.spool.INLINE_MAX): stored in a file.
+LARGE = MESSAGE + (b"x" * 76 + b"\r\n") * (INLINE_MAX // 78 + 1)
 ENVELOPE = Envelope("a@example.test", ("b@dest.test",), "127.0.0.1", "h", "smtp",
                     received_at=time.time())
 
@@ -84,7 +86,7 @@ async def test_a_message_file_without_its_committed_row_is_removed_at_open(
     # (the client never got its 250): the file goes, the stored messages stay.
     spool = Spool(tmp_path / "spool")
     await spool.open()
-    await spool.store("KEPT", ENVELOPE, MESSAGE)
+    await spool.store("KEPT", ENVELOPE, LARGE)
     await spool.close()
     (tmp_path / "spool" / "data" / "INTERRUPTED").write_bytes(b"Subject: half\r\n")
     again = Spool(tmp_path / "spool")
@@ -93,7 +95,7 @@ async def test_a_message_file_without_its_committed_row_is_removed_at_open(
     try:
         assert sorted(os.listdir(tmp_path / "spool" / "data")) == ["KEPT"]
         assert [m.id for m in await again.messages()] == ["KEPT"]
-        assert await again.data("KEPT") == MESSAGE
+        assert await again.data("KEPT") == LARGE
         assert "removed 1 message files without a committed message" in caplog.text
     finally:
         await again.close()
@@ -102,7 +104,7 @@ async def test_a_message_file_without_its_committed_row_is_removed_at_open(
 async def test_a_stored_message_whose_file_is_gone_is_refused_as_damage(tmp_path: Path):
     spool = Spool(tmp_path / "spool")
     await spool.open()
-    await spool.store("LOST", ENVELOPE, MESSAGE)
+    await spool.store("LOST", ENVELOPE, LARGE)
     await spool.close()
     (tmp_path / "spool" / "data" / "LOST").unlink()
     with pytest.raises(SpoolDamaged, match="1 stored messages have no file in"):
@@ -111,7 +113,8 @@ async def test_a_stored_message_whose_file_is_gone_is_refused_as_damage(tmp_path
 
 async def test_delivered_and_deleted_messages_leave_no_file(sink: Sink, start_relay):
     relay: RelayProcess = start_relay(sink.port)
-    await send(relay.port)
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port) as client:
+        await client.sendmail("a@example.test", ["b@dest.test"], LARGE)
     sink.wait_messages(1)
     wait_until(lambda: not relay.queue_rows(), what="the spool to empty")
     wait_until(lambda: not os.listdir(relay.spool_db.parent / "data"),

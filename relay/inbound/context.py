@@ -13,6 +13,7 @@ from relay.inbound.connlimits import ConnectionLimits
 from relay.inbound.listeners import ListenerSettings
 from relay.inbound.users import CheckGate
 from relay.ops.metrics import Metrics
+from relay.queue.content import Content
 from relay.queue.spool import Envelope, Spool
 from relay.runtime import Runtime
 
@@ -29,7 +30,7 @@ class ListenerContext:
     current: Callable[[], Runtime]
     services: Callable[[], CheckServices]
     spool: Spool
-    on_queued: Callable[[str, Envelope, int], None]
+    on_queued: Callable[[str, Envelope, Content], None]
     metrics: Metrics
     limits: ConnectionLimits
     budget: DataBudget

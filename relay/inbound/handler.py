@@ -173,7 +173,7 @@ class InboundHandler:
             for (copy_id, copy), archive in zip(copies, verdict.copies, strict=True)
         ]
         try:
-            await context.spool.store(queue_id, stored, parts,
+            contents = await context.spool.store(queue_id, stored, parts,
                                       verdict.tail.path if verdict.tail else None,
                                       events=events,
                                       copies=list(zip(copies, copy_events, strict=True)))
@@ -198,7 +198,7 @@ class InboundHandler:
                      archive.rule)
         if not stored.hold:
             for copy_id, copy in ((queue_id, stored), *copies):
-                context.on_queued(copy_id, copy, size)
+                context.on_queued(copy_id, copy, contents[copy_id])
         return str(replies.queued(queue_id))
 
     async def handle_exception(self, error: Exception) -> str:

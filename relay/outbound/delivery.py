@@ -221,9 +221,9 @@ class Delivery:
                      released)
         self.wake()
 
-    def offer(self, queue_id: str, envelope: Envelope, size: int) -> None:
+    def offer(self, queue_id: str, envelope: Envelope, content: Content) -> None:
         """A message the spool has just committed: with a worker free, start it at once
-        (no query of the spool); else the loop finds it."""
+        with its bytes as stored (no query of the spool); else the loop finds it."""
         if queue_id in self._tasks:
             # A due() query that ran after the commit, but before the listener got
             # here, has started it already. (It cannot have finished: its result's
@@ -234,7 +234,7 @@ class Delivery:
             return
         if self._selecting:
             self._offered.add(queue_id)
-        self._start(fresh(queue_id, envelope, size))
+        self._start(fresh(queue_id, envelope, content.size), content)
 
     def shaper(self, name: str) -> Shaper:
         if name not in self.shapers:
@@ -267,13 +267,13 @@ class Delivery:
                 offered, self._offered = self._offered, set()
                 if len(due) < free and self._backlog == backlog:
                     self._backlog = 0
-                for message in due:
+                for message, content in due:
                     # offer() may have started (and even finished) it meanwhile.
                     if message.id in offered or message.id in self._tasks:
                         continue
-                    timeout = min(timeout, self._start(message))
+                    timeout = min(timeout, self._start(message, content))
                 # Parked messages took places in that batch: look for others at once.
-                again = len(due) == free and any(m.id in scheduler.parked for m in due)
+                again = len(due) == free and any(m.id in scheduler.parked for m, _ in due)
                 timeout = scheduler.next_wakeup(timeout)
             if self.monotonic() - last_prune > IDLE_POLL:
                 await self.upstreams.prune()
@@ -284,7 +284,7 @@ class Delivery:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.001, timeout))
 
-    def _start(self, message: QueuedMessage) -> float:
+    def _start(self, message: QueuedMessage, content: Content) -> float:
         """Start delivering `message` if its group admits it; else (it is parked) return
         how long until its group may admit one."""
         if self._stopping:  # stop() came while the spool was being read
@@ -296,7 +296,6 @@ class Delivery:
         wait = self.scheduler.admit(message.id, name)
         if wait > 0:
             return wait
-        content = self.spool.content(message.id, message.size)
         task = asyncio.create_task(self._deliver(message, content, name, self.shaper(name)))
         self._tasks[message.id] = task
         task.add_done_callback(self._finished(message.id))

@@ -55,7 +55,13 @@ T = TypeVar("T")
 
 log = logging.getLogger("relay.spool")
 
-DATA_DIR = "data"  # one file per message, named by its queue id
+DATA_DIR = "data"  # one file per large message, named by its queue id
+# A message up to this size is stored in its spool.db row: the group commit's one WAL
+# fsync makes it durable together with every other message of the batch. A larger one
+# gets a file of its own (written and fsync'd before the row that names it commits), so
+# that no large message is ever held whole in memory. Both the same as the part of a
+# message the listener holds in memory (relay/inbound/protocol.py).
+INLINE_MAX = 256 * 1024
 INCOMING_DIR = "incoming"  # messages being received (relay/inbound/protocol.py)
 COPY_PIECE = 1024 * 1024
 
@@ -331,29 +337,37 @@ class Spool:
         self, queue_id: str, envelope: Envelope, data: bytes | Sequence[bytes],
         tail: Path | None = None, *, events: Sequence[Event] = (),
         copies: Sequence[tuple[tuple[str, Envelope], Sequence[Event]]] = (),
-    ) -> None:
+    ) -> dict[str, Content]:
         """Write a message durably, with its `events`; only when this returns may 250
-        be sent. `data` may come in parts (headers to prepend, then the message as
-        received): they are written one after the other, never joined in memory,
-        followed by the contents of the file `tail` (the rest of a large message),
-        copied a piece at a time. `copies` are messages of their own with the same bytes
-        (archive copies, relay.policy.rewrite), each with its events: their files are
-        hard links to the message's, their rows share its transaction (all or none)."""
+        be sent. Returns the bytes stored for it and each copy, by queue id, for
+        delivery to read.
+
+        `data` may come in parts (headers to prepend, then the message as received),
+        followed by the contents of the file `tail` (the rest of a large message). Up to
+        INLINE_MAX they go into the row; beyond, into a file, written one after the
+        other, never joined in memory, the tail copied a piece at a time. `copies` are
+        messages of their own with the same bytes (archive copies, relay.policy.rewrite),
+        each with its events, stored in the same transaction (all or none); a file of
+        the message's has a hard link per copy."""
         parts = (data,) if isinstance(data, bytes) else tuple(data)
         size = sum(len(part) for part in parts) + (tail.stat().st_size if tail else 0)
-        path = self.data_path(queue_id)
-        links = [self.data_path(copy_id) for (copy_id, _), _ in copies]
+        inline = b"".join(parts) if tail is None and size <= INLINE_MAX else b""
+
+        def insert() -> None:
+            self._insert(queue_id, envelope, size, events, inline)
+            for (copy_id, copy), copy_events in copies:
+                self._insert(copy_id, copy, size, copy_events, inline)
+
+        ids = [queue_id, *(copy_id for (copy_id, _), _ in copies)]
+        if inline:
+            await self._write(insert)
+            return dict.fromkeys(ids, Content.of(inline))
+        path, *links = (self.data_path(name) for name in ids)
         # Files are written and fsync'd in parallel threads; the group commit waits for
         # those of its messages, so their rows (and any delivery results meanwhile)
         # still share one commit.
         written = asyncio.get_running_loop().run_in_executor(
             None, _write_file, path, parts, tail, links)
-
-        def insert() -> None:
-            self._insert(queue_id, envelope, size, events)
-            for (copy_id, copy), copy_events in copies:
-                self._insert(copy_id, copy, size, copy_events)
-
         try:
             await self._write(insert, prepared=written)
         except SpoolError:
@@ -361,6 +375,7 @@ class Spool:
                 for name in (path, *links):
                     name.unlink(missing_ok=True)  # ours, and no row names it
             raise
+        return {name: Content(self.data_path(name), size) for name in ids}
 
     def post(self, events: Sequence[Event]) -> None:
         """Record events that change no message (a refused command, a discard) in the
@@ -379,10 +394,6 @@ class Spool:
 
     def data_path(self, queue_id: str) -> Path:
         return self.directory / DATA_DIR / queue_id
-
-    def content(self, queue_id: str, size: int) -> Content:
-        """A stored message's bytes, to be read in pieces."""
-        return Content(self.data_path(queue_id), size)
 
     async def _write(
         self, func: Callable[..., T], *args: Any, prepared: asyncio.Future[None] | None = None
@@ -477,9 +488,12 @@ class Spool:
         return outcomes
 
     def _insert(
-        self, queue_id: str, env: Envelope, size: int, events: Sequence[Event] = ()
+        self, queue_id: str, env: Envelope, size: int, events: Sequence[Event] = (),
+        inline: bytes = b"",
     ) -> None:
-        self._new_files = True
+        """The message's row; its bytes are `inline`, or else in its file."""
+        if not inline:
+            self._new_files = True
         db = self.db
         db.execute(
             "INSERT INTO message (id, sender, client_address, helo, listener, "
@@ -489,7 +503,7 @@ class Spool:
                 queue_id, env.sender, env.client_address, env.helo, env.listener,
                 env.sasl_username, env.received_at, size,
                 "hold" if env.hold else "queued", env.route, env.received_at,
-                int(env.smtputf8), b"",
+                int(env.smtputf8), inline,
             ),
         )
         db.executemany(
@@ -501,10 +515,23 @@ class Spool:
 
     # -- reading ----------------------------------------------------------------------
 
-    async def due(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[QueuedMessage]:
-        """Queued messages whose next attempt is due, oldest first."""
-        where = "state = 'queued' AND next_attempt <= ?"
-        return await self._run(self._select, where, (now,), limit, set(exclude))
+    async def due(
+        self, now: float, limit: int, exclude: Iterable[str] = ()
+    ) -> list[tuple[QueuedMessage, Content]]:
+        """Queued messages whose next attempt is due, oldest first, each with its bytes
+        (those stored in its row, or its file to be read in pieces)."""
+
+        def select() -> list[tuple[QueuedMessage, Content]]:
+            where = "state = 'queued' AND next_attempt <= ?"
+            found = self._select(where, (now,), limit, set(exclude))
+            ids = [m.id for m in found]
+            inline = dict(self.db.execute(
+                f"SELECT id, data FROM message WHERE id IN ({', '.join('?' * len(ids))}) "
+                "AND length(data) > 0", ids))
+            return [(m, Content.of(bytes(inline[m.id])) if m.id in inline
+                     else Content(self.data_path(m.id), m.size)) for m in found]
+
+        return await self._run(select)
 
 
     async def get(self, queue_id: str) -> QueuedMessage | None:

@@ -33,12 +33,14 @@ class WalDamage:
     """Where SQLite would stop replaying, and what it would drop after that point."""
 
     frame: int  # the first frame SQLite would not replay (1-based; 0: the log header)
-    commits_lost: int  # sound commit frames after it
+    # Sound commit frames after it: a lower bound, since a commit frame whose own header
+    # the damage reached cannot be told from any other frame.
+    commits_lost: int
 
     def __str__(self) -> str:
         where = "its header" if self.frame == 0 else f"frame {self.frame}"
-        return (f"write-ahead log damaged at {where}: {self.commits_lost} committed "
-                "transaction(s) after it would be dropped")
+        return (f"write-ahead log damaged at {where}: at least {self.commits_lost} "
+                "committed transaction(s) after it would be dropped")
 
 
 def _checksum(data: bytes, big_endian: bool, s0: int, s1: int) -> tuple[int, int]:
