@@ -15,13 +15,14 @@ Why SQLite rather than one file per message with rename and directory fsync:
 With `synchronous=FULL` SQLite fsyncs the WAL at every commit; the directory is fsync'd
 once at open so the WAL file's own directory entry is durable too.
 
-A message's bytes live in a file of their own, `data/<queue id>`, not in the database:
-the write-ahead log stays small whatever the messages weigh, and delivery reads them in
-pieces (relay/queue/content.py) instead of whole. The file is written and fsync'd, and
-the `data` directory fsync'd, before the transaction that inserts the row commits; the
-file is removed after the transaction that deletes the row committed. So a committed
-row always has its file, and a crash leaves at most files without a row, removed at the
-next open. (Rows written before this layout keep their bytes in the `data` column.)
+A message up to INLINE_MAX (256 KiB: what app servers send, nearly always) keeps its
+bytes in its row's `data` column, made durable by the group commit's one WAL fsync. A
+larger one lives in a file of its own, `data/<queue id>`: the write-ahead log stays small
+whatever the messages weigh, and delivery reads it in pieces (relay/queue/content.py)
+instead of whole. The file is written and fsync'd, and the `data` directory fsync'd,
+before the transaction that inserts the row commits; the file is removed after the
+transaction that deletes the row committed. So a committed row always has its bytes,
+and a crash leaves at most files without a row, removed at the next open.
 
 All SQLite calls run in one dedicated thread (one connection), so the event loop never
 blocks on disk and the connection is never shared between threads.
