@@ -224,7 +224,6 @@ async def memory_big(workdir: Path, args: argparse.Namespace, points: list[int],
 # -- plots and report ------------------------------------------------------------------
 
 def plot_load(curve: Curve, out: Path, stamp: str) -> Path:
-    """`out` is the report's path without suffix; the PNG goes beside it."""
     fig, (ax_rate, ax_p99) = plt.subplots(1, 2, figsize=(11, 4))
     for label, pts in curve.series.items():
         pts = sorted(pts)
@@ -240,11 +239,7 @@ def plot_load(curve: Curve, out: Path, stamp: str) -> Path:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle(f"{curve.xlabel} ({stamp})")
-    fig.tight_layout()
-    path = out.parent / f"{out.name}-curve-{curve.name}.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save(fig, out, f"curve-{curve.name}")
 
 
 def plot_memory(name: str, xlabel: str, series: dict[str, list[tuple[int, float, str]]],
@@ -259,8 +254,13 @@ def plot_memory(name: str, xlabel: str, series: dict[str, list[tuple[int, float,
     ax.grid(True, alpha=0.3)
     ax.legend()
     ax.set_title(f"{xlabel} ({stamp})")
+    return save(fig, out, f"memory-{name}")
+
+
+def save(fig: plt.Figure, out: Path, name: str) -> Path:
+    """The figure as a PNG beside the report (`out`: its path without suffix)."""
     fig.tight_layout()
-    path = out.parent / f"{out.name}-memory-{name}.png"
+    path = out.parent / f"{out.name}-{name}.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

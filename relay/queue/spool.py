@@ -525,6 +525,8 @@ class Spool:
         def select() -> list[tuple[QueuedMessage, Content]]:
             where = "state = 'queued' AND next_attempt <= ?"
             found = self._select(where, (now,), limit, set(exclude))
+            if not found:
+                return []
             ids = [m.id for m in found]
             inline = dict(self.db.execute(
                 f"SELECT id, data FROM message WHERE id IN ({', '.join('?' * len(ids))}) "
