@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,17 +410,38 @@ def storage_short(spool: Path, min_free: int, declared: int) -> str | None:
     Postfix queue_minfree: refuse at MAIL (452 4.3.1) rather than fail after DATA. A spool
     not created yet is judged by the directory it will be created in.
     """
-    path = spool
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        st = os.statvfs(path)
-    except OSError as exc:
-        return f"cannot stat the spool: {exc.strerror}"
-    free = st.f_bavail * st.f_frsize
+    free = _free_space(spool)
+    if isinstance(free, str):
+        return free
     if free < min_free + declared:
         return f"free space {free} below {min_free} + size {declared}"
     return None
+
+
+# Free space is asked at every MAIL; a statvfs (and the walk to an existing directory)
+# that old is as good as a new one, since a message that no longer fits fails its store
+# with 451 anyway, and it saves two system calls per message under load.
+FREE_SPACE_TTL = 0.1
+_free_space_seen: dict[Path, tuple[float, int | str]] = {}
+
+
+def _free_space(spool: Path) -> int | str:
+    """Bytes free for the spool (or why they cannot be known), at most FREE_SPACE_TTL old."""
+    now = time.monotonic()
+    seen = _free_space_seen.get(spool)
+    if seen is not None and now - seen[0] < FREE_SPACE_TTL:
+        return seen[1]
+    path = spool
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    free: int | str
+    try:
+        st = os.statvfs(path)
+        free = st.f_bavail * st.f_frsize
+    except OSError as exc:
+        free = f"cannot stat the spool: {exc.strerror}"
+    _free_space_seen[spool] = (now, free)
+    return free
 
 
 def _header_text(value: str, utf8: bool) -> str:

@@ -36,7 +36,7 @@ import fcntl
 import functools
 import logging
 import os
-import secrets
+import random
 import shutil
 import sqlite3
 import time
@@ -208,7 +208,9 @@ class SpoolDamaged(SpoolUnusable):
 
 def new_queue_id() -> str:
     # Time-ordered (microseconds) plus randomness: unique across restarts and relays.
-    return f"{time.time_ns() // 1000:013X}{secrets.randbits(24):06X}"
+    # Not secret, so the random module (reseeded in each forked worker) rather than a
+    # system call for random bytes at every message.
+    return f"{time.time_ns() // 1000:013X}{random.getrandbits(24):06X}"
 
 
 class Spool:
@@ -457,20 +459,21 @@ class Spool:
                 self.conditions.cleared(name)
 
     def _commit(self, ops: Sequence[Callable[[], Any]]) -> list[Any]:
-        """One transaction for all `ops`, each in a savepoint: one that fails is undone
-        alone and its waiter gets the error; the others commit."""
+        """One transaction for all `ops`: one that fails is undone alone and its waiter
+        gets the error; the others commit."""
         db = self.db
-        outcomes: list[Any] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            for op in ops:
-                db.execute("SAVEPOINT op")
-                try:
-                    outcomes.append(op())
-                except sqlite3.Error as exc:
-                    db.execute("ROLLBACK TO op")
-                    outcomes.append(SpoolError(str(exc)))
-                db.execute("RELEASE op")
+            try:
+                outcomes = [op() for op in ops]  # nearly always: no savepoints needed
+            except sqlite3.Error:
+                # Start again, each op in a savepoint of its own. Ops change nothing but
+                # the database and _removed, so running them twice is safe.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                self._removed.clear()
+                db.execute("BEGIN IMMEDIATE")
+                outcomes = [self._alone(op) for op in ops]
             if self._new_files:
                 # The files' directory entries are durable before the rows naming them.
                 _fsync_directory(self.directory / DATA_DIR)
@@ -487,6 +490,18 @@ class Spool:
             self.data_path(queue_id).unlink(missing_ok=True)
         self._removed.clear()
         return outcomes
+
+    def _alone(self, op: Callable[[], Any]) -> Any:
+        """`op` in a savepoint: its result, or the SpoolError it ended with, undone."""
+        db = self.db
+        db.execute("SAVEPOINT op")
+        try:
+            return op()
+        except sqlite3.Error as exc:
+            db.execute("ROLLBACK TO op")
+            return SpoolError(str(exc))
+        finally:
+            db.execute("RELEASE op")
 
     def _insert(
         self, queue_id: str, env: Envelope, size: int, events: Sequence[Event] = (),
@@ -612,30 +627,24 @@ class Spool:
     ) -> MessageState | None:
         db = self.db
         outbox.append(db, events)
+        states = dict(db.execute(
+            "SELECT position, state FROM recipient WHERE message_id = ?", (queue_id,)))
+        for outcome in outcomes:
+            if outcome.position in states:
+                states[outcome.position] = outcome.state
+        if "pending" not in states.values() and "failed" not in states.values():
+            self._remove(queue_id)  # every recipient sent: no need to mark them first
+            return None
         db.executemany(
             "UPDATE recipient SET state = ?, reply = ? WHERE message_id = ? AND position = ?",
             [(o.state, o.reply, queue_id, o.position) for o in outcomes],
         )
-        states = {
-            s for (s,) in db.execute(
-                "SELECT state FROM recipient WHERE message_id = ?", (queue_id,)
-            )
-        }
-        new_state: MessageState | None
-        if "pending" in states:
-            new_state = "queued"
-        elif "failed" in states:
-            new_state = "failed"
-        else:
-            new_state = None
-        if new_state is None:
-            self._remove(queue_id)
-        else:
-            db.execute(
-                "UPDATE message SET state = ?, attempts = attempts + 1, next_attempt = ?, "
-                "last_error = ? WHERE id = ? AND state = 'queued'",
-                (new_state, next_attempt, last_error, queue_id),
-            )
+        new_state: MessageState = "queued" if "pending" in states.values() else "failed"
+        db.execute(
+            "UPDATE message SET state = ?, attempts = attempts + 1, next_attempt = ?, "
+            "last_error = ? WHERE id = ? AND state = 'queued'",
+            (new_state, next_attempt, last_error, queue_id),
+        )
         return new_state
 
     async def set_state(
@@ -673,11 +682,14 @@ class Spool:
 
     def _remove(self, queue_id: str, events: Sequence[Event] = ()) -> bool:
         """Delete a message's row (and record its `events` only if it was there); its
-        file goes once the transaction committed."""
-        if self.db.execute("DELETE FROM message WHERE id = ?", (queue_id,)).rowcount == 0:
+        file, if it has one, goes once the transaction committed."""
+        row = self.db.execute("DELETE FROM message WHERE id = ? RETURNING length(data)",
+                              (queue_id,)).fetchone()
+        if row is None:
             return False
         outbox.append(self.db, events)
-        self._removed.append(queue_id)
+        if row[0] == 0:
+            self._removed.append(queue_id)
         return True
 
 
