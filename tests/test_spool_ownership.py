@@ -10,9 +10,7 @@ import shutil
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import aiosmtplib
 import pytest
@@ -269,10 +267,10 @@ class FullSpool(Spool):
 
     full = False
 
-    def _commit(self, ops: Sequence[Callable[[], Any]]) -> list[Any]:
+    def _commit(self) -> None:
         if self.full:
             raise sqlite3.OperationalError("database or disk is full")
-        return super()._commit(ops)
+        super()._commit()
 
 
 async def test_a_full_disk_is_logged_once_when_it_starts_and_once_when_it_ends(

@@ -380,12 +380,16 @@ async def _send_content(protocol: SMTPProtocol, content: Content) -> None:
     # aiosmtplib keeps what the server says only while it expects a reply: one that
     # comes early (a 5xx before the end) must not be dropped while we are writing.
     protocol._response_pending = True
-    last = b"\r\n"
+    stuffed = b""
     async for piece in content.pieces():
-        protocol.write(dot_stuffed(piece, end=False))
-        last = piece[-2:]
-        await protocol._drain_helper()  # flow control: wait while the socket is full
-    protocol.write(b".\r\n" if last.endswith(b"\n") else b"\r\n.\r\n")
+        if stuffed:
+            protocol.write(stuffed)
+            await protocol._drain_helper()  # flow control: wait while the socket is full
+        stuffed = dot_stuffed(piece, end=False)
+    # The last piece goes with the final dot: one write (and one system call) for the
+    # whole of a small message.
+    protocol.write(stuffed + (b".\r\n" if not stuffed or stuffed.endswith(b"\n")
+                              else b"\r\n.\r\n"))
 
 
 def dot_stuffed(data: bytes, end: bool = True) -> bytes:
