@@ -11,7 +11,6 @@ keeps a trailing run, then adds the CRLF).
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,9 +19,6 @@ Canonicalization = Literal["simple", "relaxed"]
 
 _CRLF = b"\r\n"
 _WSP = b" \t"
-_TRAILING_WSP = re.compile(rb"[ \t]+\r\n")
-_WSP_RUN = re.compile(rb"[ \t]+")
-_LINE_END = re.compile(rb"\r?\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +79,10 @@ class BodyCanonicalizer:
         """Whole lines (``data`` ends with LF): what they contribute, their trailing
         empty lines held back."""
         if data.count(b"\n") != data.count(_CRLF):
-            data = _LINE_END.sub(_CRLF, data)  # dkimpy's rfc822_parse: LF ends a line
+            # dkimpy's rfc822_parse: every LF ends a line, with the CR before it if any.
+            data = data.replace(_CRLF, b"\n").replace(b"\n", _CRLF)
         if self.relaxed:
-            data = _WSP_RUN.sub(b" ", _TRAILING_WSP.sub(_CRLF, data))
+            data = _reduce_blanks(data)
         content, empty = _split_trailing_empty_lines(data)
         if not content and not self._in_line:
             self._empty_lines += empty
@@ -103,7 +100,7 @@ class BodyCanonicalizer:
             keep -= 1  # may be the CR of a CRLF
         if self.relaxed:
             keep = len(data[:keep].rstrip(_WSP))  # dropped if the line ends here
-            head = _WSP_RUN.sub(b" ", data[:keep])
+            head = _reduce_blanks(data[:keep])
             # Any run of blanks canonicalizes like a single SP: hold just that.
             held = data[keep:]
             self._carry = (b" " if held[:1] in (b" ", b"\t") else b"") + held.lstrip(_WSP)
@@ -120,6 +117,16 @@ class BodyCanonicalizer:
         out = _CRLF * self._empty_lines
         self._empty_lines, self._written = 0, True
         return out
+
+
+def _reduce_blanks(data: bytes) -> bytes:
+    """RFC 6376 section 3.4.4 a: each run of WSP as one SP, and none before a CRLF.
+    bytes.replace rather than re.sub, which makes an object per match: 40 times the
+    size of a piece dense with blanks. A run of n blanks takes log2(n) rounds."""
+    data = data.replace(b"\t", b" ")
+    while b"  " in data:
+        data = data.replace(b"  ", b" ")
+    return data.replace(b" \r\n", _CRLF)
 
 
 def _split_trailing_empty_lines(data: bytes) -> tuple[bytes, int]:
