@@ -190,14 +190,21 @@ async def test_dkim_results_are_tagged(relay: RelayProcess, sink: Sink, keys: Ke
     assert f"dkim={expected}".encode() in got.data
 
 
-async def test_relay_signs_and_the_signatures_verify_at_the_receiver(
-    tmp_path: Path, sink: Sink, dns: DnsServer, keys: Keys, start_relay
-):
+@pytest.fixture
+def signing_relay(tmp_path: Path, sink: Sink, dns: DnsServer, keys: Keys, start_relay
+                  ) -> RelayProcess:
+    """A relay that signs mail from example.test with its published RSA and Ed25519 keys."""
     key_dir = tmp_path / "signing"
     shutil.copytree(keys.directory / "example.test", key_dir / "example.test",
                     ignore=shutil.ignore_patterns("gone.key"))
-    relay = start_relay(sink.port, sections=dns_sections(dns, dkim=f'key_directory = "{key_dir}"'))
-    await send(relay.port, "app@example.test")
+    return start_relay(sink.port,
+                       sections=dns_sections(dns, dkim=f'key_directory = "{key_dir}"'))
+
+
+async def test_relay_signs_and_the_signatures_verify_at_the_receiver(
+    signing_relay: RelayProcess, sink: Sink, dns: DnsServer
+):
+    await send(signing_relay.port, "app@example.test")
     [got] = sink.wait_messages(1)
     assert got.data.count(b"DKIM-Signature:") == 2  # RSA and Ed25519 side by side
     outcome = await verify_dkim(Resolver(DnsSettings(nameservers=dns.nameservers)), got.data,
@@ -217,14 +224,10 @@ def large_body(size: int = 3 * 2**20) -> bytes:
 
 
 async def test_relay_signs_a_large_message_and_plain_dkimpy_verifies_it(
-    tmp_path: Path, sink: Sink, dns: DnsServer, keys: Keys, start_relay
+    signing_relay: RelayProcess, sink: Sink, dns: DnsServer
 ):
-    key_dir = tmp_path / "signing"
-    shutil.copytree(keys.directory / "example.test", key_dir / "example.test",
-                    ignore=shutil.ignore_patterns("gone.key"))
-    relay = start_relay(sink.port, sections=dns_sections(dns, dkim=f'key_directory = "{key_dir}"'))
     data = message("app@example.test", large_body())
-    await send(relay.port, "app@example.test", data)
+    await send(signing_relay.port, "app@example.test", data)
     [got] = sink.wait_messages(1)
     assert got.data.endswith(data) and got.data.count(b"DKIM-Signature:") == 2
     for idx in range(2):
