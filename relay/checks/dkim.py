@@ -87,7 +87,7 @@ class _Signature:
     selector: str
     algorithm: str
     problem: str = ""  # set when the header itself is unusable (permerror)
-    body: BodyHashSpec | None = None  # the body hash it needs, when its tags say
+    body: BodyHashSpec | None = None  # the body hash it needs; None: bad c=, a= or l=
 
     @property
     def key_name(self) -> str:
