@@ -85,7 +85,7 @@ def test_every_hash_of_one_pass_matches_dkimpys(size: int):
     rng = random.Random(size)
     for body in EDGE_CASES + random_bodies(60, seed=size):
         specs = [
-            BodyHashSpec(canonicalization, algorithm, limit)  # type: ignore[arg-type]
+            BodyHashSpec(canonicalization, algorithm, limit)
             for canonicalization in ("simple", "relaxed")
             for algorithm in ("sha256", "sha1")
             for limit in (None, 0, rng.randrange(0, 40), len(body) + 10)

@@ -22,6 +22,7 @@ from relay.checks.authresults import authentication_results_header
 from relay.checks.dkim import (
     DEFAULT_SIGNED_HEADERS,
     MAX_SIGNATURES,
+    SIGNING_BODY,
     DkimOutcome,
     DkimSignatureResult,
     SigningKey,
@@ -528,7 +529,7 @@ def test_signing_from_the_tail_gives_dkimpys_signature_byte_for_byte(
 
 def ed25519_seed(key: SigningKey) -> bytes:
     private = serialization.load_pem_private_key(key.private_key, password=None)
-    return base64.b64encode(private.private_bytes(  # type: ignore[call-arg]
+    return base64.b64encode(private.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
         serialization.NoEncryption()))
 
@@ -587,3 +588,30 @@ def test_signing_a_large_message_never_holds_it_whole(keys: Keys, tmp_path: Path
     with traced_peak() as peak:
         sign(head, [keys.rsa, keys.ed25519], DEFAULT_SIGNED_HEADERS, tail)
     assert peak[0] < 3 * 2**20, peak
+
+
+async def test_verifying_a_large_message_also_hashes_its_body_for_signing(
+    server: DnsServer, keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dkim.time, "time", lambda: 1_796_000_000.0)  # t= is the same
+    message = large_message()
+    whole = dkimpy_signature(keys.rsa, message, canonicalize=(b"simple", b"simple")) + message
+    head, tail = as_tail(whole, tmp_path)
+    outcome = await verify_dkim(resolver_for(server), head, timeout=5.0, tail=tail,
+                                also=[SIGNING_BODY])
+    assert outcome.result == "pass"
+    known = outcome.body_hashes[SIGNING_BODY]
+    # Given that hash, signing does not read the tail again (its file is gone).
+    gone = Tail(tmp_path / "gone", tail.size, False, 0)
+    assert sign(head, [keys.rsa, keys.ed25519], DEFAULT_SIGNED_HEADERS, gone, known) == sign(
+        head, [keys.rsa, keys.ed25519], DEFAULT_SIGNED_HEADERS, tail)
+
+
+async def test_an_unsigned_large_message_is_not_read_by_verification(
+    server: DnsServer, tmp_path: Path
+) -> None:
+    head, _ = as_tail(large_message(), tmp_path)
+    gone = Tail(tmp_path / "gone", 4 * 2**20, False, 0)
+    outcome = await verify_dkim(resolver_for(server), head, timeout=5.0, tail=gone,
+                                also=[SIGNING_BODY])
+    assert outcome == DkimOutcome("none") and not outcome.body_hashes

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +72,11 @@ class DkimOutcome:
     domain: str = ""
     signatures: tuple[DkimSignatureResult, ...] = ()
     reason: str = ""  # why, when the message as a whole could not be examined
+    # The body hashes computed on the way (the signatures' and those asked for with
+    # verify_dkim's ``also``): sign() takes SIGNING_BODY's instead of reading the body again.
+    body_hashes: Mapping[BodyHashSpec, BodyHash] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
 
 class _KeyUnavailable(Exception):
@@ -113,11 +118,13 @@ def signed(message: bytes) -> bool:
 
 async def verify_dkim(
     resolver: Resolver, message: bytes, *, timeout: float, executor: Executor | None = None,
-    tail: Tail | None = None,
+    tail: Tail | None = None, also: Collection[BodyHashSpec] = (),
 ) -> DkimOutcome:
     """Verify every DKIM-Signature of ``message`` (raw bytes, CRLF line endings), or of a
     large message given as its in-memory part (with the whole header section) and the
-    ``tail`` on disk, which is read in pieces (relay.message.pieces), never whole.
+    ``tail`` on disk, which is read in pieces (relay.message.pieces), never whole. The
+    body hashes in ``also`` are computed in the same pass, when the message is signed
+    (DkimOutcome.body_hashes).
 
     Keys are fetched on the event loop through ``resolver``, each lookup bounded by
     KEY_SHARE of ``timeout`` (and never longer than the resolver's own bound); parsing,
@@ -132,12 +139,14 @@ async def verify_dkim(
     key_deadline = loop.time() + timeout * KEY_SHARE
     signatures: list[_Signature] = []
     keys: dict[str, _KeyRecord] = {}
+    body_hashes: Mapping[BodyHashSpec, BodyHash] = {}
     try:
         async with asyncio.timeout(timeout):
-            parse = functools.partial(_parse, message, tail)
+            parse = functools.partial(_parse, message, tail, also)
             verifier, signatures = await loop.run_in_executor(executor, parse)
             if not signatures:
                 return DkimOutcome("none")
+            body_hashes = verifier.body_hashes
             names = sorted({s.key_name for s in signatures if not s.problem})
             budget = key_deadline - loop.time()
             records = await asyncio.gather(*(_fetch_key(resolver, n, budget) for n in names))
@@ -159,13 +168,15 @@ async def verify_dkim(
     except Exception as exc:
         # A failure of ours says nothing about the message: temporary, never "fail".
         return DkimOutcome("temperror", reason=f"internal error ({type(exc).__name__})")
-    return _outcome(results)
+    return _outcome(results, body_hashes)
 
 
-def _outcome(results: Sequence[DkimSignatureResult]) -> DkimOutcome:
+def _outcome(
+    results: Sequence[DkimSignatureResult], body_hashes: Mapping[BodyHashSpec, BodyHash]
+) -> DkimOutcome:
     best = min(results, key=lambda r: _RANK[r.result])
     domain = best.domain if best.result == "pass" else ""
-    return DkimOutcome(best.result, domain, tuple(results))
+    return DkimOutcome(best.result, domain, tuple(results), body_hashes=body_hashes)
 
 
 async def _fetch_key(resolver: Resolver, name: str, budget: float) -> _KeyRecord:
@@ -194,15 +205,19 @@ def reason_text(exc: BaseException | str) -> str:
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
-def _parse(message: bytes, tail: Tail | None) -> tuple[_Verifier, list[_Signature]]:
+def _parse(
+    message: bytes, tail: Tail | None, also: Collection[BodyHashSpec]
+) -> tuple[_Verifier, list[_Signature]]:
     """Parse the header section once, describe each DKIM-Signature and compute, in one
-    pass over the body, every body hash they need (worker thread)."""
+    pass over the body, every body hash they need and those in ``also`` (worker
+    thread; none at all when nothing is signed)."""
     header_section, body_start = split_message(message, tail)
     verifier = _Verifier(header_section)
     count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
     signatures = [_describe(verifier, i) for i in range(count)]
     specs = {s.body for s in signatures if s.body is not None and not s.problem}
-    verifier.body_hashes = hash_body(specs, pieces(body_start, tail))
+    if specs:
+        verifier.body_hashes = hash_body(specs | set(also), pieces(body_start, tail))
     return verifier, signatures
 
 
@@ -415,17 +430,18 @@ class SigningKey:
 
 
 # Every key signs relaxed/relaxed with SHA-256 (rsa-sha256 and ed25519-sha256 alike), no l=.
-_SIGNED_BODY = BodyHashSpec("relaxed", "sha256")
+SIGNING_BODY = BodyHashSpec("relaxed", "sha256")
 
 
 def sign(
     message: bytes, keys: Sequence[SigningKey], headers: Sequence[str],
-    tail: Tail | None = None,
+    tail: Tail | None = None, body_hash: BodyHash | None = None,
 ) -> bytes:
     """DKIM-Signature header fields (folded, CRLF-terminated) to prepend to ``message``,
     one per key, e.g. RSA and Ed25519 side by side (RFC 8463 section 4). A large message
     is given as its in-memory part (with the whole header section) and its ``tail``,
-    read in pieces for the body hash, never whole.
+    read in pieces for the body hash, never whole; or not at all with ``body_hash``
+    (SIGNING_BODY's, e.g. from DkimOutcome.body_hashes).
 
     CPU-bound and reads the tail file: call it off the event loop. The message bytes
     are not changed.
@@ -441,10 +457,11 @@ def sign(
     fields = dkim.rfc822_parse(header_section)[0]
     froms = sum(1 for name, _ in fields if name.lower() == b"from")
     include = ["from"] * (max(froms, 1) + 1) + include
-    body_hash = hash_body([_SIGNED_BODY], pieces(body_start, tail))[_SIGNED_BODY].digest
+    if body_hash is None:
+        body_hash = hash_body([SIGNING_BODY], pieces(body_start, tail))[SIGNING_BODY]
     out = []
     for key in keys:
-        signer = _Signer(header_section, body_hash, key.algorithm.encode())
+        signer = _Signer(header_section, body_hash.digest, key.algorithm.encode())
         out.append(
             signer.sign(
                 key.selector.encode(),

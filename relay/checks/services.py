@@ -164,10 +164,13 @@ class SessionChecks:
         assert facts.message is not None
         if self.dkim_outcome is None:
             # The rest of a large message is read from its file in pieces as the body
-            # hashes are computed, never whole (relay/checks/bodyhash.py).
+            # hashes are computed, never whole (relay/checks/bodyhash.py); the one for
+            # signing too if the relay may sign it (relay/policy/session.py _headers).
+            settings = self.services.settings
+            also = (dkimlib.SIGNING_BODY,) if facts.tail and settings.dkim_keys else ()
             self.dkim_outcome = await dkimlib.verify_dkim(
-                self.services.resolver, facts.message,
-                timeout=self.services.settings.dkim_verify_timeout, tail=facts.tail,
+                self.services.resolver, facts.message, timeout=settings.dkim_verify_timeout,
+                tail=facts.tail, also=also,
             )
         return self.dkim_outcome
 

@@ -366,10 +366,15 @@ class PolicySession:
         if keys:
             try:
                 # The rest of a large message is read from its file in pieces for the
-                # body hash, never whole (relay/checks/bodyhash.py).
+                # body hash, never whole (relay/checks/bodyhash.py), unless verification
+                # already hashed the body for signing: it is the same, as rewriting and
+                # our header fields change only the header section.
+                verified = self.checks.dkim_outcome \
+                    if isinstance(self.checks, SessionChecks) else None
+                known = verified.body_hashes.get(dkimlib.SIGNING_BODY) if verified else None
                 signature = await asyncio.to_thread(
                     dkimlib.sign, prepend + message, keys, settings.dkim_sign_headers,
-                    facts.tail,
+                    facts.tail, known,
                 )
             except dkim.DKIMException as exc:
                 # Whatever else dkimpy's parser objects to is just as permanent.
