@@ -3,6 +3,7 @@ large message that went to disk as it arrived."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,20 @@ class Tail:
     longest_line: int
 
 
-def whole(message: bytes, tail: Tail | None) -> bytes:
-    """The message in one piece, for what must see all of it at once (a DKIM signature
-    over a large message): the one place a large message is read back into memory."""
-    return message if tail is None else message + tail.path.read_bytes()
+# What a reader of a large message holds of it at once, besides its in-memory part.
+PIECE = 256 * 1024
+
+
+def pieces(start: bytes, tail: Tail | None, size: int = PIECE) -> Iterator[bytes]:
+    """``start`` (e.g. the body part of a message's in-memory bytes), then the tail file
+    in reads of ``size`` octets: for what must see every octet (a DKIM body hash), so
+    that a large message is never read back into memory whole. Blocks on the file: call
+    it in a worker thread."""
+    yield start
+    if tail is not None:
+        with tail.path.open("rb") as file:
+            while piece := file.read(size):
+                yield piece
 
 
 def has_bare_line_ending(data: bytes | bytearray) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import shutil
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import aiosmtplib
 import dkim as dkimpy
 import pytest
 from conftest import ROOT, RelayProcess, Sink, run_cli
+from cryptography.hazmat.primitives import serialization
 from dnsserver import DnsServer, dnsmasq, split_txt
 
 from relay.checks.dkim import SigningKey, generate_key, load_key, sign, verify_dkim
@@ -146,20 +148,22 @@ async def test_egress_mode_checks_the_upstream_address(
         550, "5.7.23 SPF check failed for pass.test")
 
 
-def signed_with_length(key: SigningKey, data: bytes) -> bytes:
-    """Signed with l= (our own signer never uses it, so dkimpy directly)."""
-    header = dkimpy.DKIM(data).sign(key.selector.encode(), key.domain.encode(), _pkcs1(key),
-                                    canonicalize=(b"relaxed", b"relaxed"), length=True)
-    return bytes(header) + data
-
-
-def _pkcs1(key: SigningKey) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
+def signed_by_dkimpy(key: SigningKey, data: bytes, length: bool = False) -> bytes:
+    """Signed by plain dkimpy on the whole message, relaxed/relaxed; with l= if asked
+    (our own signer never uses it)."""
     private = serialization.load_pem_private_key(key.private_key, password=None)
-    return private.private_bytes(serialization.Encoding.PEM,  # type: ignore[union-attr]
-                                 serialization.PrivateFormat.TraditionalOpenSSL,
-                                 serialization.NoEncryption())
+    if key.algorithm == "rsa-sha256":
+        pem = private.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.TraditionalOpenSSL,
+                                    serialization.NoEncryption())
+    else:  # dkimpy takes the base64 of the 32-octet seed
+        pem = base64.b64encode(private.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+            serialization.NoEncryption()))
+    header = dkimpy.DKIM(data).sign(key.selector.encode(), key.domain.encode(), pem,
+                                    signature_algorithm=key.algorithm.encode(),
+                                    canonicalize=(b"relaxed", b"relaxed"), length=length)
+    return bytes(header) + data
 
 
 def dkim_cases(keys: Keys) -> dict[str, tuple[bytes, str]]:
@@ -172,7 +176,7 @@ def dkim_cases(keys: Keys) -> dict[str, tuple[bytes, str]]:
         "header changed": (valid.replace(b"Subject: checks", b"Subject: chex"), "fail"),
         "key missing": (sign(base, [keys.unpublished], ["from"]) + base, "permerror"),
         "key lookup times out": (sign(base, [keys.slow], ["from"]) + base, "temperror"),
-        "l= with appended content": (signed_with_length(keys.rsa, base) + b"more\r\n",
+        "l= with appended content": (signed_by_dkimpy(keys.rsa, base, length=True) + b"more\r\n",
                                      "policy"),
         "unsigned": (base, "none"),
     }
@@ -190,14 +194,26 @@ async def test_dkim_results_are_tagged(relay: RelayProcess, sink: Sink, keys: Ke
     assert f"dkim={expected}".encode() in got.data
 
 
-async def test_relay_signs_and_the_signatures_verify_at_the_receiver(
-    tmp_path: Path, sink: Sink, dns: DnsServer, keys: Keys, start_relay
-):
+@pytest.fixture
+def signing_relay(tmp_path: Path, sink: Sink, dns: DnsServer, keys: Keys, start_relay
+                  ) -> RelayProcess:
+    """A relay that signs mail from example.test with its published RSA and Ed25519 keys."""
+    return start_signing_relay(tmp_path, sink, dns, keys, start_relay)
+
+
+def start_signing_relay(tmp_path: Path, sink: Sink, dns: DnsServer, keys: Keys, start_relay,
+                        extra: str = "") -> RelayProcess:
     key_dir = tmp_path / "signing"
     shutil.copytree(keys.directory / "example.test", key_dir / "example.test",
                     ignore=shutil.ignore_patterns("gone.key"))
-    relay = start_relay(sink.port, sections=dns_sections(dns, dkim=f'key_directory = "{key_dir}"'))
-    await send(relay.port, "app@example.test")
+    return start_relay(sink.port, extra=extra,
+                       sections=dns_sections(dns, dkim=f'key_directory = "{key_dir}"'))
+
+
+async def test_relay_signs_and_the_signatures_verify_at_the_receiver(
+    signing_relay: RelayProcess, sink: Sink, dns: DnsServer
+):
+    await send(signing_relay.port, "app@example.test")
     [got] = sink.wait_messages(1)
     assert got.data.count(b"DKIM-Signature:") == 2  # RSA and Ed25519 side by side
     outcome = await verify_dkim(Resolver(DnsSettings(nameservers=dns.nameservers)), got.data,
@@ -206,6 +222,60 @@ async def test_relay_signs_and_the_signatures_verify_at_the_receiver(
         ("ed1", "pass"), ("rsa1", "pass")]
     # dkimpy itself agrees, for the first signature.
     assert dkimpy.verify(got.data, dnsfunc=lambda name, timeout=5: _txt(dns, name))
+
+
+def large_body(size: int = 3 * 2**20) -> bytes:
+    """Several MB, so the relay keeps the body's start in memory and writes the rest to a
+    file as it arrives (relay.message.Tail): lines with blanks where relaxed
+    canonicalization changes them, and dots where SMTP stuffs them."""
+    line = b".a line\t with  blanks of a large message " + b"x" * 30 + b"  \r\n"
+    return line * (size // len(line)) + b"\r\n\r\n"
+
+
+async def test_relay_signs_a_large_message_and_plain_dkimpy_verifies_it(
+    signing_relay: RelayProcess, sink: Sink, dns: DnsServer
+):
+    data = message("app@example.test", large_body())
+    await send(signing_relay.port, "app@example.test", data)
+    [got] = sink.wait_messages(1)
+    assert got.data.endswith(data) and got.data.count(b"DKIM-Signature:") == 2
+    for idx in range(2):
+        assert dkimpy.DKIM(got.data).verify(idx=idx,
+                                            dnsfunc=lambda name, timeout=5: _txt(dns, name))
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    (b"", b"", "pass"),
+    (b"with  blanks", b"with blanks", "pass"),  # relaxed: one blank less is no change
+    (b"large", b"LARGE", "fail"),
+])
+async def test_a_large_message_signed_elsewhere_is_verified_by_the_relay(
+    relay: RelayProcess, sink: Sink, keys: Keys, old: bytes, new: bytes, expected: str
+):
+    data = signed_by_dkimpy(keys.rsa, message("app@example.test", large_body()))
+    if old:  # near the end: in what went to disk
+        at = data.index(old, len(data) - 1000)
+        data = data[:at] + new + data[at + len(old):]
+    await send(relay.port, "app@elsewhere.test", data)
+    [got] = sink.wait_messages(1)
+    assert f"X-Relay-DKIM: {expected}\r\n".encode() in got.data
+
+
+async def test_a_large_message_signed_elsewhere_is_verified_then_signed_by_the_relay(
+    tmp_path: Path, sink: Sink, dns: DnsServer, keys: Keys, start_relay
+):
+    # The shipped policies verify every message (dkim-results): the body hash for the
+    # relay's own signatures comes from that same read of the file.
+    relay = start_signing_relay(tmp_path, sink, dns, keys, start_relay,
+                                extra=f'policies_dir = "{shipped_policies(tmp_path)}"')
+    data = signed_by_dkimpy(keys.ed, message("app@example.test", large_body()))
+    await send(relay.port, "app@example.test", data)
+    [got] = sink.wait_messages(1)
+    assert b"X-Relay-DKIM: pass\r\n" in got.data
+    assert got.data.count(b"DKIM-Signature:") == 3  # the relay's two, then the sender's
+    for idx in range(3):
+        assert dkimpy.DKIM(got.data).verify(idx=idx,
+                                            dnsfunc=lambda name, timeout=5: _txt(dns, name))
 
 
 def _txt(dns: DnsServer, name: bytes) -> bytes:

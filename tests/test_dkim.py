@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from relay.checks.authresults import authentication_results_header
 from relay.checks.dkim import (
     DEFAULT_SIGNED_HEADERS,
     MAX_SIGNATURES,
+    SIGNING_BODY,
     DkimOutcome,
     DkimSignatureResult,
     SigningKey,
@@ -31,6 +34,7 @@ from relay.checks.dkim import (
 )
 from relay.checks.dns import DnsSettings, Resolver
 from relay.checks.spf import SpfOutcome
+from relay.message import Tail
 
 DOMAIN = "example.test"
 
@@ -260,13 +264,16 @@ async def test_key_wait_does_not_block_event_loop(server: DnsServer, keys: Keys)
     assert ticks >= 20  # about 100 fit in the 1 s wait; a blocked loop gives 0 or 1
 
 
-def dkimpy_signature(key: SigningKey, message: bytes, **kwargs: object) -> bytes:
+def dkimpy_signature(
+    key: SigningKey, message: bytes, canonicalize: tuple[bytes, bytes] = (b"relaxed", b"relaxed"),
+    **kwargs: object,
+) -> bytes:
     return bytes(
         dkim.DKIM(message).sign(
             key.selector.encode(),
             key.domain.encode(),
             pkcs1(key),
-            canonicalize=(b"relaxed", b"relaxed"),
+            canonicalize=canonicalize,
             **kwargs,
         )
     )
@@ -447,3 +454,164 @@ async def test_reasons_hold_no_python_reprs(server: DnsServer, keys: Keys) -> No
     assert sig.result == "fail"
     assert "body hash" in sig.reason
     assert "b'" not in sig.reason and 'b"' not in sig.reason
+
+
+# -- Large messages: the body hashed as it is read from disk, never whole -----------------
+
+
+def large_message(size: int = 4 * 2**20) -> bytes:
+    """A message with a Tail's worth of body, with what canonicalization changes: blanks
+    at line ends and in runs, empty lines inside and at the end, 8-bit octets."""
+    lines = [b"line %d of the report,\t with  blanks \t" % n for n in range(200)]
+    lines += [b"", b"caf\xc3\xa9  au lait", b"", b"", b"   "]
+    block = b"\r\n".join(lines) + b"\r\n"
+    return MESSAGE + block * (size // len(block)) + b"\r\n\r\n"
+
+
+def as_tail(message: bytes, directory: Path, at: int = 256 * 1024) -> tuple[bytes, Tail]:
+    """``message`` as relay/inbound/protocol.py leaves a large one: its first ``at``
+    octets in memory, the rest in a file."""
+    path = directory / "tail"
+    path.write_bytes(message[at:])
+    return message[:at], Tail(path, len(message) - at, False, 0)
+
+
+def split_inside_a_crlf(message: bytes) -> int:
+    return message.index(b"\r\n", 256 * 1024) + 1
+
+
+@contextlib.contextmanager
+def traced_peak() -> Iterator[list[int]]:
+    """The most memory Python allocated (in any thread) inside the block, in the list
+    it gives once the block ends."""
+    peak: list[int] = []
+    tracemalloc.start()
+    try:
+        yield peak
+        peak.append(tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()
+
+
+async def verify_large(server: DnsServer, message: bytes, directory: Path, at: int = 256 * 1024
+                       ) -> DkimOutcome:
+    head, tail = as_tail(message, directory, at)
+    return await verify_dkim(resolver_for(server), head, timeout=5.0, tail=tail)
+
+
+async def test_a_large_message_signed_from_its_tail_verifies_with_plain_dkimpy(
+    server: DnsServer, keys: Keys, tmp_path: Path
+) -> None:
+    message = large_message()
+    head, tail = as_tail(message, tmp_path, split_inside_a_crlf(message))
+    signature = sign(head, [keys.rsa, keys.ed25519], DEFAULT_SIGNED_HEADERS, tail)
+    whole = signature + message
+    resolver = resolver_for(server)
+    for idx in range(2):
+        assert dkim.DKIM(whole).verify(idx=idx, dnsfunc=lambda n, timeout=5: dnsfunc(resolver, n))
+
+
+def test_signing_from_the_tail_gives_dkimpys_signature_byte_for_byte(
+    keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dkim.time, "time", lambda: 1_796_000_000.0)  # t= is the same
+    message = large_message(2**20)
+    head, tail = as_tail(message, tmp_path)
+    include = [b"from", b"from"] + [h.encode() for h in DEFAULT_SIGNED_HEADERS if h != "from"]
+    for key in (keys.rsa, keys.ed25519):
+        expected = dkim.DKIM(message, signature_algorithm=key.algorithm.encode()).sign(
+            key.selector.encode(), key.domain.encode(),
+            pkcs1(key) if key.algorithm == "rsa-sha256" else ed25519_seed(key),
+            canonicalize=(b"relaxed", b"relaxed"), include_headers=include,
+        )
+        assert sign(head, [key], DEFAULT_SIGNED_HEADERS, tail) == expected
+
+
+def ed25519_seed(key: SigningKey) -> bytes:
+    private = serialization.load_pem_private_key(key.private_key, password=None)
+    return base64.b64encode(private.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+        serialization.NoEncryption()))
+
+
+@pytest.mark.parametrize("canonicalize", [
+    (b"relaxed", b"relaxed"), (b"simple", b"simple"), (b"relaxed", b"simple"),
+])
+async def test_a_large_message_signed_by_dkimpy_passes_from_its_tail(
+    server: DnsServer, keys: Keys, tmp_path: Path, canonicalize: tuple[bytes, bytes]
+) -> None:
+    message = large_message()
+    whole = dkimpy_signature(keys.rsa, message, canonicalize=canonicalize) + message
+    outcome = await verify_large(server, whole, tmp_path, split_inside_a_crlf(whole))
+    assert (outcome.result, outcome.domain) == ("pass", DOMAIN)
+
+
+async def test_a_large_message_changed_in_its_tail_fails(
+    server: DnsServer, keys: Keys, tmp_path: Path
+) -> None:
+    message = signed(large_message(), keys.rsa, keys.ed25519)
+    changed = message[:-1000] + message[-1000:].replace(b"report", b"REPORT", 1)
+    outcome = await verify_large(server, changed, tmp_path)
+    assert [s.result for s in outcome.signatures] == ["fail", "fail"]
+    assert all("body hash mismatch" in s.reason for s in outcome.signatures)
+    # Blanks changed in number only: relaxed does not mind.
+    respaced = message[:-1000] + message[-1000:].replace(b"with  blanks", b"with blanks")
+    assert (await verify_large(server, respaced, tmp_path)).result == "pass"
+
+
+async def test_l_over_part_of_a_large_body_is_policy(
+    server: DnsServer, keys: Keys, tmp_path: Path
+) -> None:
+    message = large_message()
+    whole = dkimpy_signature(keys.rsa, message, length=True) + message
+    assert (await verify_large(server, whole, tmp_path)).result == "pass"
+    outcome = await verify_large(server, whole + b"appended\r\n", tmp_path)
+    assert outcome.result == "policy"
+    [sig] = outcome.signatures
+    assert sig.reason.startswith("l=") and "covers part of a" in sig.reason
+
+
+async def test_verifying_a_large_message_never_holds_it_whole(
+    server: DnsServer, keys: Keys, tmp_path: Path
+) -> None:
+    head, tail = as_tail(signed(large_message(8 * 2**20), keys.rsa, keys.ed25519), tmp_path)
+    resolver = resolver_for(server)
+    with traced_peak() as peak:
+        outcome = await verify_dkim(resolver, head, timeout=5.0, tail=tail)
+    assert [s.result for s in outcome.signatures] == ["pass", "pass"]
+    # The in-memory part and a few pieces of 256 KiB; read whole, it would be 8 MiB.
+    assert peak[0] < 3 * 2**20, peak
+
+
+def test_signing_a_large_message_never_holds_it_whole(keys: Keys, tmp_path: Path) -> None:
+    head, tail = as_tail(large_message(8 * 2**20), tmp_path)
+    with traced_peak() as peak:
+        sign(head, [keys.rsa, keys.ed25519], DEFAULT_SIGNED_HEADERS, tail)
+    assert peak[0] < 3 * 2**20, peak
+
+
+async def test_verifying_a_large_message_also_hashes_its_body_for_signing(
+    server: DnsServer, keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dkim.time, "time", lambda: 1_796_000_000.0)  # t= is the same
+    message = large_message()
+    whole = dkimpy_signature(keys.rsa, message, canonicalize=(b"simple", b"simple")) + message
+    head, tail = as_tail(whole, tmp_path)
+    outcome = await verify_dkim(resolver_for(server), head, timeout=5.0, tail=tail,
+                                also=[SIGNING_BODY])
+    assert outcome.result == "pass"
+    known = outcome.body_hashes[SIGNING_BODY]
+    # Given that hash, signing does not read the tail again (its file is gone).
+    gone = Tail(tmp_path / "gone", tail.size, False, 0)
+    assert sign(head, [keys.rsa, keys.ed25519], DEFAULT_SIGNED_HEADERS, gone, known) == sign(
+        head, [keys.rsa, keys.ed25519], DEFAULT_SIGNED_HEADERS, tail)
+
+
+async def test_an_unsigned_large_message_is_not_read_by_verification(
+    server: DnsServer, tmp_path: Path
+) -> None:
+    head, _ = as_tail(large_message(), tmp_path)
+    gone = Tail(tmp_path / "gone", 4 * 2**20, False, 0)
+    outcome = await verify_dkim(resolver_for(server), head, timeout=5.0, tail=gone,
+                                also=[SIGNING_BODY])
+    assert outcome == DkimOutcome("none") and not outcome.body_hashes

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.canonicalization import CanonicalizationPolicy
 
+from relay.checks.bodyhash import BodyHash, BodyHashSpec, hash_body
 from relay.checks.dns import DnsTempError, Resolver
+from relay.message import Tail, pieces
 
 # RFC 8601 section 2.7.1 result values for the dkim method.
 DkimResult = Literal["pass", "fail", "neutral", "policy", "none", "temperror", "permerror"]
@@ -70,6 +72,11 @@ class DkimOutcome:
     domain: str = ""
     signatures: tuple[DkimSignatureResult, ...] = ()
     reason: str = ""  # why, when the message as a whole could not be examined
+    # The body hashes computed on the way (the signatures' and those asked for with
+    # verify_dkim's ``also``): sign() takes SIGNING_BODY's instead of reading the body again.
+    body_hashes: Mapping[BodyHashSpec, BodyHash] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
 
 class _KeyUnavailable(Exception):
@@ -85,6 +92,7 @@ class _Signature:
     selector: str
     algorithm: str
     problem: str = ""  # set when the header itself is unusable (permerror)
+    body: BodyHashSpec | None = None  # the body hash it needs; None: bad c=, a= or l=
 
     @property
     def key_name(self) -> str:
@@ -109,9 +117,14 @@ def signed(message: bytes) -> bool:
 
 
 async def verify_dkim(
-    resolver: Resolver, message: bytes, *, timeout: float, executor: Executor | None = None
+    resolver: Resolver, message: bytes, *, timeout: float, executor: Executor | None = None,
+    tail: Tail | None = None, also: Collection[BodyHashSpec] = (),
 ) -> DkimOutcome:
-    """Verify every DKIM-Signature of ``message`` (raw bytes, CRLF line endings).
+    """Verify every DKIM-Signature of ``message`` (raw bytes, CRLF line endings), or of a
+    large message given as its in-memory part (with the whole header section) and the
+    ``tail`` on disk, which is read in pieces (relay.message.pieces), never whole. The
+    body hashes in ``also`` are computed in the same pass, when the message is signed
+    (DkimOutcome.body_hashes).
 
     Keys are fetched on the event loop through ``resolver``, each lookup bounded by
     KEY_SHARE of ``timeout`` (and never longer than the resolver's own bound); parsing,
@@ -126,11 +139,14 @@ async def verify_dkim(
     key_deadline = loop.time() + timeout * KEY_SHARE
     signatures: list[_Signature] = []
     keys: dict[str, _KeyRecord] = {}
+    body_hashes: Mapping[BodyHashSpec, BodyHash] = {}
     try:
         async with asyncio.timeout(timeout):
-            verifier, signatures = await loop.run_in_executor(executor, _parse, message)
+            parse = functools.partial(_parse, message, tail, also)
+            verifier, signatures = await loop.run_in_executor(executor, parse)
             if not signatures:
                 return DkimOutcome("none")
+            body_hashes = verifier.body_hashes
             names = sorted({s.key_name for s in signatures if not s.problem})
             budget = key_deadline - loop.time()
             records = await asyncio.gather(*(_fetch_key(resolver, n, budget) for n in names))
@@ -152,13 +168,15 @@ async def verify_dkim(
     except Exception as exc:
         # A failure of ours says nothing about the message: temporary, never "fail".
         return DkimOutcome("temperror", reason=f"internal error ({type(exc).__name__})")
-    return _outcome(results)
+    return _outcome(results, body_hashes)
 
 
-def _outcome(results: Sequence[DkimSignatureResult]) -> DkimOutcome:
+def _outcome(
+    results: Sequence[DkimSignatureResult], body_hashes: Mapping[BodyHashSpec, BodyHash]
+) -> DkimOutcome:
     best = min(results, key=lambda r: _RANK[r.result])
     domain = best.domain if best.result == "pass" else ""
-    return DkimOutcome(best.result, domain, tuple(results))
+    return DkimOutcome(best.result, domain, tuple(results), body_hashes=body_hashes)
 
 
 async def _fetch_key(resolver: Resolver, name: str, budget: float) -> _KeyRecord:
@@ -187,14 +205,92 @@ def reason_text(exc: BaseException | str) -> str:
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
-def _parse(message: bytes) -> tuple[Any, list[_Signature]]:
-    """Parse the message once and describe each DKIM-Signature (worker thread)."""
-    verifier = dkim.DKIM(message)
+def _parse(
+    message: bytes, tail: Tail | None, also: Collection[BodyHashSpec]
+) -> tuple[_Verifier, list[_Signature]]:
+    """Parse the header section once, describe each DKIM-Signature and compute, in one
+    pass over the body, every body hash they need and those in ``also`` (worker
+    thread; none at all when nothing is signed)."""
+    header_section, body_start = split_message(message, tail)
+    verifier = _Verifier(header_section)
     count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
-    return verifier, [_describe(verifier, i) for i in range(count)]
+    signatures = [_describe(verifier, i) for i in range(count)]
+    specs = {s.body for s in signatures if s.body is not None and not s.problem}
+    if specs:
+        verifier.body_hashes = hash_body(specs | set(also), pieces(body_start, tail))
+    return verifier, signatures
 
 
-def _describe(verifier: Any, index: int) -> _Signature:
+_EMPTY_LINE = re.compile(rb"(?:\A|(?<=\n))\r?\n")
+
+
+def split_message(message: bytes, tail: Tail | None = None) -> tuple[bytes, bytes]:
+    """``message`` as its header section (with the empty line that ends it) and the
+    start of its body. Where dkimpy's rfc822_parse ends the header: at the first empty
+    line, LF or CRLF; without one, the message is all header.
+
+    A large message must have its whole header section in memory (relay/inbound/
+    protocol.py keeps twice max_header_size there, and the DATA checks refuse a longer
+    header section): anything else is a ValueError."""
+    found = _EMPTY_LINE.search(message)
+    if found is None:
+        if tail is not None:
+            raise ValueError("the header section of a large message is not all in memory")
+        return message, b""
+    return message[: found.end()], message[found.end() :]
+
+
+def _body_spec(tags: dict[bytes, bytes]) -> BodyHashSpec:
+    """The body hash a signature's tags ask for, read as dkimpy reads them
+    (DomainSigner.verify_sig_process): the same c=, a= and l= values raise the same
+    errors."""
+    canon = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
+    algorithm: str = dkim.HASH_ALGORITHMS[tags[b"a"]]().name
+    limit = int(tags[b"l"]) if b"l" in tags else None
+    return BodyHashSpec(canon.body_algorithm.name.decode(), algorithm, limit)
+
+
+class _Verifier(dkim.DKIM):  # type: ignore[misc]  # dkimpy has no type hints
+    """dkimpy's verifier given the header section alone: the body hashes were computed
+    beforehand from the streamed body (``body_hashes``, relay/checks/bodyhash.py), so
+    the body hash check of DomainSigner.verify_sig_process (dkimpy 1.1.8), which hashes
+    ``self.body`` in one piece, is done here in its place, with the same error; dkimpy
+    does the rest (header hash, signature arithmetic, key size)."""
+
+    def __init__(self, header_section: bytes) -> None:
+        super().__init__(header_section)
+        self.body_hashes: dict[BodyHashSpec, BodyHash] = {}
+
+    def verify_sig_process(
+        self, sig: dict[bytes, bytes], include_headers: list[bytes], sig_header: Any,
+        dnsfunc: Any,
+    ) -> Any:
+        spec = self._precomputed(sig)
+        if spec is not None:
+            computed = self.body_hashes[spec].digest
+            if computed != base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"])):
+                raise dkim.ValidationError(
+                    f"body hash mismatch (got {base64.b64encode(computed).decode()}, "
+                    f"expected {_text(sig[b'bh'])})"
+                )
+            sig = {tag: value for tag, value in sig.items() if tag != b"bh"}
+        return super().verify_sig_process(sig, include_headers, sig_header, dnsfunc)
+
+    def _precomputed(self, sig: dict[bytes, bytes]) -> BodyHashSpec | None:
+        """The body hash ``sig`` needs, or None where dkimpy raises before it compares
+        one: a key for TLS reports (s=tlsrpt, we never verify those), a bad c= or l=."""
+        if b"bh" not in sig or self.seqtlsrpt:
+            return None
+        try:
+            return _body_spec(sig)
+        except Exception:
+            return None
+
+    def canonical_length(self, spec: BodyHashSpec) -> int:
+        return self.body_hashes[spec].canonical_length
+
+
+def _describe(verifier: _Verifier, index: int) -> _Signature:
     raw = [v for n, v in verifier.headers if n.lower() == b"dkim-signature"][index]
     try:
         tags = dkim.util.parse_tag_value(raw)
@@ -222,16 +318,21 @@ def _describe(verifier: Any, index: int) -> _Signature:
         dns.name.from_text(f"{selector}._domainkey.{domain}")
     except dns.exception.DNSException:
         return _Signature(index, domain, selector, algorithm, "bad d= or s=")
-    return _Signature(index, domain, selector, algorithm)
+    try:
+        body = _body_spec(tags)
+    except Exception:
+        # A bad c= or l=: dkimpy says so when the signature is verified (permerror).
+        return _Signature(index, domain, selector, algorithm)
+    return _Signature(index, domain, selector, algorithm, body=body)
 
 
 def _verify_all(
-    verifier: Any, signatures: Sequence[_Signature], keys: dict[str, _KeyRecord]
+    verifier: _Verifier, signatures: Sequence[_Signature], keys: dict[str, _KeyRecord]
 ) -> list[DkimSignatureResult]:
     return [_verify_one(verifier, s, keys.get(s.key_name)) for s in signatures]
 
 
-def _verify_one(verifier: Any, sig: _Signature, key: _KeyRecord) -> DkimSignatureResult:
+def _verify_one(verifier: _Verifier, sig: _Signature, key: _KeyRecord) -> DkimSignatureResult:
     def result(value: DkimResult, reason: str = "") -> DkimSignatureResult:
         return DkimSignatureResult(sig.domain, sig.selector, value, reason, sig.algorithm)
 
@@ -277,11 +378,9 @@ def _verify_one(verifier: Any, sig: _Signature, key: _KeyRecord) -> DkimSignatur
         # RFC 6376 section 6.1.1: h= must include From. The signature verifies, but it
         # does not cover the author, so it is reported as "policy" (valid, unacceptable).
         return result("policy", "h= does not include From")
-    fields = verifier.signature_fields
-    if b"l" in fields:
-        canon = CanonicalizationPolicy.from_c_value(fields.get(b"c", b"simple/simple"))
-        body_length = len(canon.canonicalize_body(verifier.body))
-        signed_length = int(fields[b"l"])
+    if sig.body is not None and sig.body.limit is not None:
+        body_length = verifier.canonical_length(sig.body)
+        signed_length = sig.body.limit
         if signed_length < body_length:
             # RFC 6376 section 8.2: content after l= is unsigned and may be anything.
             # The signed part verifies, so "policy" (not "neutral"): valid, unacceptable.
@@ -330,24 +429,39 @@ class SigningKey:
     private_key: bytes = field(repr=False)
 
 
-def sign(message: bytes, keys: Sequence[SigningKey], headers: Sequence[str]) -> bytes:
-    """DKIM-Signature header fields (folded, CRLF-terminated) to prepend to ``message``,
-    one per key, e.g. RSA and Ed25519 side by side (RFC 8463 section 4).
+# Every key signs relaxed/relaxed with SHA-256 (rsa-sha256 and ed25519-sha256 alike), no l=.
+SIGNING_BODY = BodyHashSpec("relaxed", "sha256")
 
-    CPU-bound: call it off the event loop. The message bytes are not changed.
+
+def sign(
+    message: bytes, keys: Sequence[SigningKey], headers: Sequence[str],
+    tail: Tail | None = None, body_hash: BodyHash | None = None,
+) -> bytes:
+    """DKIM-Signature header fields (folded, CRLF-terminated) to prepend to ``message``,
+    one per key, e.g. RSA and Ed25519 side by side (RFC 8463 section 4). A large message
+    is given as its in-memory part (with the whole header section) and its ``tail``,
+    read in pieces for the body hash, never whole; or not at all with ``body_hash``
+    (SIGNING_BODY's, e.g. from DkimOutcome.body_hashes).
+
+    CPU-bound and reads the tail file: call it off the event loop. The message bytes
+    are not changed.
     """
     include = [h.strip().lower() for h in headers if h.strip()]
     unsignable = sorted(set(include) & NEVER_SIGNED)
     if unsignable:
         raise ValueError(f"header fields that must not be signed: {', '.join(unsignable)}")
     include = [h for h in include if h != "from"]
+    header_section, body_start = split_message(message, tail)
     # From first, and once more than it occurs: RFC 6376 section 8.15, an added second
     # From then breaks the signature.
-    froms = sum(1 for name, _ in dkim.rfc822_parse(message)[0] if name.lower() == b"from")
+    fields = dkim.rfc822_parse(header_section)[0]
+    froms = sum(1 for name, _ in fields if name.lower() == b"from")
     include = ["from"] * (max(froms, 1) + 1) + include
+    if body_hash is None:
+        body_hash = hash_body([SIGNING_BODY], pieces(body_start, tail))[SIGNING_BODY]
     out = []
     for key in keys:
-        signer = dkim.DKIM(message, signature_algorithm=key.algorithm.encode(), linesep=b"\r\n")
+        signer = _Signer(header_section, body_hash.digest, key.algorithm.encode())
         out.append(
             signer.sign(
                 key.selector.encode(),
@@ -361,6 +475,22 @@ def sign(message: bytes, keys: Sequence[SigningKey], headers: Sequence[str]) -> 
             )
         )
     return b"".join(out)
+
+
+class _Signer(dkim.DKIM):  # type: ignore[misc]  # dkimpy has no type hints
+    """dkimpy's signer given the header section alone, so DKIM.sign() hashes an empty
+    body: the bh= it computed is replaced by the real body's hash (computed beforehand
+    from the streamed body, relay/checks/bodyhash.py) on its way into gen_header, before
+    the header is hashed and signed (dkimpy 1.1.8). Only without l=, which would give
+    the empty body's length."""
+
+    def __init__(self, header_section: bytes, body_hash: bytes, algorithm: bytes) -> None:
+        super().__init__(header_section, signature_algorithm=algorithm, linesep=b"\r\n")
+        self._bh = base64.b64encode(body_hash)
+
+    def gen_header(self, fields: list[tuple[bytes, bytes]], *args: Any, **kwargs: Any) -> Any:
+        fields = [(tag, self._bh if tag == b"bh" else value) for tag, value in fields]
+        return super().gen_header(fields, *args, **kwargs)
 
 
 def _dkimpy_private_key(key: SigningKey) -> bytes:

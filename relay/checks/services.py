@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -19,7 +18,6 @@ from relay.checks.settings import CheckSettings
 from relay.checks.spf import SpfOutcome, check_spf
 from relay.events.suppression import SuppressionList
 from relay.headers import header_fields
-from relay.message import whole
 from relay.ops.conditions import REDIS_DOWN, Conditions
 from relay.ops.metrics import Metrics
 from relay.policy.engine import Facts
@@ -165,13 +163,14 @@ class SessionChecks:
     async def _dkim(self, facts: Facts) -> dkimlib.DkimOutcome:
         assert facts.message is not None
         if self.dkim_outcome is None:
-            message = facts.message
-            if facts.tail is not None and dkimlib.signed(message):
-                # The body hash needs every octet: read the rest of a large message back.
-                message = await asyncio.to_thread(whole, message, facts.tail)
+            # The rest of a large message is read from its file in pieces as the body
+            # hashes are computed, never whole (relay/checks/bodyhash.py); the one for
+            # signing too if the relay may sign it (relay/policy/session.py _headers).
+            settings = self.services.settings
+            also = (dkimlib.SIGNING_BODY,) if facts.tail and settings.dkim_keys else ()
             self.dkim_outcome = await dkimlib.verify_dkim(
-                self.services.resolver, message,
-                timeout=self.services.settings.dkim_verify_timeout,
+                self.services.resolver, facts.message, timeout=settings.dkim_verify_timeout,
+                tail=facts.tail, also=also,
             )
         return self.dkim_outcome
 

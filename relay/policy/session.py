@@ -40,7 +40,7 @@ from relay.headers import (
     strip_forged_authentication_results,
 )
 from relay.ipaddr import in_networks
-from relay.message import Tail, has_bare_line_ending, longest_line, whole
+from relay.message import Tail, has_bare_line_ending, longest_line
 from relay.policy import rewrite
 from relay.policy.engine import Checks, Decision, Facts, evaluate
 from relay.policy.maps import MapError
@@ -365,10 +365,17 @@ class PolicySession:
             self._unsigned(queue_id, f"header section is not RFC 5322 syntax ({why})")
             keys = ()
         if keys:
-            signed = prepend + await asyncio.to_thread(whole, message, facts.tail)
             try:
+                # The rest of a large message is read from its file in pieces for the
+                # body hash, never whole (relay/checks/bodyhash.py), unless verification
+                # already hashed the body for signing: it is the same, as rewriting and
+                # our header fields change only the header section.
+                verified = self.checks.dkim_outcome \
+                    if isinstance(self.checks, SessionChecks) else None
+                known = verified.body_hashes.get(dkimlib.SIGNING_BODY) if verified else None
                 signature = await asyncio.to_thread(
-                    dkimlib.sign, signed, keys, settings.dkim_sign_headers
+                    dkimlib.sign, prepend + message, keys, settings.dkim_sign_headers,
+                    facts.tail, known,
                 )
             except dkim.DKIMException as exc:
                 # Whatever else dkimpy's parser objects to is just as permanent.
