@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import os
 import re
 import sys
 import time
-from typing import TextIO
 
 # "4F2A1C9B7E: to=<a@b>, relay=host:25, status=sent (250 ...)" and
 # "NOQUEUE: reject: RCPT from [10.0.0.1]: 554 ...; from=<a@b> to=<c@d> rule=x".
@@ -78,48 +75,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-class LoopBatchedHandler(logging.StreamHandler[TextIO]):
-    """Lines logged on a running event loop are written together once the loop's
-    current pass is over: one write for all of them rather than one per line (two lines
-    a message under load). A line logged anywhere else (another thread, no loop) is
-    written at once, after any that wait, so the order is kept. A line can wait at most
-    one pass of the loop; a fork or the exit writes what waits first."""
-
-    def __init__(self, stream: TextIO) -> None:
-        super().__init__(stream)
-        self._waiting: list[str] = []
-        os.register_at_fork(before=self.flush)  # a worker must not write them again
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            super().emit(record)
-            return
-        try:
-            line = self.format(record)
-        except Exception:
-            self.handleError(record)
-            return
-        if not self._waiting:
-            loop.call_soon(self.flush)
-        self._waiting.append(line + self.terminator)
-
-    def flush(self) -> None:
-        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
-            if self._waiting:
-                text, self._waiting = "".join(self._waiting), []
-                # Nowhere to report a failure: the log itself is what failed.
-                with contextlib.suppress(Exception):
-                    self.stream.write(text)
-            super().flush()
-
-
 def setup_logging(level: str, fmt: str = "text") -> None:
     """Log to stderr; under journald ($JOURNAL_STREAM) the journal stamps each line."""
     timestamps = "JOURNAL_STREAM" not in os.environ
-    handler = LoopBatchedHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter(timestamps))
     else:
