@@ -122,6 +122,10 @@ def with_enhanced_code(line: str) -> str:
     return line
 
 
+# RFC 2920 section 3.1: the commands that may stand anywhere in a pipelined group; the
+# replies to the others (EHLO, DATA, AUTH, STARTTLS, QUIT, ...) are always sent at once.
+_GROUPABLE = frozenset({"MAIL", "RCPT", "RSET"})
+
 _SERVER_REFUSALS = {
     str(replies.TLS_REQUIRED): (replies.TLS_REQUIRED, "require_tls"),
     str(replies.AUTH_REQUIRED): (replies.AUTH_REQUIRED, "auth_required"),
@@ -161,6 +165,10 @@ class _LineReader(asyncio.StreamReader):
     def unread(self, data: bytes | bytearray) -> None:
         """Put back what DATA read past its end: pipelined commands (RFC 2920)."""
         self._buffer[:0] = data  # type: ignore[attr-defined]
+
+    def has_command(self) -> bool:
+        """Whether a whole command line has arrived and waits to be read (pipelined)."""
+        return b"\n" in self._buffer  # type: ignore[attr-defined]
 
     async def readuntil(self, separator: Any = b"\n") -> bytes:
         self.protocol.before_command()
@@ -340,6 +348,7 @@ class RelaySMTP(SMTP):
         self._held = 0  # bytes of the message being read, counted in the DataBudget
         # The part of the message being handled that went to disk (the DATA hook reads it).
         self.tail: Tail | None = None
+        self._replies = bytearray()  # replies to pipelined commands not sent yet (_send)
 
     # -- connection life ----------------------------------------------------------------
 
@@ -493,7 +502,9 @@ class RelaySMTP(SMTP):
             return
         self._closing = True
         if reply is not None:
-            self._writer.write(f"{reply}\r\n".encode("ascii"))
+            self._replies += f"{reply}\r\n".encode("ascii")
+        self._writer.write(bytes(self._replies))
+        self._replies.clear()
         self.transport.close()
 
     def drain(self, force: bool) -> None:
@@ -551,15 +562,28 @@ class RelaySMTP(SMTP):
         if self._closing:
             return
         if isinstance(status, bytes):  # AUTH challenges ("334 ...")
-            await super().push(status)
+            await self._send(status)
             return
         line = with_enhanced_code(status)
         if line in _SERVER_REFUSALS and self.session is not None:
             # 530 and 538 come from aiosmtpd's own checks: log them like the others.
             self.log_refusal(self.last_command, _SERVER_REFUSALS[line][0],
                              _SERVER_REFUSALS[line][1])
-        await super().push(line)
+        await self._send(line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii"))
         self._count_error(line)
+
+    async def _send(self, reply: bytes) -> None:
+        """Send `reply`, or keep it to go with the next one while the client's next
+        command has already arrived after one RFC 2920 section 3.1 lets a client
+        pipeline (MAIL, RCPT, RSET): like Postfix, a pipelined group's replies then
+        leave in one write, flushed at the group's last command (DATA, or whatever
+        leaves the client waiting)."""
+        self._replies += reply + b"\r\n"
+        if self.last_command in _GROUPABLE and cast(_LineReader, self._reader).has_command():
+            return
+        self._writer.write(bytes(self._replies))
+        self._replies.clear()
+        await self._writer.drain()
 
     def _count_error(self, line: str) -> None:
         # Postfix smtpd_hard_error_limit: every 4xx/5xx counts, except "too many
