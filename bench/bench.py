@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import json
@@ -600,6 +601,13 @@ async def open_idle(port: int, n: int) -> list[asyncio.StreamWriter]:
 
 
 BIG_RETRIES: list[int] = [0]
+# The 4xx replies behind those tries, by reply (say which limit answered).
+BIG_REPLIES: collections.Counter[str] = collections.Counter()
+
+
+def big_replies() -> str:
+    """The 4xx replies of the last big_messages(), most frequent first, for a note."""
+    return "; ".join(f"{n} x {reply}" for reply, n in BIG_REPLIES.most_common(3))
 
 
 async def big_messages(port: int, count: int, size: int) -> tuple[int, list[str]]:
@@ -608,6 +616,7 @@ async def big_messages(port: int, count: int, size: int) -> tuple[int, list[str]
     msg = message_bytes(size, "big@source.bench.test", "big@dest.bench.test", "10 MB")
     errors: list[str] = []
     BIG_RETRIES[0] = 0
+    BIG_REPLIES.clear()
 
     async def one() -> bool:
         for _ in range(100):
@@ -622,6 +631,7 @@ async def big_messages(port: int, count: int, size: int) -> tuple[int, list[str]
                     errors.append(repr(exc))
                     return False
                 BIG_RETRIES[0] += 1
+                BIG_REPLIES[f"{exc.code} {exc.message}"[:80]] += 1
                 await asyncio.sleep(1.0)
             except Exception as exc:
                 errors.append(repr(exc))
@@ -669,6 +679,7 @@ async def big_burst(workdir: Path, args: argparse.Namespace, count: int) -> dict
     out["delivered"] = delivered
     out["errors"] = errors[:3]
     out["retries"] = BIG_RETRIES[0]
+    out["retry_replies"] = big_replies()
     out["rss_peak_mb"] = peak[0] / 2**20
     out["vmhwm_mb"] = proc_status(relay.pid, "VmHWM") / 2**20
     await asyncio.sleep(2.0)
@@ -1002,10 +1013,11 @@ def report(results: dict[str, list[LoadResult]], mem: dict[str, object] | None,
                   f"{b['vmhwm_mb']:.0f} MB, {b['rss_after_mb']:.0f} MB |"]
         L.append("")
         for b in mem["bursts"]:
+            why = f" ({b['retry_replies']})" if b["retries"] else ""
             L.append(f"{b['count']} big messages: {b['accepted']} accepted, {b['delivered']} "
                      f"delivered; all accepted after {b['accept_seconds']:.1f}s, delivered "
                      f"after {b['total_seconds']:.1f}s; {b['retries']} tries answered 4xx "
-                     f"(memory budget) and sent again. {b['errors'] or ''}")
+                     f"and sent again{why}. {b['errors'] or ''}")
     return "\n".join(L) + "\n"
 
 

@@ -213,7 +213,8 @@ async def memory_big(workdir: Path, args: argparse.Namespace, points: list[int],
                     await sampler
                     note = "" if ok == n else f"{ok}/{n} accepted"
                     if bench.BIG_RETRIES[0]:
-                        note += f" {bench.BIG_RETRIES[0]} tries answered 4xx"
+                        note += (f" {bench.BIG_RETRIES[0]} tries answered 4xx "
+                                 f"({bench.big_replies()})")
                     series.setdefault(label, []).append((n, peak[0] / MB, note.strip()))
                     bench.log(f"memory big={n}: {label} peak {peak[0] / MB:.0f} MB "
                               f"(rest {rest / MB:.0f} MB) {note} {errors[:1]}")
