@@ -573,11 +573,10 @@ class RelaySMTP(SMTP):
         self._count_error(line)
 
     async def _send(self, reply: bytes) -> None:
-        """Send `reply`, or keep it to go with the next one while the client's next
-        command has already arrived after one RFC 2920 section 3.1 lets a client
-        pipeline (MAIL, RCPT, RSET): like Postfix, a pipelined group's replies then
-        leave in one write, flushed at the group's last command (DATA, or whatever
-        leaves the client waiting)."""
+        """Send `reply`; but after MAIL, RCPT or RSET (which RFC 2920 section 3.1 lets
+        a client pipeline), while the client's next command has already arrived, keep
+        it: as with Postfix, the replies of a pipelined group leave in one write, with
+        the reply to the command that ends the group."""
         self._replies += reply + b"\r\n"
         if self.last_command in _GROUPABLE and cast(_LineReader, self._reader).has_command():
             return
