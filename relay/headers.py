@@ -65,6 +65,20 @@ def fold(field: str) -> str:
 _FIELD_START = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
 
 
+def header_section(message: bytes) -> bytes:
+    """The header section: up to and with the CRLF of its last field, without the empty
+    line after it (RFC 5322 section 2.1); without an empty line the whole message."""
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[: end + 2]
+
+
+def header_and_rest(message: bytes) -> tuple[bytes, bytes]:
+    """The header section (header_section) and what follows it: the empty line and the
+    body."""
+    head = header_section(message)
+    return head, message[len(head):]
+
+
 def header_problem(message: bytes) -> str | None:
     """Why the header section of ``message`` is not RFC 5322 syntax, or None.
 
@@ -72,8 +86,7 @@ def header_problem(message: bytes) -> str | None:
     (RFC 5322 section 2.2.3). A message whose first line is body text fails: it cannot be
     DKIM-signed or parsed by a receiver, however often it is retried.
     """
-    end = message.find(b"\r\n\r\n")
-    head = message if end < 0 else message[: end + 2]
+    head = header_section(message)
     if head.startswith(b"\r\n"):
         return None  # an empty header section
     for number, line in enumerate(head.split(b"\r\n"), start=1):
@@ -93,8 +106,7 @@ def split_fields(message: bytes) -> tuple[list[bytes], bytes]:
 
     RFC 5322 section 2.2.3: a line starting with SP or HTAB continues the field before it.
     """
-    end = message.find(b"\r\n\r\n")
-    head, rest = (message, b"") if end < 0 else (message[: end + 2], message[end + 2 :])
+    head, rest = header_and_rest(message)
     if head.startswith(b"\r\n"):  # no header at all
         return [], message
     fields: list[bytes] = []
@@ -150,7 +162,6 @@ def header_fields(message: bytes) -> tuple[tuple[str, str], ...]:
     """(name, decoded value) of each header field, for matching only: never re-serialised.
 
     Only the header section is parsed, however long the body."""
-    end = message.find(b"\r\n\r\n")
-    block = message if end < 0 else message[: end + 2]
+    block = header_section(message)
     parsed = email.parser.BytesHeaderParser(policy=email.policy.SMTP).parsebytes(block)
     return tuple((name, str(value)) for name, value in parsed.items())

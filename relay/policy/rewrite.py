@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from relay.headers import header_and_rest
 from relay.policy.headeredits import drops, masquerade_from, strip_fields
 from relay.policy.maps import AddressMap
 
@@ -121,9 +122,7 @@ def apply(rewrites: Rewrites, sender: str, recipients: tuple[str, ...],
             mapped.append(new)
         recipients = tuple(mapped)
 
-    # The header section only (without an empty line the whole message is header).
-    end = message.find(b"\r\n\r\n")
-    head, rest = (message, b"") if end < 0 else (message[: end + 2], message[end + 2 :])
+    head, rest = header_and_rest(message)
     if rewrites.header_from is not None:
         rule, edit = rewrites.header_from
         head, pairs = masquerade_from(head, edit.map.lookup, edit.reply_to)

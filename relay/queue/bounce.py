@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 
+from relay.headers import header_section
 from relay.replies import UpstreamReply
 
 # RFC 5322 section 2.1.1: lines of at most 998 octets; keep diagnostics well below.
@@ -47,12 +48,6 @@ def _address(address: str, utf8: bool) -> str:
     if address.isascii():
         return f"rfc822; {address}"
     return f"utf-8; {_text(address, utf8)}"
-
-
-def header_section(message: bytes) -> bytes:
-    """The original message's header block, without the blank line after it."""
-    end = message.find(b"\r\n\r\n")
-    return message if end < 0 else message[: end + 2]
 
 
 def message_id(queue_id: str, reporting_mta: str) -> str:
