@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from relay.ops.logs import JsonFormatter, fields_of
+from relay.ops.logs import JsonFormatter, TextFormatter, fields_of
 
 
 def test_delivery_line_fields():
@@ -41,3 +41,18 @@ def test_json_formatter_emits_one_object_with_the_fields():
         "reply": "451 4.3.0 later",
     }
 
+
+
+def test_text_formatter_writes_what_logging_formatter_writes():
+    """The date is formatted once a second: the lines stay those of logging.Formatter,
+    across second boundaries and in any order of times."""
+    ours = TextFormatter(timestamps=True)
+    stock = logging.Formatter("%(asctime)s %(name)s: %(message)s")
+    for created in (1_764_487_000.0, 1_764_487_000.999, 1_764_487_001.0005,
+                    1_764_487_001.5, 1_764_486_999.25, 1_764_487_060.042):
+        record = logging.LogRecord("relay.delivery", logging.INFO, __file__, 1,
+                                   "%s: status=%s", ("ABCDEF012345", "sent"), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.format(record) == stock.format(record)
+    untimed = logging.LogRecord("relay.policy", logging.INFO, __file__, 1, "x", None, None)
+    assert TextFormatter(timestamps=False).format(untimed) == "relay.policy: x"

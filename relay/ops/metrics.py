@@ -41,7 +41,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -107,6 +107,10 @@ def queue_name(state: str, attempts: int) -> str:
     return state
 
 
+# Like _label_text's cache: label values come from configuration and fixed sets.
+_CHILDREN_KEPT = 4096
+
+
 def _label(value: object) -> str:
     return _label_text(str(value))
 
@@ -133,6 +137,7 @@ class Metrics:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[Any, tuple[object, ...]], Any] = {}
         r = self.registry
         self._connections = Counter(
             "relay_smtpd_connections", "SMTP connections accepted.", ["listener"], registry=r
@@ -242,35 +247,46 @@ class Metrics:
     def __repr__(self) -> str:
         return f"<Metrics registry={id(self.registry):#x}>"
 
+    def _of(self, metric: Any, *values: object) -> Any:
+        """`metric.labels(...)` for these values, each through _label. The child is kept:
+        labels() checks, converts and locks on every call, several times a message."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*(_label(v) for v in values))
+            if len(self._children) < _CHILDREN_KEPT:
+                self._children[key] = child
+        return child
+
     # -- inbound ----------------------------------------------------------------------
 
     def connection_opened(self, listener: str) -> None:
-        self._connections.labels(_label(listener)).inc()
-        self._active.labels(_label(listener)).inc()
+        self._of(self._connections, listener).inc()
+        self._of(self._active, listener).inc()
 
     def connection_closed(self, listener: str) -> None:
-        self._active.labels(_label(listener)).dec()
+        self._of(self._active, listener).dec()
 
     def message_received(self, listener: str) -> None:
-        self._received.labels(_label(listener)).inc()
+        self._of(self._received, listener).inc()
 
     def decision(self, stage: str, rule: str, action: str) -> None:
-        self._decisions.labels(_label(stage), _label(rule), _label(action)).inc()
+        self._of(self._decisions, stage, rule, action).inc()
 
     def rejected(self, stage: str, code: int) -> None:
         self._rejects.labels(_label(stage), str(int(code))).inc()
 
     def ratelimit_exceeded(self, limit: str) -> None:
-        self._ratelimit.labels(_label(limit)).inc()
+        self._of(self._ratelimit, limit).inc()
 
     def ratelimit_fallback(self) -> None:
         self._fallbacks.inc()
 
     def spf_result(self, result: str) -> None:
-        self._spf.labels(_label(result)).inc()
+        self._of(self._spf, result).inc()
 
     def dkim_result(self, result: str) -> None:
-        self._dkim.labels(_label(result)).inc()
+        self._of(self._dkim, result).inc()
 
     def dkim_unsigned(self) -> None:
         self._unsigned.inc()
@@ -279,30 +295,30 @@ class Metrics:
 
     def delivered(self, upstream: str, status: str, seconds: float) -> None:
         """One delivery attempt of one message finished with `status`, taking `seconds`."""
-        self._deliveries.labels(_label(upstream), _label(status)).inc()
-        self._duration.labels(_label(upstream)).observe(max(0.0, seconds))
+        self._of(self._deliveries, upstream, status).inc()
+        self._of(self._duration, upstream).observe(max(0.0, seconds))
 
     def connect_failed(self, upstream: str) -> None:
-        self._connect_failures.labels(_label(upstream)).inc()
+        self._of(self._connect_failures, upstream).inc()
 
     def upstream_up(self, upstream: str, up: bool) -> None:
-        self._up.labels(_label(upstream)).set(1 if up else 0)
+        self._of(self._up, upstream).set(1 if up else 0)
 
     def pool(self, upstream: str, idle: int, busy: int) -> None:
-        self._pool.labels(_label(upstream), "idle").set(idle)
-        self._pool.labels(_label(upstream), "busy").set(busy)
+        self._of(self._pool, upstream, "idle").set(idle)
+        self._of(self._pool, upstream, "busy").set(busy)
 
     # -- events -----------------------------------------------------------------------
 
     def event_backlog(self, sink: str, pending: int, oldest_age: float) -> None:
-        self._events_pending.labels(_label(sink)).set(pending)
-        self._events_oldest.labels(_label(sink)).set(max(0.0, oldest_age))
+        self._of(self._events_pending, sink).set(pending)
+        self._of(self._events_oldest, sink).set(max(0.0, oldest_age))
 
     def events_delivered(self, sink: str, count: int) -> None:
-        self._events_delivered.labels(_label(sink)).inc(count)
+        self._of(self._events_delivered, sink).inc(count)
 
     def events_dropped(self, sink: str, count: int) -> None:
-        self._events_dropped.labels(_label(sink)).inc(count)
+        self._of(self._events_dropped, sink).inc(count)
 
     # -- configuration ----------------------------------------------------------------
 
