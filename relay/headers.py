@@ -22,6 +22,8 @@ MAX_VALUE = 320
 def header_safe(text: str) -> str:
     """Text fit for a header we write: printable ASCII only, so a client-supplied value
     (HELO name, address, AUTH identity) can never end a line and start a new header."""
+    if text.isascii() and text.isprintable():  # nearly always: nothing to replace
+        return text
     return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 

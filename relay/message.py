@@ -17,6 +17,8 @@ class Tail:
     path: Path
     size: int
     bare_line_ending: bool
+    # The longest line when one is over the listener's max_line_length; otherwise some
+    # length within that limit.
     longest_line: int
 
 

@@ -120,6 +120,29 @@ def test_a_line_of_exactly_max_line_length_is_accepted(
     assert got.data.endswith(b"\r\n" + line + b"\r\n")
 
 
+@pytest.mark.parametrize("length", [998, 999])
+def test_the_line_limit_holds_in_the_part_of_a_large_message_on_disk(
+    relay: RelayProcess, sink: Sink, length: int
+):
+    """Past the first 256K a message goes to disk; a line there one octet over
+    max_line_length (which the reader lets through, as aiosmtpd does) is refused by the
+    same check as in the in-memory part, and the log names its length."""
+    filler = (b"f" * 76 + b"\r\n") * (600_000 // 78)
+    body = HEAD + filler + b"z" * length + b"\r\n" + filler + b".end\r\n"
+    wire = body.replace(b"\r\n.", b"\r\n..")
+    with session(relay) as raw:
+        raw.chat(ENVELOPE, 3)
+        [reply] = raw.chat(wire + b".\r\n")
+    if length == 998:
+        assert reply.startswith("250 2.0.0")
+        [got] = sink.wait_messages(1)
+        assert got.data.endswith(body)
+    else:
+        assert reply == "500 5.5.2 Error: line too long"
+        wait_until(lambda: "line of 999 octets" in relay.log_text(), what="the refusal's log")
+        assert not sink.handler.messages
+
+
 def test_a_line_far_over_the_limit_is_read_to_the_end_and_refused(relay: RelayProcess, sink: Sink):
     with session(relay) as raw:
         raw.chat(ENVELOPE, 3)

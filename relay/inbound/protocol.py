@@ -233,7 +233,11 @@ class _Spill:
         if piece.startswith(b".") or b"\r\n." in piece:
             piece = (b"\r\n" + piece).replace(b"\r\n.", b"\r\n")[2:]
         self.bare_line_ending = self.bare_line_ending or bare
-        self.longest_line = max(self.longest_line, longest_line(piece))
+        # Only a line over the session's limit (max_line_length, one under the reader's)
+        # matters, and its length for the log: a cheap scan first, the split into lines
+        # only for a piece that has one.
+        if has_long_line(piece, max(self.longest_line, line_limit - 1), exact=bare):
+            self.longest_line = max(self.longest_line, longest_line(piece))
         self._write(piece)
         del buf[self.head_end:last + 2]
         return last + 2 - self.head_end

@@ -40,7 +40,7 @@ from relay.headers import (
     strip_forged_authentication_results,
 )
 from relay.ipaddr import in_networks
-from relay.message import Tail, has_bare_line_ending, longest_line
+from relay.message import Tail, has_bare_line_ending, has_long_line, longest_line
 from relay.policy import rewrite
 from relay.policy.engine import Checks, Decision, Facts, evaluate
 from relay.policy.maps import MapError
@@ -284,8 +284,10 @@ class PolicySession:
             return refused(replies.MESSAGE_TOO_BIG, f"size={size}")
         if has_bare_line_ending(message) or (tail is not None and tail.bare_line_ending):
             return refused(replies.BAD_LINE_ENDING, detail)
-        longest = max(longest_line(message), tail.longest_line if tail else 0)
-        if longest > settings.inbound.max_line_length:
+        limit = settings.inbound.max_line_length
+        # No bare CR or LF past this point, so the window scan is exact.
+        if has_long_line(message, limit) or (tail is not None and tail.longest_line > limit):
+            longest = max(longest_line(message), tail.longest_line if tail else 0)
             return refused(replies.LINE_TOO_LONG, f"line of {longest} octets")
         header_size, hops = header_stats(message)
         if header_size > settings.inbound.max_header_size:

@@ -43,7 +43,6 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -52,6 +51,7 @@ from relay.events import outbox
 from relay.events.event import Event
 from relay.ops.conditions import DISK_FULL, SPOOL_UNWRITABLE, Conditions
 from relay.queue.content import Content
+from relay.queue.onethread import OneThread
 from relay.queue.walcheck import wal_damage
 
 T = TypeVar("T")
@@ -226,7 +226,7 @@ class Spool:
         # A full disk or an unwritable spool is a condition: logged when it starts and
         # when it ends (with the count of refused writes), never once per message.
         self.conditions = conditions or Conditions()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
+        self._thread = OneThread("spool")
         self._db: sqlite3.Connection | None = None
         # Writes waiting for the next group commit: a function run inside the
         # transaction, and the future that gets its result once the commit returned.
@@ -253,9 +253,8 @@ class Spool:
             return await self._in_thread(func, *args)
 
     async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, func, *args)
+            return await self._thread.run(func, *args)
         except sqlite3.Error as exc:
             raise SpoolError(str(exc)) from exc
 
@@ -333,7 +332,7 @@ class Spool:
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None
-        self._executor.shutdown(wait=True)
+        self._thread.close()
         if self._lock is not None:
             os.close(self._lock)  # releases the lock
             self._lock = None
