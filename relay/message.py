@@ -20,6 +20,7 @@ class Tail:
     # The longest line when one is over the listener's max_line_length; otherwise some
     # length within that limit.
     longest_line: int
+    eight_bit: bool  # an octet over 127
 
 
 # What a reader of a large message holds of it at once, besides its in-memory part.

@@ -96,6 +96,29 @@ async def test_mail_goes_upstream_with_its_body_type_and_size(sink: Sink, start_
     assert f"SIZE={len(eight.data)}" in eight.mail_options
 
 
+async def test_large_mail_goes_upstream_with_the_body_type_the_listener_saw(
+    sink: Sink, start_relay
+):
+    """Past its first 256K a message is on disk, and the listener's findings travel with
+    it to its first delivery (relay.queue.content.Checked) instead of a second read: an
+    8-bit octet only in the part on disk, only in the part in memory, or in neither."""
+    relay = start_relay(sink.port)
+    filler = (b"f" * 76 + b"\r\n") * 8000  # 624,000 octets
+    head = b"From: a@example.test\r\nSubject: large\r\n\r\n"
+    umlaut = "Grüße\r\n".encode()
+    messages = {"tail@dest.test": head + filler + umlaut + b".dot\r\n",
+                "head@dest.test": head + umlaut + filler,
+                "none@dest.test": head + filler + b".dot\r\n"}
+    for recipient, message in messages.items():
+        await send(relay.port, [recipient], message)
+    got = {m.recipients[0]: m for m in sink.wait_messages(3)}
+    for recipient, message in messages.items():
+        assert got[recipient].data.endswith(message)
+    assert "BODY=8BITMIME" in got["tail@dest.test"].mail_options
+    assert "BODY=8BITMIME" in got["head@dest.test"].mail_options
+    assert "BODY=7BIT" in got["none@dest.test"].mail_options
+
+
 async def test_8bit_mail_moves_on_to_a_host_that_offers_8bitmime(tmp_path: Path):
     plain, able = Sink(), Sink()
     plain.handler.without = {"8BITMIME"}

@@ -4,6 +4,8 @@ and one write that fails is undone alone."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,36 @@ async def test_a_stored_message_survives_reopening(tmp_path: Path):
             await again.data("missing")
     finally:
         await again.close()
+
+
+@pytest.mark.parametrize("kernel_copies", [None, 1000])
+async def test_a_large_message_file_is_its_parts_then_its_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copies: int | None
+):
+    """The tail is copied by the kernel (copy_file_range); where the kernel refuses
+    (another file system, an old kernel) after copying some or nothing, the rest is
+    copied a piece at a time from where it stopped."""
+    tail = tmp_path / "tail"
+    tail.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    if kernel_copies is not None:
+        real = os.copy_file_range
+        done = []
+
+        def refusing(src: int, dst: int, count: int) -> int:
+            if done:
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            done.append(real(src, dst, kernel_copies))
+            return done[0]
+
+        monkeypatch.setattr(os, "copy_file_range", refusing)
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    try:
+        contents = await spool.store("A", envelope("x@dest.test"),
+                                     (b"Received: ours\r\n", MESSAGE), tail)
+        assert contents["A"].path is not None
+        assert contents["A"].path.read_bytes() == (
+            b"Received: ours\r\n" + MESSAGE + tail.read_bytes())
+        assert contents["A"].size == contents["A"].path.stat().st_size
+    finally:
+        await spool.close()

@@ -19,9 +19,11 @@ from relay.events import outcomes
 from relay.headers import fold, header_safe
 from relay.inbound.context import ListenerContext
 from relay.inbound.protocol import RelaySMTP, client_address, declared_size
+from relay.message import Tail, has_bare_line_ending
 from relay.ops.logs import refusal_line
 from relay.policy.rewrite import Copy
 from relay.policy.session import PolicySession, Refusal, trace_lines
+from relay.queue.content import Checked
 from relay.queue.spool import Envelope as StoredEnvelope
 from relay.queue.spool import SpoolError, new_queue_id
 from relay.replies import Reply
@@ -197,8 +199,12 @@ class InboundHandler:
                      copy_id, queue_id, copy.sender, len(copy.recipients), copy.route,
                      archive.rule)
         if not stored.hold:
+            checked = _checked(parts, verdict.tail)
             for copy_id, copy in ((queue_id, stored), *copies):
-                context.on_queued(copy_id, copy, contents[copy_id])
+                content = contents[copy_id]
+                if checked is not None:
+                    content = dataclasses.replace(content, checked=checked)
+                context.on_queued(copy_id, copy, content)
         return str(replies.queued(queue_id))
 
     async def handle_exception(self, error: Exception) -> str:
@@ -249,6 +255,17 @@ SERVER_RULES = {
     replies.AUTH_NEEDS_TLS: "auth_needs_tls",
     replies.AUTH_FAILED: "auth_failed",
 }
+
+
+def _checked(parts: Sequence[bytes], tail: Tail | None) -> Checked | None:
+    """What delivery may take on trust about a message just stored: the listener looked
+    at every octet of the part on disk as it arrived (relay.message.Tail), and the parts
+    in memory (ours and the message's start, rewritten maybe) are looked at here. None
+    if a bare CR or LF is found: delivery then mends the line ends itself."""
+    if any(has_bare_line_ending(part) for part in parts) or (tail and tail.bare_line_ending):
+        return None
+    return Checked(eight_bit=not all(part.isascii() for part in parts)
+                   or (tail is not None and tail.eight_bit))
 
 
 def server_rule(reply: Reply) -> str:

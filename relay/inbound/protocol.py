@@ -212,6 +212,7 @@ class _Spill:
         self.size = 0
         self.bare_line_ending = False
         self.longest_line = 0
+        self.eight_bit = False
         self.too_long = False  # a line over the reader's limit went to the file
 
     def take(self, buf: bytearray, upto: int, line_limit: int) -> int:
@@ -233,6 +234,7 @@ class _Spill:
         if piece.startswith(b".") or b"\r\n." in piece:
             piece = (b"\r\n" + piece).replace(b"\r\n.", b"\r\n")[2:]
         self.bare_line_ending = self.bare_line_ending or bare
+        self.eight_bit = self.eight_bit or not piece.isascii()
         # Only a line over the session's limit (max_line_length, one under the reader's)
         # matters, and its length for the log: a cheap scan first, the split into lines
         # only for a piece that has one.
@@ -258,7 +260,8 @@ class _Spill:
             return None
         os.close(self._fd)
         self._fd = -1
-        return Tail(self.path, self.size, self.bare_line_ending, self.longest_line)
+        return Tail(self.path, self.size, self.bare_line_ending, self.longest_line,
+                    self.eight_bit)
 
     def discard(self) -> None:
         if self._fd >= 0:

@@ -12,12 +12,25 @@ PIECE = 256 * 1024  # bytes read at a time
 
 
 @dataclass(frozen=True, slots=True)
+class Checked:
+    """What the listener found in a message's every octet as it arrived, so that its
+    first delivery need not read the message again to find it out: CR and LF only come
+    as CRLF pairs, with no NUL (else the message was refused), and whether an octet is
+    over 127 (RFC 6152)."""
+
+    eight_bit: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Content:
-    """The bytes of one message: its spool file, or (for tests and tools) bytes at hand."""
+    """The bytes of one message: its spool file, or (for tests and tools) bytes at hand.
+    `checked` when the listener has just stored them; a message read back from the
+    spool (a retry, a restart) is looked at again."""
 
     path: Path | None
     size: int
     data: bytes = b""
+    checked: Checked | None = None
 
     @classmethod
     def of(cls, data: bytes) -> Content:
@@ -47,6 +60,8 @@ class Content:
 
     async def eight_bit(self) -> bool:
         """Whether any octet is over 127 (RFC 6152: BODY=8BITMIME)."""
+        if self.checked is not None:
+            return self.checked.eight_bit
         async for data in self.pieces():
             if not data.isascii():
                 return True

@@ -39,7 +39,6 @@ import functools
 import logging
 import os
 import random
-import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -771,13 +770,9 @@ def _write_file(path: Path, parts: Sequence[bytes], tail: Path | None = None,
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
         for part in parts:
-            view = memoryview(part)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, part)
         if tail is not None:
-            # A piece at a time: never whole in memory.
-            with tail.open("rb") as source, os.fdopen(os.dup(fd), "wb") as target:
-                shutil.copyfileobj(source, target, COPY_PIECE)
+            _append_file(tail, fd)
         os.fsync(fd)
         for link in links:
             os.link(path, link)
@@ -787,6 +782,34 @@ def _write_file(path: Path, parts: Sequence[bytes], tail: Path | None = None,
         raise
     finally:
         os.close(fd)
+
+
+# What copy_file_range(2) says when the kernel cannot copy between these two files.
+_NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
+
+
+def _append_file(source: Path, fd: int) -> None:
+    """The file `source` written on at `fd`'s offset: by the kernel (copy_file_range),
+    the octets never passing through this process, or where it cannot, a piece at a
+    time (never whole in memory)."""
+    with source.open("rb") as f:
+        src = f.fileno()
+        try:
+            while os.copy_file_range(src, fd, COPY_PIECE):
+                pass
+            return
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+        # Both offsets stand after what the kernel copied, if anything: go on from there.
+        while piece := os.read(src, COPY_PIECE):
+            _write_all(fd, piece)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _damaged(database: Path, problem: str) -> SpoolDamaged:
