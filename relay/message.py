@@ -21,6 +21,7 @@ class Tail:
     # length within that limit.
     longest_line: int
     eight_bit: bool  # an octet over 127
+    dot_lines: bool  # a line that starts with a dot (once unstuffed)
 
 
 # What a reader of a large message holds of it at once, besides its in-memory part.

@@ -106,9 +106,10 @@ async def test_large_mail_goes_upstream_with_the_body_type_the_listener_saw(
     filler = (b"f" * 76 + b"\r\n") * 8000  # 624,000 octets
     head = b"From: a@example.test\r\nSubject: large\r\n\r\n"
     umlaut = "Grüße\r\n".encode()
+    # Lines starting with a dot (stuffed on the wire both ways) in either part or none.
     messages = {"tail@dest.test": head + filler + umlaut + b".dot\r\n",
-                "head@dest.test": head + umlaut + filler,
-                "none@dest.test": head + filler + b".dot\r\n"}
+                "head@dest.test": head + b".\r\n..\r\n" + umlaut + filler,
+                "none@dest.test": head + filler + b"no dot\r\n"}
     for recipient, message in messages.items():
         await send(relay.port, [recipient], message)
     got = {m.recipients[0]: m for m in sink.wait_messages(3)}

@@ -473,7 +473,7 @@ def as_tail(message: bytes, directory: Path, at: int = 256 * 1024) -> tuple[byte
     octets in memory, the rest in a file."""
     path = directory / "tail"
     path.write_bytes(message[at:])
-    return message[:at], Tail(path, len(message) - at, False, 0, False)
+    return message[:at], Tail(path, len(message) - at, False, 0, False, False)
 
 
 def split_inside_a_crlf(message: bytes) -> int:
@@ -602,7 +602,7 @@ async def test_verifying_a_large_message_also_hashes_its_body_for_signing(
     assert outcome.result == "pass"
     known = outcome.body_hashes[SIGNING_BODY]
     # Given that hash, signing does not read the tail again (its file is gone).
-    gone = Tail(tmp_path / "gone", tail.size, False, 0, False)
+    gone = Tail(tmp_path / "gone", tail.size, False, 0, False, False)
     assert sign(head, [keys.rsa, keys.ed25519], DEFAULT_SIGNED_HEADERS, gone, known) == sign(
         head, [keys.rsa, keys.ed25519], DEFAULT_SIGNED_HEADERS, tail)
 
@@ -611,7 +611,7 @@ async def test_an_unsigned_large_message_is_not_read_by_verification(
     server: DnsServer, tmp_path: Path
 ) -> None:
     head, _ = as_tail(large_message(), tmp_path)
-    gone = Tail(tmp_path / "gone", 4 * 2**20, False, 0, False)
+    gone = Tail(tmp_path / "gone", 4 * 2**20, False, 0, False, False)
     outcome = await verify_dkim(resolver_for(server), head, timeout=5.0, tail=gone,
                                 also=[SIGNING_BODY])
     assert outcome == DkimOutcome("none") and not outcome.body_hashes

@@ -16,7 +16,7 @@ from aiosmtpd.smtp import Envelope, Session
 from relay import replies
 from relay.checks.services import SessionChecks
 from relay.events import outcomes
-from relay.headers import fold, header_safe
+from relay.headers import fold, header_safe, header_section
 from relay.inbound.context import ListenerContext
 from relay.inbound.protocol import RelaySMTP, client_address, declared_size
 from relay.message import Tail, has_bare_line_ending
@@ -199,7 +199,7 @@ class InboundHandler:
                      copy_id, queue_id, copy.sender, len(copy.recipients), copy.route,
                      archive.rule)
         if not stored.hold:
-            checked = _checked(parts, verdict.tail)
+            checked = _checked(*parts, verdict.tail)
             for copy_id, copy in ((queue_id, stored), *copies):
                 content = contents[copy_id]
                 if checked is not None:
@@ -257,15 +257,23 @@ SERVER_RULES = {
 }
 
 
-def _checked(parts: Sequence[bytes], tail: Tail | None) -> Checked | None:
-    """What delivery may take on trust about a message just stored: the listener looked
-    at every octet of the part on disk as it arrived (relay.message.Tail), and the parts
-    in memory (ours and the message's start, rewritten maybe) are looked at here. None
-    if a bare CR or LF is found: delivery then mends the line ends itself."""
-    if any(has_bare_line_ending(part) for part in parts) or (tail and tail.bare_line_ending):
+def _checked(ours: bytes, message: bytes, tail: Tail | None) -> Checked | None:
+    """What delivery may take on trust about a message just stored: our header lines,
+    then the message as the policy left it (its start in memory, the rest on disk).
+
+    The session refused the message unless its CR and LF came in pairs, and rewriting or
+    removing forged Authentication-Results changed only its header section: that and our
+    lines are looked at again here, the rest not. None (delivery looks at everything)
+    if a bare CR or LF is found all the same."""
+    if has_bare_line_ending(ours) or has_bare_line_ending(header_section(message)):
         return None
-    return Checked(eight_bit=not all(part.isascii() for part in parts)
-                   or (tail is not None and tail.eight_bit))
+    return Checked(
+        eight_bit=not (ours.isascii() and message.isascii())
+        or (tail is not None and tail.eight_bit),
+        # Each of the three starts a line.
+        dot_lines=any(part.startswith(b".") or b"\r\n." in part for part in (ours, message))
+        or (tail is not None and tail.dot_lines),
+    )
 
 
 def server_rule(reply: Reply) -> str:

@@ -213,6 +213,7 @@ class _Spill:
         self.bare_line_ending = False
         self.longest_line = 0
         self.eight_bit = False
+        self.dot_lines = False
         self.too_long = False  # a line over the reader's limit went to the file
 
     def take(self, buf: bytearray, upto: int, line_limit: int) -> int:
@@ -233,6 +234,7 @@ class _Spill:
         # RFC 5321 section 4.5.2: each piece starts a line, so a leading dot is one too.
         if piece.startswith(b".") or b"\r\n." in piece:
             piece = (b"\r\n" + piece).replace(b"\r\n.", b"\r\n")[2:]
+            self.dot_lines = True
         self.bare_line_ending = self.bare_line_ending or bare
         self.eight_bit = self.eight_bit or not piece.isascii()
         # Only a line over the session's limit (max_line_length, one under the reader's)
@@ -261,7 +263,7 @@ class _Spill:
         os.close(self._fd)
         self._fd = -1
         return Tail(self.path, self.size, self.bare_line_ending, self.longest_line,
-                    self.eight_bit)
+                    self.eight_bit, self.dot_lines)
 
     def discard(self) -> None:
         if self._fd >= 0:

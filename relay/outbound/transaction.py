@@ -380,12 +380,14 @@ async def _send_content(protocol: SMTPProtocol, content: Content) -> None:
     # aiosmtplib keeps what the server says only while it expects a reply: one that
     # comes early (a 5xx before the end) must not be dropped while we are writing.
     protocol._response_pending = True
+    checked = content.checked
+    as_is = checked is not None and not checked.dot_lines  # nothing to stuff or mend
     stuffed = b""
-    async for piece in content.pieces():
+    async for piece in content.pieces(lines=not as_is):
         if stuffed:
             protocol.write(stuffed)
             await protocol._drain_helper()  # flow control: wait while the socket is full
-        stuffed = dot_stuffed(piece, end=False, paired=content.checked is not None)
+        stuffed = piece if as_is else dot_stuffed(piece, end=False, paired=checked is not None)
     # The last piece goes with the final dot: one write (and one system call) for the
     # whole of a small message.
     protocol.write(stuffed + (b".\r\n" if not stuffed or stuffed.endswith(b"\n")

@@ -15,10 +15,12 @@ PIECE = 256 * 1024  # bytes read at a time
 class Checked:
     """What the listener found in a message's every octet as it arrived, so that its
     first delivery need not read the message again to find it out: CR and LF only come
-    as CRLF pairs, with no NUL (else the message was refused), and whether an octet is
-    over 127 (RFC 6152)."""
+    as CRLF pairs, with no NUL (else the message was refused); whether an octet is over
+    127 (RFC 6152), and whether a line starts with a dot (RFC 5321 section 4.5.2: without
+    one, the message goes upstream as it is, in pieces of any length)."""
 
     eight_bit: bool
+    dot_lines: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +38,10 @@ class Content:
     def of(cls, data: bytes) -> Content:
         return cls(None, len(data), data)
 
-    async def pieces(self, piece: int = PIECE) -> AsyncIterator[bytes]:
+    async def pieces(self, piece: int = PIECE, lines: bool = True) -> AsyncIterator[bytes]:
         """The bytes in order, each piece ending with a line end except maybe the last
-        (so that a line never straddles two pieces: dot-stuffing looks at line starts)."""
+        (so that a line never straddles two pieces: dot-stuffing looks at line starts);
+        without `lines`, as the file gives them."""
         if self.path is None:
             if self.data:
                 yield self.data
@@ -48,6 +51,9 @@ class Content:
         try:
             carry = b""
             while chunk := await loop.run_in_executor(None, f.read, piece):
+                if not lines:
+                    yield chunk
+                    continue
                 data = carry + chunk
                 end = data.rfind(b"\n") + 1
                 carry, data = data[end:], data[:end]
