@@ -569,6 +569,7 @@ class Delivery:
         kept here and written later: what an upstream accepted is never sent again, and
         no new delivery starts meanwhile."""
         message = result.message
+        bounced = result.dsn is not None
         try:
             if result.dsn is not None:
                 dsn_id, envelope, dsn = result.dsn
@@ -587,7 +588,10 @@ class Delivery:
             self._unrecorded[message.id] = result
             return False
         self._unrecorded.pop(message.id, None)
-        self.wake()  # the bounce, or the message itself, waits in the spool now
+        if bounced or new_state is not None:
+            # The bounce, or the message itself, waits in the spool now. A message sent
+            # (deleted) leaves nothing there: no query for it.
+            self.wake()
         await self._suppress(message.id, result.suppress)
         if new_state == "failed" and self.settings.queue.on_permanent_failure == "hold":
             with contextlib.suppress(Exception):
