@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import os
@@ -11,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,10 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
+
+from relay import config
+from relay.outbound.delivery import Delivery, Upstreams
+from relay.queue.spool import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -334,3 +339,27 @@ def send_raw(port: int, chunks: list[bytes], read_timeout: float = 5.0) -> bytes
                 received += s.recv(65536)
         return received
 
+
+
+@contextlib.asynccontextmanager
+async def delivering(
+    sink_port: int, directory: Path, make_spool: Callable[[Path], Spool] = Spool
+) -> AsyncIterator[tuple[Spool, Delivery]]:
+    """A real spool and its Delivery, the delivery loop running, sending to `sink_port`;
+    stopped and closed at the end."""
+    path = directory / "config.toml"
+    path.write_text(relay_config(sink_port, 2525, directory / "spool"))
+    settings = config.load(path)
+    spool = make_spool(settings.spool_path)
+    await spool.open()
+    upstreams = Upstreams(settings)
+    delivery = Delivery(spool, settings, upstreams)
+    loop = asyncio.create_task(delivery.run())
+    try:
+        yield spool, delivery
+    finally:
+        await delivery.stop(1.0)
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        await upstreams.close()
+        await spool.close()

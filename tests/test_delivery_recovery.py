@@ -10,12 +10,10 @@ import time
 from pathlib import Path
 
 import aiosmtplib
-from conftest import RelayProcess, Sink, free_port, relay_config, run_cli, wait_until
+from conftest import RelayProcess, Sink, delivering, free_port, run_cli, wait_until
 from test_operations import scrape
 from tlsupstream import Relays
 
-from relay import config
-from relay.outbound.delivery import Delivery, Upstreams
 from relay.queue.spool import Envelope, Spool, SpoolError
 
 MESSAGE = b"From: a@example.test\r\nSubject: recovery\r\n\r\nbody\r\n"
@@ -190,15 +188,11 @@ class FailingSpool(Spool):
 async def test_an_accepted_recipient_is_sent_once_while_the_spool_cannot_record_it(
     sink: Sink, tmp_path: Path
 ):
-    path = tmp_path / "config.toml"
-    path.write_text(relay_config(sink.port, 2525, tmp_path / "spool"))
-    settings = config.load(path)
-    spool = FailingSpool(settings.spool_path, failures=5)
-    await spool.open()
-    upstreams = Upstreams(settings)
-    delivery = Delivery(spool, settings, upstreams)
-    loop = asyncio.create_task(delivery.run())
-    try:
+    def failing(directory: Path) -> Spool:
+        return FailingSpool(directory, failures=5)
+
+    async with delivering(sink.port, tmp_path, failing) as (spool, delivery):
+        assert isinstance(spool, FailingSpool)
         envelope = Envelope(sender="a@example.test", recipients=("b@dest.test",),
                             client_address="127.0.0.1", helo="client.test", listener="smtp",
                             received_at=time.time())
@@ -212,9 +206,3 @@ async def test_an_accepted_recipient_is_sent_once_while_the_spool_cannot_record_
         assert spool.refused == 5
         assert len(sink.handler.messages) == 2  # and each message went once
         assert not delivery.paused
-    finally:
-        await delivery.stop(1.0)
-        loop.cancel()
-        await asyncio.gather(loop, return_exceptions=True)
-        await upstreams.close()
-        await spool.close()
