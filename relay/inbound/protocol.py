@@ -230,17 +230,20 @@ class _Spill:
             return 0
         piece = bytes(buf[self.head_end:last + 2])
         bare = has_bare_line_ending(piece)
-        self.too_long = self.too_long or has_long_line(piece, line_limit, exact=bare)
+        # Lines over the session's limit (max_line_length, one under the reader's
+        # line_limit) matter: over the reader's as it came (with its transparency dot),
+        # as aiosmtpd counts; over the session's once unstuffed, with the longest one's
+        # length for the log. One window scan finds that there are none, nearly always.
+        long_lines = has_long_line(piece, line_limit - 1, exact=bare)
+        self.too_long = self.too_long or (
+            long_lines and has_long_line(piece, line_limit, exact=bare))
         # RFC 5321 section 4.5.2: each piece starts a line, so a leading dot is one too.
         if piece.startswith(b".") or b"\r\n." in piece:
             piece = (b"\r\n" + piece).replace(b"\r\n.", b"\r\n")[2:]
             self.dot_lines = True
         self.bare_line_ending = self.bare_line_ending or bare
         self.eight_bit = self.eight_bit or not piece.isascii()
-        # Only a line over the session's limit (max_line_length, one under the reader's)
-        # matters, and its length for the log: a cheap scan first, the split into lines
-        # only for a piece that has one.
-        if has_long_line(piece, max(self.longest_line, line_limit - 1), exact=bare):
+        if long_lines:
             self.longest_line = max(self.longest_line, longest_line(piece))
         self._write(piece)
         del buf[self.head_end:last + 2]
@@ -737,7 +740,10 @@ class RelaySMTP(SMTP):
                 self._progress_at = self.loop.time()
             start = max(0, len(buf) - 4)
             buf += chunk
-            end = buf.find(END_OF_DATA, start)
+            # Both the end of data and the doubled dots counted below start with CRLF
+            # "."; nearly every chunk of a message has none, and one scan says so.
+            dotted = buf.find(b"\r\n.", min(start, counted)) >= 0
+            end = buf.find(END_OF_DATA, start) if dotted else -1
             if end >= 0:
                 if len(buf) > end + 5:
                     reader.unread(buf[end + 5 :])
@@ -748,7 +754,8 @@ class RelaySMTP(SMTP):
                 # found before it can be counted (the last 4 octets wait for the next
                 # chunk).
                 scan_to = len(buf) if end >= 0 else max(counted, len(buf) - 4)
-                dots += buf.count(b"\r\n.", counted, scan_to)
+                if dotted:
+                    dots += buf.count(b"\r\n.", counted, scan_to)
                 counted = max(counted, scan_to - 2)
                 if (len(buf) - 2 if end >= 0 else len(buf) - 4) - dots > size_limit:
                     # RFC 1870 section 6: the message goes over the size limit.
