@@ -30,6 +30,21 @@ def test_delivery_events_take_the_message_id_of_their_received_event():
     assert db.execute("SELECT DISTINCT message_id FROM event").fetchall() == [("abc@app.test",)]
 
 
+def test_the_events_of_one_call_each_get_their_own_message_id():
+    """Several recipients' results and several messages in one call (a group commit):
+    the Message-ID is looked up once per message, and each keeps its own."""
+    db = database()
+    outbox.append(db, [event("received", "Q1", 1.0, "one@app.test"),
+                       event("received", "Q2", 1.0, "two@app.test")])
+    outbox.append(db, [event("sent", "Q1", 2.0), event("sent", "Q2", 2.0),
+                       event("deferred", "Q1", 2.0), event("sent", "Q3", 2.0),
+                       event("bounced", "Q2", 2.0)])
+    rows = outbox.after(db, 2, 10)
+    assert [(r.type, json.loads(r.data)["message_id"]) for r in rows] == [
+        ("sent", "one@app.test"), ("sent", "two@app.test"), ("deferred", "one@app.test"),
+        ("sent", ""), ("bounced", "two@app.test")]
+
+
 def test_a_new_sink_starts_at_the_newest_event_and_advances_only_forward():
     db = database()
     outbox.append(db, [event("received", "Q1", 1.0, ""), event("sent", "Q1", 2.0)])

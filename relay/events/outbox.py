@@ -56,15 +56,20 @@ class Stored:
 
 def append(db: sqlite3.Connection, events: Iterable[Event]) -> None:
     """Insert `events` (inside the caller's transaction)."""
+    # The events of one call are nearly always about one message (a recipient's result
+    # each): its Message-ID is looked up once.
+    found: dict[str, str] = {}
     for event in events:
         message_id = event.message_id
+        if message_id is None:
+            message_id = found.get(event.queue_id)
         if message_id is None:
             row = db.execute(
                 # The column is lower case for lookups; the record keeps what was sent.
                 "SELECT json_extract(data, '$.message_id') FROM event WHERE queue_id = ? "
                 "AND type = 'received' LIMIT 1", (event.queue_id,)).fetchone() \
                 if event.queue_id else None
-            message_id = row[0] if row else ""
+            message_id = found[event.queue_id] = row[0] if row else ""
         db.execute(
             "INSERT INTO event (type, time, queue_id, message_id, recipient, data) "
             "VALUES (?, ?, ?, ?, ?, ?)",
