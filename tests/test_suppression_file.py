@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from relay.events import suppression
@@ -36,3 +38,66 @@ def test_workers_opening_the_list_at_once_after_the_relay_created_it_all_succeed
         root = tmp_path / str(attempt)
         suppression.create_list(SuppressionSettings(), root)
         assert open_at_once(root / "suppression.db", 3) == []
+
+
+class CountingList(suppression.LocalList):
+    """A real list that counts the lookups that went to the database."""
+
+    queries = 0
+
+    def _query(self, address: str) -> suppression.Entry | None:
+        self.queries += 1
+        return super()._query(address)
+
+
+async def test_a_lookup_asked_again_is_answered_from_memory_until_any_program_changes_the_list(
+    tmp_path: Path,
+):
+    """Lookups are remembered while suppression.db does not change; a change by this
+    process, by another (the CLI, another worker: another LocalList) or by a plain
+    sqlite3 connection is seen at the next lookup."""
+    path = tmp_path / "suppression.db"
+    suppression.create_list(SuppressionSettings(), tmp_path)
+    worker, cli = CountingList(path, 3600.0), suppression.LocalList(path, 3600.0)
+    try:
+        await cli.add("gone@dest.test", "bounce", "550 5.1.1 no such user")
+        for _ in range(3):
+            assert await worker.lookup("fine@dest.test") is None
+            assert (await worker.lookup("Gone@Dest.Test")).reply == "550 5.1.1 no such user"
+        assert worker.queries <= 3  # the first of each, and one while the -shm appeared
+        asked = worker.queries
+        assert await worker.lookup("fine@dest.test") is None
+        assert worker.queries == asked
+
+        await cli.add("fine@dest.test", "operator", "suppressed by hand")
+        assert (await worker.lookup("fine@dest.test")).reason == "operator"
+        assert await cli.remove("gone@dest.test")
+        assert await worker.lookup("gone@dest.test") is None
+
+        with sqlite3.connect(path) as foreign:  # not through the relay's code
+            foreign.execute("INSERT INTO suppressed VALUES ('new@dest.test', 'x', 'y', 0, ?)",
+                            (time.time() + 60,))
+        assert (await worker.lookup("new@dest.test")).reason == "x"
+        assert worker.queries > asked
+    finally:
+        await worker.close()
+        await cli.close()
+
+
+async def test_a_remembered_entry_still_expires(tmp_path: Path):
+    now = [1000.0]
+    path = tmp_path / "suppression.db"
+    suppression.create_list(SuppressionSettings(), tmp_path)
+    worker = CountingList(path, 60.0, clock=lambda: now[0])
+    writer = suppression.LocalList(path, 60.0, clock=lambda: now[0])
+    try:
+        await writer.add("gone@dest.test", "bounce", "550 5.1.1 no such user")
+        assert await worker.lookup("gone@dest.test") is not None
+        assert await worker.lookup("gone@dest.test") is not None
+        asked = worker.queries
+        now[0] += 61
+        assert await worker.lookup("gone@dest.test") is None
+        assert worker.queries == asked  # from memory, and expired all the same
+    finally:
+        await worker.close()
+        await writer.close()

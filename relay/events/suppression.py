@@ -11,6 +11,7 @@ local part case-sensitively, but no receiver in practice does).
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
@@ -63,6 +64,7 @@ class LocalList:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="suppression")
         self._db: sqlite3.Connection | None = None  # for writes, in the thread
         self._reading: sqlite3.Connection | None = None  # lookups, on the event loop
+        self._remembered = _Remembered(Path(f"{path}-shm"))
 
     def __repr__(self) -> str:
         return f"<LocalList {self.path}>"
@@ -88,17 +90,29 @@ class LocalList:
     async def lookup(self, address: str) -> Entry | None:
         """Asked at every RCPT, so answered on the event loop itself: a primary-key read
         of a local WAL database never waits for a writer and takes a few microseconds,
-        less than the hop to a thread and back would."""
+        less than the hop to a thread and back would; an address asked again while the
+        database has not changed since is answered from memory (_Remembered)."""
         return self._read(address)
 
     def _read(self, address: str) -> Entry | None:
+        address = address.lower()
+        remembered = self._remembered
+        version = remembered.version()
+        if address in remembered.entries and version == remembered.at:
+            entry = remembered.entries[address]
+        else:
+            entry = self._query(address)
+            remembered.keep(version, address, entry)
+        return entry if entry is not None and entry.expires > self.clock() else None
+
+    def _query(self, address: str) -> Entry | None:
         try:
             if self._reading is None:
                 self._reading = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                                 timeout=0.1)
             row = self._reading.execute(
                 "SELECT address, reason, reply, added, expires FROM suppressed "
-                "WHERE address = ? AND expires > ?", (address.lower(), self.clock())).fetchone()
+                "WHERE address = ?", (address,)).fetchone()
         except sqlite3.Error as exc:
             if not self.path.exists() or "no such table" in str(exc):
                 return None  # nothing was ever suppressed
@@ -136,6 +150,7 @@ class LocalList:
         return await self._run(select)
 
     async def close(self) -> None:
+        self._remembered.close()
         if self._reading is not None:
             self._reading.close()
             self._reading = None
@@ -143,6 +158,61 @@ class LocalList:
             await self._run(self._db.close)
             self._db = None
         self._executor.shutdown(wait=True)
+
+
+class _Remembered:
+    """Lookups answered from memory while suppression.db has not changed since.
+
+    Whether it changed is read from the header of its write-ahead log index, the -shm
+    file SQLite keeps beside a database in WAL mode for every connection of every
+    process (https://www.sqlite.org/walformat.html, section 2.1): two copies of 48
+    octets, written one after the other by every commit, whatever program made it. An
+    unchanged header is one pread, where a query takes a read transaction and two file
+    locks on a file that every worker shares. Copies that differ (a commit writing them
+    now) or no readable -shm: nothing is remembered, the database is asked."""
+
+    def __init__(self, shm: Path) -> None:
+        self.shm = shm
+        self._fd = -1
+        self.at: bytes | None = None  # the header the entries were read under
+        self.entries: dict[str, Entry | None] = {}
+
+    def version(self) -> bytes | None:
+        try:
+            if self._fd < 0 or os.fstat(self._fd).st_nlink == 0:
+                # Not open yet, or the file was removed (every connection closed) and
+                # another will take its place.
+                self.close()
+                self._fd = os.open(self.shm, os.O_RDONLY | os.O_CLOEXEC)
+            header = os.pread(self._fd, 96, 0)
+        except OSError:
+            self.close()
+            return None
+        if len(header) < 96 or header[:48] != header[48:]:
+            return None
+        return header[:48]
+
+    def keep(self, version: bytes | None, address: str, entry: Entry | None) -> None:
+        """Remember what the database said of `address`, asked after `version` was read
+        (so it is at least that new: a commit in between changes the version, and the
+        next lookup forgets it)."""
+        if version != self.at or version is None or len(self.entries) >= REMEMBERED:
+            self.entries.clear()
+            self.at = version
+        if version is not None:
+            self.entries[address] = entry
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.entries.clear()
+        self.at = None
+
+
+# Addresses remembered at most; beyond, forgotten all at once (RCPT addresses repeat:
+# the app servers' customers).
+REMEMBERED = 65536
 
 
 class RedisList:
