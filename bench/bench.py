@@ -99,10 +99,20 @@ class Owned:
 OWNED = Owned()
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on now, never one handed out before in this run:
+    the kernel may offer a just-closed port again, and two servers then collide."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind((LOOPBACK, 0))
+            port: int = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no loopback port left that was not handed out before")
 
 
 def wait_tcp(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 15) -> None:

@@ -28,10 +28,22 @@ from relay.queue.spool import Spool
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Ports free_port() handed out in this process.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on now, and never one handed out before: the
+    kernel may offer a port again as soon as the probe closed it, and a relay given one
+    port for two of its listeners does not start."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise AssertionError("no loopback port left that was not handed out before")
 
 
 def wait_until(

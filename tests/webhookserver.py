@@ -7,19 +7,14 @@ import asyncio
 import hashlib
 import hmac
 import json
-import socket
 import threading
 import time
 from typing import Any
 
+from conftest import free_port
+
 # How far a batch's timestamp may be from the receiver's clock (replay protection).
 TOLERANCE = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Receiver:
