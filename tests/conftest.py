@@ -355,12 +355,14 @@ def send_raw(port: int, chunks: list[bytes], read_timeout: float = 5.0) -> bytes
 
 @contextlib.asynccontextmanager
 async def delivering(
-    sink_port: int, directory: Path, make_spool: Callable[[Path], Spool] = Spool
+    sink_port: int, directory: Path, make_spool: Callable[[Path], Spool] = Spool,
+    upstream_extra: str = "",
 ) -> AsyncIterator[tuple[Spool, Delivery]]:
     """A real spool and its Delivery, the delivery loop running, sending to `sink_port`;
     stopped and closed at the end."""
     path = directory / "config.toml"
-    path.write_text(relay_config(sink_port, 2525, directory / "spool"))
+    path.write_text(relay_config(sink_port, 2525, directory / "spool",
+                                 upstream_extra=upstream_extra))
     settings = config.load(path)
     spool = make_spool(settings.spool_path)
     await spool.open()

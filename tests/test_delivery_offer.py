@@ -10,8 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Sink, delivering
 
+from relay.outbound import delivery as delivery_module
 from relay.queue.spool import Envelope, Spool
 
 MESSAGE = b"From: a@example.test\r\nSubject: offer\r\n\r\nbody\r\n"
@@ -82,3 +84,21 @@ async def test_offered_mail_that_is_sent_does_not_send_the_loop_to_the_spool(
         stored = await spool.store("D", later, MESSAGE)
         delivery.offer("D", later, stored["D"])
         await until(lambda: spool.queries > 1)  # it waits in the spool now: the loop looks
+
+
+async def test_offered_mail_parked_by_a_group_limit_goes_as_each_delivery_ends(
+    sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A group with max_concurrent = 1: offered at once, all but one are parked; each
+    delivery that ends must start the next, not leave it to the loop's idle poll (made
+    an hour here, so only a wake-up can start them)."""
+    monkeypatch.setattr(delivery_module, "IDLE_POLL", 3600.0)
+    async with delivering(sink.port, tmp_path, upstream_extra="max_concurrent = 1") as (
+            spool, delivery):
+        await asyncio.sleep(0.2)  # the loop's first look at the empty spool
+        for n in range(10):
+            stored = await spool.store(f"M{n}", ENVELOPE, MESSAGE)
+            delivery.offer(f"M{n}", ENVELOPE, stored[f"M{n}"])
+        await until(lambda: len(sink.handler.messages) == 10)
+        while await spool.count():
+            await asyncio.sleep(0.01)

@@ -4,6 +4,7 @@ boundary falls, and the memory budget for message data."""
 from __future__ import annotations
 
 import random
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,6 +142,31 @@ def test_the_line_limit_holds_in_the_part_of_a_large_message_on_disk(
         assert reply == "500 5.5.2 Error: line too long"
         wait_until(lambda: "line of 999 octets" in relay.log_text(), what="the refusal's log")
         assert not sink.handler.messages
+
+
+def test_a_reload_that_lowers_max_line_length_holds_in_the_part_on_disk(
+    tmp_path: Path, sink: Sink
+):
+    """The reader's own limit is the one in force when the connection opened; the
+    session's is the one its transaction runs on. A line between the two, past the part
+    kept in memory, is measured all the same and refused."""
+    relay = start(tmp_path, sink, 'max_message_size = "4M"\nmax_line_length = 2000')
+    try:
+        with session(relay) as raw:
+            assert relay.proc is not None
+            relay.config.write_text(relay.config.read_text().replace(
+                "max_line_length = 2000", "max_line_length = 998"))
+            relay.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: "reloaded configuration" in relay.log_text(),
+                       what="the reload")
+            raw.chat(ENVELOPE, 3)
+            filler = (b"f" * 76 + b"\r\n") * (600_000 // 78)
+            [reply] = raw.chat(HEAD + filler + b"z" * 1500 + b"\r\n" + filler + b".\r\n")
+        assert reply == "500 5.5.2 Error: line too long"
+        wait_until(lambda: "line of 1500 octets" in relay.log_text(), what="the refusal's log")
+    finally:
+        relay.stop()
+    assert not sink.handler.messages
 
 
 def test_a_line_far_over_the_limit_is_read_to_the_end_and_refused(relay: RelayProcess, sink: Sink):

@@ -203,9 +203,12 @@ class _Spill:
     CR or LF) before its transparency dots are removed. The first part stays in the
     reader's buffer; the file is named by relay.message.Tail."""
 
-    def __init__(self, directory: Path, at: int) -> None:
+    def __init__(self, directory: Path, at: int, max_line_length: int) -> None:
         self.directory = directory
         self.at = at
+        # The session's limit, from the settings its transaction runs on (a reload may
+        # have changed them since the connection, and with them the reader, opened).
+        self.max_line_length = max_line_length
         self.head_end = 0  # where the first part ends in the reader's buffer (0: not yet)
         self.path: Path | None = None
         self._fd = -1
@@ -230,11 +233,11 @@ class _Spill:
             return 0
         piece = bytes(buf[self.head_end:last + 2])
         bare = has_bare_line_ending(piece)
-        # Lines over the session's limit (max_line_length, one under the reader's
-        # line_limit) matter: over the reader's as it came (with its transparency dot),
-        # as aiosmtpd counts; over the session's once unstuffed, with the longest one's
-        # length for the log. One window scan finds that there are none, nearly always.
-        long_lines = has_long_line(piece, line_limit - 1, exact=bare)
+        # Lines over two limits matter: the reader's as they came (with their
+        # transparency dot), as aiosmtpd counts; the session's once unstuffed, with the
+        # longest one's length for the log. One window scan over the lower of the two
+        # finds that there are none, nearly always.
+        long_lines = has_long_line(piece, min(line_limit, self.max_line_length), exact=bare)
         self.too_long = self.too_long or (
             long_lines and has_long_line(piece, line_limit, exact=bare))
         # RFC 5321 section 4.5.2: each piece starts a line, so a leading dot is one too.
@@ -673,7 +676,8 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         status: Any = MISSING
-        spill = _Spill(self.context.spool.incoming, self._spill_at())
+        spill = _Spill(self.context.spool.incoming, self._spill_at(),
+                       self.policy().runtime.settings.inbound.max_line_length)
         try:
             self.waiting_since, self._in_data = self.loop.time(), True
             try:

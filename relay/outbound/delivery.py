@@ -307,10 +307,13 @@ class Delivery:
             crashed = not task.cancelled() and task.exception() is not None
             if crashed:
                 log.error("%s: delivery crashed", queue_id, exc_info=task.exception())
+            parked = len(self.scheduler.parked)
             if self.scheduler.finished(queue_id, crashed):
                 task.get_loop().create_task(self._quarantine(queue_id))
-            if self._backlog:
-                self._wake.set()  # a worker is free for what waits in the spool
+            if self._backlog or len(self.scheduler.parked) < parked:
+                # A worker is free for what waits in the spool, or a place in this
+                # message's group for what its limit parked there.
+                self._wake.set()
 
         return done
 
