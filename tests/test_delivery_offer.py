@@ -14,6 +14,7 @@ import pytest
 from conftest import Sink, delivering
 
 from relay.outbound import delivery as delivery_module
+from relay.outbound.delivery import Delivery
 from relay.queue.spool import Envelope, Spool
 
 MESSAGE = b"From: a@example.test\r\nSubject: offer\r\n\r\nbody\r\n"
@@ -27,6 +28,15 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.01)
+
+
+async def store_and_offer(spool: Spool, delivery: Delivery, count: int,
+                          envelope: Envelope = ENVELOPE) -> None:
+    """`count` new messages, each stored and handed to delivery as the listener does."""
+    for n in range(count):
+        name = f"{envelope.recipients[0]}-{n}"
+        stored = await spool.store(name, envelope, MESSAGE)
+        delivery.offer(name, envelope, stored[name])
 
 
 async def test_a_message_the_loop_started_first_is_not_offered_again(sink: Sink, tmp_path: Path):
@@ -72,17 +82,14 @@ async def test_offered_mail_that_is_sent_does_not_send_the_loop_to_the_spool(
     async with delivering(sink.port, tmp_path, CountingSpool) as (spool, delivery):
         assert isinstance(spool, CountingSpool)
         await until(lambda: spool.queries > 0)  # the loop's first look, at start
-        for n in range(20):
-            stored = await spool.store(f"M{n}", ENVELOPE, MESSAGE)
-            delivery.offer(f"M{n}", ENVELOPE, stored[f"M{n}"])
+        await store_and_offer(spool, delivery, 20)
         await until(lambda: len(sink.handler.messages) == 20)
         while await spool.count():
             await asyncio.sleep(0.01)
         assert spool.queries == 1
         sink.handler.rcpt_replies["later@dest.test"] = "451 4.7.1 try again later"
         later = dataclasses.replace(ENVELOPE, recipients=("later@dest.test",))
-        stored = await spool.store("D", later, MESSAGE)
-        delivery.offer("D", later, stored["D"])
+        await store_and_offer(spool, delivery, 1, later)
         await until(lambda: spool.queries > 1)  # it waits in the spool now: the loop looks
 
 
@@ -96,9 +103,7 @@ async def test_offered_mail_parked_by_a_group_limit_goes_as_each_delivery_ends(
     async with delivering(sink.port, tmp_path, upstream_extra="max_concurrent = 1") as (
             spool, delivery):
         await asyncio.sleep(0.2)  # the loop's first look at the empty spool
-        for n in range(10):
-            stored = await spool.store(f"M{n}", ENVELOPE, MESSAGE)
-            delivery.offer(f"M{n}", ENVELOPE, stored[f"M{n}"])
+        await store_and_offer(spool, delivery, 10)
         await until(lambda: len(sink.handler.messages) == 10)
         while await spool.count():
             await asyncio.sleep(0.01)
