@@ -17,14 +17,15 @@ class Tail:
     path: Path
     size: int
     bare_line_ending: bool
-    # The longest line when one is over the listener's max_line_length; otherwise some
-    # length within that limit.
+    # The longest line when one is over the session's max_line_length (or the reader's
+    # limit, if lower); otherwise some length within those limits.
     longest_line: int
     eight_bit: bool  # an octet over 127
     dot_lines: bool  # a line that starts with a dot (once unstuffed)
 
 
-# What a reader of a large message holds of it at once, besides its in-memory part.
+# What a reader of a stored or large message holds of it at once (besides a large
+# message's in-memory part).
 PIECE = 256 * 1024
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-PIECE = 256 * 1024  # bytes read at a time
+from relay.message import PIECE
 
 
 @dataclass(frozen=True, slots=True)
