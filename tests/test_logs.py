@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
+import os
+from pathlib import Path
+from typing import TextIO
 
-from relay.ops.logs import JsonFormatter, TextFormatter, fields_of
+from relay.ops.logs import (
+    JsonFormatter,
+    PassHandler,
+    TextFormatter,
+    fields_of,
+    write_before_reply,
+)
 
 
 def test_delivery_line_fields():
@@ -56,3 +67,103 @@ def test_text_formatter_writes_what_logging_formatter_writes():
         assert ours.format(record) == stock.format(record)
     untimed = logging.LogRecord("relay.policy", logging.INFO, __file__, 1, "x", None, None)
     assert TextFormatter(timestamps=False).format(untimed) == "relay.policy: x"
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def pass_logger(stream: TextIO) -> tuple[logging.Logger, PassHandler]:
+    handler = PassHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(f"test-pass-{id(handler)}")
+    logger.propagate = False
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    return logger, handler
+
+
+def test_lines_of_one_loop_pass_go_out_in_one_write_at_its_end() -> None:
+    stream = CountingStream()
+    logger, _ = pass_logger(stream)
+
+    async def main() -> tuple[str, str]:
+        for n in range(5):
+            logger.info("line %d", n)
+        during = stream.getvalue()
+        await asyncio.sleep(0)
+        return during, stream.getvalue()
+
+    during, after = asyncio.run(main())
+    assert during == ""
+    assert after == "".join(f"line {n}\n" for n in range(5))
+    assert stream.writes == 1
+
+
+def test_a_line_logged_where_no_loop_runs_is_written_at_once() -> None:
+    stream = CountingStream()
+    logger, _ = pass_logger(stream)
+    logger.info("starting")
+    assert stream.getvalue() == "starting\n"
+
+
+def test_lines_left_by_a_loop_that_ended_come_out_before_the_next_and_at_shutdown() -> None:
+    stream = CountingStream()
+    logger, handler = pass_logger(stream)
+    loop = asyncio.new_event_loop()
+    loop.call_soon(logger.info, "from the first loop")
+    loop.call_soon(loop.stop)
+    loop.run_forever()  # stops before the flush it scheduled runs
+    loop.close()
+
+    async def second() -> None:
+        logger.info("from the second loop")
+        await asyncio.sleep(0)
+
+    asyncio.run(second())
+    assert stream.getvalue() == "from the first loop\nfrom the second loop\n"
+    logger.info("ignored")  # no loop: written at once
+    assert stream.getvalue().endswith("ignored\n")
+    handler.flush()
+
+
+def test_a_forked_child_does_not_write_the_parents_waiting_lines_again(tmp_path: Path) -> None:
+    out = tmp_path / "log"
+    with out.open("w") as stream:
+        logger, _ = pass_logger(stream)
+
+        async def main() -> None:
+            logger.info("before the fork")
+            pid = os.fork()
+            if pid == 0:
+                logger.info("the child")
+                logging.shutdown()
+                os._exit(0)
+            await asyncio.to_thread(os.waitpid, pid, 0)
+
+        asyncio.run(main())
+    lines = out.read_text().splitlines()
+    assert sorted(lines) == ["before the fork", "the child"]
+
+
+def test_lines_waiting_are_written_before_a_reply() -> None:
+    stream = CountingStream()
+    logger, handler = pass_logger(stream)
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers[:] = [handler]
+    try:
+        async def main() -> str:
+            logger.info("4F2A: client=[127.0.0.1]")
+            write_before_reply()  # what the listener does before "250 ... queued as 4F2A"
+            return stream.getvalue()
+
+        assert asyncio.run(main()) == "4F2A: client=[127.0.0.1]\n"
+    finally:
+        root.handlers[:] = saved

@@ -84,6 +84,29 @@ async def test_a_lookup_asked_again_is_answered_from_memory_until_any_program_ch
         await cli.close()
 
 
+async def test_a_change_made_after_every_other_connection_closed_is_seen(tmp_path: Path):
+    """SQLite removes the -shm file when the last connection closes; a worker's own read
+    connection keeps it in place, so the header it watches stays the one writers use."""
+    path = tmp_path / "suppression.db"
+    suppression.create_list(SuppressionSettings(), tmp_path)
+    worker = CountingList(path, 3600.0)
+    try:
+        for _ in range(2):
+            assert await worker.lookup("later@dest.test") is None
+        for round_ in range(3):  # every writer gone between changes
+            cli = suppression.LocalList(path, 3600.0)
+            await cli.add(f"later{round_}@dest.test", "operator", "by hand")
+            await cli.close()
+            with sqlite3.connect(path) as foreign:
+                foreign.execute("INSERT INTO suppressed VALUES (?, 'x', 'y', 0, ?)",
+                                (f"foreign{round_}@dest.test", time.time() + 60))
+            foreign.close()
+            assert (await worker.lookup(f"later{round_}@dest.test")).reason == "operator"
+            assert (await worker.lookup(f"foreign{round_}@dest.test")).reason == "x"
+    finally:
+        await worker.close()
+
+
 async def test_a_remembered_entry_still_expires(tmp_path: Path):
     now = [1000.0]
     path = tmp_path / "suppression.db"

@@ -54,6 +54,10 @@ class Stored:
     data: str
 
 
+# json.dumps with separators builds an encoder for every call; two events a message.
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def append(db: sqlite3.Connection, events: Iterable[Event]) -> None:
     """Insert `events` (inside the caller's transaction)."""
     # The events of one call are nearly always about one message (a recipient's result
@@ -75,7 +79,7 @@ def append(db: sqlite3.Connection, events: Iterable[Event]) -> None:
             "VALUES (?, ?, ?, ?, ?, ?)",
             (event.type, event.time, event.queue_id, message_id.lower(),
              (event.recipient or "").lower(),
-             json.dumps(event.record(message_id), separators=(",", ":"))),
+             _compact(event.record(message_id))),
         )
 
 

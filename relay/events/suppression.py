@@ -97,7 +97,9 @@ class LocalList:
     def _read(self, address: str) -> Entry | None:
         address = address.lower()
         remembered = self._remembered
-        version = remembered.version()
+        # Our read connection, once open, keeps the -shm file in place (SQLite removes
+        # it only when the last connection closes): until then nothing is remembered.
+        version = remembered.version() if self._reading is not None else None
         if address in remembered.entries and version == remembered.at:
             entry = remembered.entries[address]
         else:
@@ -178,11 +180,10 @@ class _Remembered:
         self.entries: dict[str, Entry | None] = {}
 
     def version(self) -> bytes | None:
+        """The header, asked while a connection of ours to the database is open (so the
+        file is the one SQLite uses, not one removed when every connection closed)."""
         try:
-            if self._fd < 0 or os.fstat(self._fd).st_nlink == 0:
-                # Not open yet, or the file was removed (every connection closed) and
-                # another will take its place.
-                self.close()
+            if self._fd < 0:
                 self._fd = os.open(self.shm, os.O_RDONLY | os.O_CLOEXEC)
             header = os.pread(self._fd, 96, 0)
         except OSError:

@@ -652,6 +652,7 @@ def _via(host: Host, conn: Connection) -> Via:
     return Via(relay, name, conn.tls)
 
 
+@functools.lru_cache(maxsize=1024)  # asked for every try: the hosts are few
 def _remote_name(host: str) -> str:
     """A configured host as a Remote-MTA name: a name, never an address."""
     return "" if client_ip(host) is not None else host

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.schema import Table, parse_duration
@@ -20,10 +20,11 @@ class QueueSettings:
     # exponential from minimal_backoff to maximal_backoff.
     retry_schedule: tuple[float, ...] = ()
     on_permanent_failure: str = "bounce"  # "bounce" (RFC 3464 DSN) or "hold"
+    # Resolved once, when the settings are made: it is asked at every MAIL (free space).
+    spool_path: Path = field(init=False, compare=False, repr=False)
 
-    @property
-    def spool_path(self) -> Path:
-        return resolve_spool_dir(self.spool_dir)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spool_path", resolve_spool_dir(self.spool_dir))
 
 
 def resolve_spool_dir(configured: str) -> Path:
