@@ -15,7 +15,7 @@ from relay.ops.logs import (
     PassHandler,
     TextFormatter,
     fields_of,
-    write_before_reply,
+    flush_waiting,
 )
 
 
@@ -161,7 +161,7 @@ def test_lines_waiting_are_written_before_a_reply() -> None:
     try:
         async def main() -> str:
             logger.info("4F2A: client=[127.0.0.1]")
-            write_before_reply()  # what the listener does before "250 ... queued as 4F2A"
+            flush_waiting()  # what the listener does before "250 ... queued as 4F2A"
             return stream.getvalue()
 
         assert asyncio.run(main()) == "4F2A: client=[127.0.0.1]\n"

@@ -38,7 +38,7 @@ from relay.inbound.budget import DataBudget
 from relay.inbound.context import ListenerContext
 from relay.ipaddr import LOOPBACK_NETWORKS, in_networks
 from relay.message import Tail, has_bare_line_ending, has_long_line, longest_line
-from relay.ops.logs import refusal_line, write_before_reply
+from relay.ops.logs import flush_waiting, refusal_line
 from relay.policy.session import PolicySession
 from relay.replies import Reply
 
@@ -518,7 +518,7 @@ class RelaySMTP(SMTP):
         self._closing = True
         if reply is not None:
             self._replies += f"{reply}\r\n".encode("ascii")
-        write_before_reply()
+        flush_waiting()
         self._writer.write(bytes(self._replies))
         self._replies.clear()
         self.transport.close()
@@ -596,7 +596,7 @@ class RelaySMTP(SMTP):
         self._replies += reply + b"\r\n"
         if self.last_command in _GROUPABLE and cast(_LineReader, self._reader).has_command():
             return
-        write_before_reply()
+        flush_waiting()
         self._writer.write(bytes(self._replies))
         self._replies.clear()
         await self._writer.drain()

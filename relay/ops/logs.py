@@ -98,7 +98,7 @@ class TextFormatter(logging.Formatter):
 
 class PassHandler(logging.StreamHandler[TextIO]):
     """Writes the lines logged in one pass of the event loop together, in one write at
-    the end of the pass (or before a reply: write_before_reply), rather than a system
+    the end of the pass (or sooner: flush_waiting), rather than a system
     call for each (two lines a message, under load several messages a pass). A line
     logged where no loop runs (start, stop, another thread) is written at once, after
     those still waiting. A process killed outright loses at most the lines of the pass
@@ -146,9 +146,11 @@ class PassHandler(logging.StreamHandler[TextIO]):
                 traceback.print_exc(file=sys.__stderr__)
 
 
-def write_before_reply() -> None:
-    """Write the lines still waiting now: a client never hears a reply before the lines
-    logged ahead of it (whoever reads the log for the queue id in a 250 finds it there)."""
+def flush_waiting() -> None:
+    """Write the lines still waiting, now: called before the process tells anyone
+    anything (a reply to an SMTP client, the control socket or a metrics scrape; a
+    state to systemd or to the supervisor), so that no one hears of an outcome before
+    its log line exists (whoever reads the log for the queue id in a 250 finds it)."""
     for handler in logging.root.handlers:
         if isinstance(handler, PassHandler) and handler.waiting:
             handler.flush()

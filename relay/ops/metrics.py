@@ -59,6 +59,7 @@ from relay.ops.conditions import (
     SPOOL_UNWRITABLE,
     Condition,
 )
+from relay.ops.logs import flush_waiting
 
 log = logging.getLogger("relay.metrics")
 
@@ -434,6 +435,7 @@ async def start_http(
                 f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                 "Connection: close\r\n\r\n"
             ).encode()
+            flush_waiting()
             writer.write(header if head_only else header + body)
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):

@@ -23,6 +23,8 @@ import socket
 import time
 from collections.abc import Mapping
 
+from relay.ops.logs import flush_waiting
+
 log = logging.getLogger("relay.notify")
 
 
@@ -89,6 +91,7 @@ class Notifier:
         if self.address is None:
             return False
         message = "\n".join(a.replace("\n", " ") for a in assignments).encode()
+        flush_waiting()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
                 # Never wait on the manager: a full socket buffer drops this message.

@@ -48,6 +48,7 @@ from typing import Any
 
 from relay.checks.ratelimit import Limiter
 from relay.events import outcomes
+from relay.ops.logs import flush_waiting
 from relay.ops.metrics import QUEUE_STATES, queue_name
 from relay.queue.spool import MessageState, QueuedMessage, Spool
 
@@ -207,7 +208,9 @@ class ControlSocket:
                     break
                 if not line:
                     break
-                writer.write(_encode(await self.handle_line(line)))
+                answer = _encode(await self.handle_line(line))
+                flush_waiting()
+                writer.write(answer)
                 await writer.drain()
         except ConnectionError:
             pass
