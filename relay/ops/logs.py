@@ -98,11 +98,11 @@ class TextFormatter(logging.Formatter):
 
 class PassHandler(logging.StreamHandler[TextIO]):
     """Writes the lines logged in one pass of the event loop together, in one write at
-    the end of the pass (or sooner: flush_waiting), rather than a system
-    call for each (two lines a message, under load several messages a pass). A line
-    logged where no loop runs (start, stop, another thread) is written at once, after
-    those still waiting. A process killed outright loses at most the lines of the pass
-    it was in; one that exits flushes them (logging.shutdown)."""
+    the end of the pass (or sooner: flush_waiting), rather than a system call for each
+    (two lines a message, under load several messages a pass). A line logged where no
+    loop runs (start, stop, another thread) is written at once, after those still
+    waiting. A process killed outright loses at most the lines of the pass it was in;
+    one that exits flushes them (logging.shutdown)."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
