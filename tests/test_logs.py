@@ -167,3 +167,20 @@ def test_lines_waiting_are_written_before_a_reply() -> None:
         assert asyncio.run(main()) == "4F2A: client=[127.0.0.1]\n"
     finally:
         root.handlers[:] = saved
+
+
+def test_a_stream_that_fails_loses_the_lines_and_raises_nothing() -> None:
+    class Broken(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError("journal gone")
+
+    logger, handler = pass_logger(Broken())
+
+    async def main() -> None:
+        logger.info("one")
+        await asyncio.sleep(0)  # the flush at the end of the pass fails quietly
+        logger.info("two")
+        handler.flush()
+
+    asyncio.run(main())
+    assert handler.waiting == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -141,9 +142,11 @@ class PassHandler(logging.StreamHandler[TextIO]):
             self.stream.write(text)
             self.stream.flush()
         except Exception:
-            # What logging.Handler.handleError would print, without a record to name.
-            if logging.raiseExceptions:
-                traceback.print_exc(file=sys.__stderr__)
+            # What logging.Handler.handleError does, without a record to name: say so on
+            # the original stderr if it still takes it, never raise into the caller.
+            if logging.raiseExceptions and sys.__stderr__ is not None:
+                with contextlib.suppress(OSError):
+                    traceback.print_exc(file=sys.__stderr__)
 
 
 def flush_waiting() -> None:
