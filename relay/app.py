@@ -24,6 +24,7 @@ from relay.inbound.handler import start_listener
 from relay.inbound.tls import ListenerTLS
 from relay.inbound.users import CheckGate
 from relay.ops.conditions import Conditions
+from relay.ops.logs import flush_waiting
 from relay.ops.metrics import Metrics, readiness, start_http
 from relay.ops.notify import Notifier, watchdog_task
 from relay.outbound.delivery import Delivery, Upstreams
@@ -185,6 +186,8 @@ class Relay:
         self._ready(f"{queued} messages queued")
 
     def _ready(self, status: str) -> None:
+        # The lines that led here are out before anyone hears "ready".
+        flush_waiting()
         if self.link is not None:
             self.link.send("ready", status=status)
         self.notifier.ready(status)

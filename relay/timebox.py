@@ -41,18 +41,17 @@ class _Resumed(Generic[T]):
     def __await__(self) -> Generator[Any, Any, T]:
         coro, waiting_on = self.coro, self.waiting_on
         while True:
+            thrown: BaseException | None = None
             try:
                 sent = yield waiting_on
             except GeneratorExit:
                 coro.close()
                 raise
-            except BaseException as thrown:
-                try:
-                    waiting_on = coro.throw(thrown)
-                except StopIteration as finished:
-                    return finished.value  # type: ignore[no-any-return]
-            else:
-                try:
-                    waiting_on = coro.send(sent)
-                except StopIteration as finished:
-                    return finished.value  # type: ignore[no-any-return]
+            except BaseException as exc:
+                thrown = exc
+            # Thrown in outside the except clause: a coroutine that handles it and goes
+            # on must not see it as the exception being handled (sys.exc_info()).
+            try:
+                waiting_on = coro.send(sent) if thrown is None else coro.throw(thrown)
+            except StopIteration as finished:
+                return finished.value  # type: ignore[no-any-return]

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import select
 from pathlib import Path
 from typing import TextIO
 
@@ -184,3 +185,28 @@ def test_a_stream_that_fails_loses_the_lines_and_raises_nothing() -> None:
 
     asyncio.run(main())
     assert handler.waiting == []
+
+
+def test_a_pass_with_many_lines_is_written_in_whole_lines_of_at_most_pipe_buf() -> None:
+    """Workers share one stderr: a pipe keeps a write of up to PIPE_BUF octets whole."""
+    chunks: list[str] = []
+
+    class Recording(io.StringIO):
+        def write(self, text: str) -> int:
+            chunks.append(text)
+            return len(text)
+
+    logger, _ = pass_logger(Recording())
+    lines = [f"{n:04d}: " + "x" * 300 for n in range(40)] + ["long: " + "y" * 5000]
+
+    async def main() -> None:
+        for line in lines:
+            logger.info(line)
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert "".join(chunks) == "".join(f"{line}\n" for line in lines)
+    assert len(chunks) > 1
+    assert all(chunk.endswith("\n") for chunk in chunks)
+    assert all(len(chunk.encode()) <= select.PIPE_BUF for chunk in chunks[:-1])
+    assert chunks[-1] == lines[-1] + "\n"  # longer than PIPE_BUF: alone

@@ -70,7 +70,7 @@ async def test_writes_that_keep_arriving_pass_after_pass_wait_for_one_commit(tmp
 
         await asyncio.gather(*(arriving(f"B{n}", n) for n in range(GATHER_PASSES)))
         assert spool.commits - before == 1
-        # A write alone is not held back: it is committed at the next pass.
+        # A write alone is held back one pass, not GATHER_PASSES: its own commit.
         await spool.store("C", envelope("z@dest.test"), MESSAGE)
         assert spool.commits - before == 2
     finally:

@@ -64,6 +64,7 @@ class LocalList:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="suppression")
         self._db: sqlite3.Connection | None = None  # for writes, in the thread
         self._reading: sqlite3.Connection | None = None  # lookups, on the event loop
+        self._has_read = False  # whether _reading has read (and so holds the database)
         self._remembered = _Remembered(Path(f"{path}-shm"))
 
     def __repr__(self) -> str:
@@ -97,9 +98,10 @@ class LocalList:
     def _read(self, address: str) -> Entry | None:
         address = address.lower()
         remembered = self._remembered
-        # Our read connection, once open, keeps the -shm file in place (SQLite removes
-        # it only when the last connection closes): until then nothing is remembered.
-        version = remembered.version() if self._reading is not None else None
+        # Our read connection, once it has read, keeps the -shm file in place (SQLite
+        # removes it only when the last connection closes): until then nothing is
+        # remembered.
+        version = remembered.version() if self._has_read else None
         if address in remembered.entries and version == remembered.at:
             entry = remembered.entries[address]
         else:
@@ -115,6 +117,7 @@ class LocalList:
             row = self._reading.execute(
                 "SELECT address, reason, reply, added, expires FROM suppressed "
                 "WHERE address = ?", (address,)).fetchone()
+            self._has_read = True
         except sqlite3.Error as exc:
             if not self.path.exists() or "no such table" in str(exc):
                 return None  # nothing was ever suppressed
@@ -156,6 +159,7 @@ class LocalList:
         if self._reading is not None:
             self._reading.close()
             self._reading = None
+            self._has_read = False
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None

@@ -7,11 +7,13 @@ import json
 import logging
 import os
 import re
+import select
 import sys
 import time
 import traceback
 from asyncio import AbstractEventLoop
 from asyncio import _get_running_loop as asyncio_running_loop
+from collections.abc import Iterator
 from typing import TextIO
 
 # "4F2A1C9B7E: to=<a@b>, relay=host:25, status=sent (250 ...)" and
@@ -110,7 +112,7 @@ class PassHandler(logging.StreamHandler[TextIO]):
         self.waiting: list[str] = []
         self._flush_on: AbstractEventLoop | None = None  # the loop a flush is due on
         # A child forked with lines waiting would write them a second time.
-        os.register_at_fork(before=self.flush)
+        os.register_at_fork(before=self.flush, after_in_child=self._forget)
 
     def emit(self, record: logging.LogRecord) -> None:
         # Called with the handler's lock held (logging.Handler.handle).
@@ -134,19 +136,43 @@ class PassHandler(logging.StreamHandler[TextIO]):
         finally:
             self.release()
 
+    def _forget(self) -> None:
+        # In a child just forked: a line logged after the flush above, by another
+        # thread, is the parent's to write.
+        self.waiting = []
+        self._flush_on = None
+
     def _write(self) -> None:
         if not self.waiting:
             return
-        text, self.waiting = "".join(self.waiting), []
+        lines, self.waiting = self.waiting, []
         try:
-            self.stream.write(text)
-            self.stream.flush()
+            for chunk in _chunks(lines):
+                self.stream.write(chunk)
+                self.stream.flush()
         except Exception:
             # What logging.Handler.handleError does, without a record to name: say so on
             # the original stderr if it still takes it, never raise into the caller.
             if logging.raiseExceptions and sys.__stderr__ is not None:
                 with contextlib.suppress(OSError):
                     traceback.print_exc(file=sys.__stderr__)
+
+
+def _chunks(lines: list[str]) -> Iterator[str]:
+    """`lines` joined in writes of at most PIPE_BUF octets (a longer line alone): the
+    workers share one stderr, and a pipe keeps a write of up to PIPE_BUF whole, so no
+    line of one worker lands inside another's."""
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        length = len(line.encode("utf-8", "surrogateescape"))
+        if chunk and size + length > select.PIPE_BUF:
+            yield "".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += length
+    if chunk:
+        yield "".join(chunk)
 
 
 def flush_waiting() -> None:

@@ -20,11 +20,16 @@ class QueueSettings:
     # exponential from minimal_backoff to maximal_backoff.
     retry_schedule: tuple[float, ...] = ()
     on_permanent_failure: str = "bounce"  # "bounce" (RFC 3464 DSN) or "hold"
-    # Resolved once, when the settings are made: it is asked at every MAIL (free space).
-    spool_path: Path = field(init=False, compare=False, repr=False)
+    _spool_path: Path | None = field(default=None, init=False, compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "spool_path", resolve_spool_dir(self.spool_dir))
+    @property
+    def spool_path(self) -> Path:
+        """Resolved at first use and kept: it is asked at every MAIL (free space)."""
+        path = self._spool_path
+        if path is None:
+            path = resolve_spool_dir(self.spool_dir)
+            object.__setattr__(self, "_spool_path", path)
+        return path
 
 
 def resolve_spool_dir(configured: str) -> Path:

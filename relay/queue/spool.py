@@ -452,7 +452,7 @@ class Spool:
         """Let the loop run a pass before committing, and more while each pass brings more
         writes (at most GATHER_PASSES): under load sessions end DATA pass after pass,
         and every commit costs a thread hop, an fsync and the frames of the pages it
-        touches, shared by the messages it carries. A write alone waits one pass."""
+        touches, shared by the messages it carries. A write alone waits one pass more."""
         for _ in range(GATHER_PASSES):
             waiting = len(self._pending)
             await asyncio.sleep(0)

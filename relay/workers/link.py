@@ -13,7 +13,6 @@ from typing import Any
 
 from relay.checks.ratelimit import BucketState, LimitResult, LimitSpec
 from relay.ops.conditions import Condition
-from relay.ops.logs import flush_waiting
 
 MAX_LINE = 1 << 24
 
@@ -70,7 +69,6 @@ class Link:
     def send(self, op: str, **args: Any) -> None:
         """A request that gets no answer (its effect is ordered before later requests)."""
         if self._writer is not None:
-            flush_waiting()
             self._writer.write(_encode({"op": op, **args}))
 
     async def call(self, op: str, **args: Any) -> dict[str, Any]:
