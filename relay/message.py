@@ -1,8 +1,9 @@
 """Checks of message bytes as received: line endings and line lengths; and the part of a
-large message that went to disk as it arrived."""
+large message that went to disk as it arrived, read and written in pieces."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,13 @@ def pieces(start: bytes, tail: Tail | None, size: int = PIECE) -> Iterator[bytes
         with tail.path.open("rb") as file:
             while piece := file.read(size):
                 yield piece
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """All of `data` at `fd`'s offset (os.write may take less than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def has_bare_line_ending(data: bytes | bytearray) -> bool:

@@ -184,7 +184,7 @@ class _Remembered:
         self.entries: dict[str, Entry | None] = {}
 
     def version(self) -> bytes | None:
-        """The header, asked while a connection of ours to the database is open (so the
+        """The header, asked once a connection of ours has read the database (so the
         file is the one SQLite uses, not one removed when every connection closed)."""
         try:
             if self._fd < 0:

@@ -37,7 +37,7 @@ from relay.headers import header_safe
 from relay.inbound.budget import DataBudget
 from relay.inbound.context import ListenerContext
 from relay.ipaddr import LOOPBACK_NETWORKS, in_networks
-from relay.message import Tail, has_bare_line_ending, has_long_line, longest_line
+from relay.message import Tail, has_bare_line_ending, has_long_line, longest_line, write_all
 from relay.ops.logs import flush_waiting, refusal_line
 from relay.policy.session import PolicySession
 from relay.replies import Reply
@@ -258,9 +258,7 @@ class _Spill:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
             self.path = path
         # Into the page cache: the spool copies and fsyncs it when it stores the message.
-        view = memoryview(piece)
-        while view:
-            view = view[os.write(self._fd, view):]
+        write_all(self._fd, piece)
         self.size += len(piece)
 
     def tail(self) -> Tail | None:

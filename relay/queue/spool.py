@@ -48,6 +48,7 @@ from typing import Any, Literal, TypeVar
 
 from relay.events import outbox
 from relay.events.event import Event
+from relay.message import write_all
 from relay.ops.conditions import DISK_FULL, SPOOL_UNWRITABLE, Conditions
 from relay.queue.content import Content
 from relay.queue.onethread import OneThread
@@ -786,7 +787,7 @@ def _write_file(path: Path, parts: Sequence[bytes], tail: Path | None = None,
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
     try:
         for part in parts:
-            _write_all(fd, part)
+            write_all(fd, part)
         if tail is not None:
             _append_file(tail, fd)
         os.fsync(fd)
@@ -819,13 +820,7 @@ def _append_file(source: Path, fd: int) -> None:
                 raise
         # Both offsets stand after what the kernel copied, if anything: go on from there.
         while piece := os.read(src, COPY_PIECE):
-            _write_all(fd, piece)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+            write_all(fd, piece)
 
 
 def _damaged(database: Path, problem: str) -> SpoolDamaged:
